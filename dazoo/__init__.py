@@ -1,0 +1,47 @@
+"""dazoo: DeepAtlas (Xu & Niethammer, MICCAI 2019) for Keras 3.
+
+Joint semi-supervised learning of 3D image registration and segmentation, with
+VoxelMorph-compatible layers and pretrained presets.
+
+Conventions used everywhere in dazoo: channels-last tensors ``(batch, D, H, W, C)``,
+``ij`` indexing, displacement fields in voxels of the network grid, and the moving
+image sampled at ``x + u(x)``.
+
+The public names are imported lazily so that ``import dazoo`` (and ``dazoo --help``)
+do not pay for importing Keras and TensorFlow.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "layers": ("dazoo.layers", None),
+    "losses": ("dazoo.losses", None),
+    "ops": ("dazoo.ops", None),
+    "metrics": ("dazoo.metrics", None),
+    "io": ("dazoo.io", None),
+    "RegistrationNet": ("dazoo.models.registration", "RegistrationNet"),
+    "SegmentationNet": ("dazoo.models.segmentation", "SegmentationNet"),
+    "DeepAtlas": ("dazoo.models.deep_atlas", "DeepAtlas"),
+    "load_voxelmorph_weights": ("dazoo.models.registration", "load_voxelmorph_weights"),
+    "DazooInputError": ("dazoo.errors", "DazooInputError"),
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str):
+    try:
+        module_name, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'dazoo' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,1 @@
+"""Pretrained dazoo presets (one folder per preset), installed as package data."""
