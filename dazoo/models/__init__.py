@@ -1,0 +1,1 @@
+"""dazoo's networks: RegistrationNet, SegmentationNet and the joint DeepAtlas model."""

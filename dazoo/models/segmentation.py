@@ -1,0 +1,94 @@
+"""SegmentationNet: a 3D U-Net giving class probabilities."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+
+from dazoo.models.unet import NORMALIZATIONS, check_features, num_poolings, unet
+from dazoo.models.registration import _check_divisible
+
+__all__ = ["SegmentationNet"]
+
+DEFAULT_SEG_FEATURES = ((16, 32, 64, 64), (64, 64, 32, 32, 16, 16))
+
+
+@keras.saving.register_keras_serializable(package="dazoo")
+class SegmentationNet(keras.Model):
+    """3D U-Net segmenter: image in, class probabilities out.
+
+    Same U-Net body as :class:`~dazoo.RegistrationNet` (VoxelMorph layout), with optional
+    normalisation and dropout, and a 1x1x1 convolution + softmax head (computed in float32).
+
+    Input: ``(batch, D, H, W, in_channels)``. Output: ``(batch, D, H, W, num_classes)``
+    probabilities summing to 1 over the last axis; class 0 is the background.
+
+    Args:
+        inshape: spatial shape ``(D, H, W)``; each size must divide ``2**levels``.
+        num_classes: number of classes K, background included.
+        features: ``(encoder, decoder)`` filters (VoxelMorph-style spec).
+        conv_per_level: convolutions per U-Net level.
+        normalization: ``None``, ``"batch"``, ``"instance"`` or ``"group"``.
+        dropout: spatial dropout rate in the decoder.
+        in_channels: image channels.
+
+    Example:
+    >>> net = SegmentationNet((64, 64, 64), num_classes=5)
+    >>> net(image).shape
+    (1, 64, 64, 64, 5)
+    """
+
+    def __init__(
+        self,
+        inshape: Sequence[int],
+        num_classes: int,
+        *,
+        features: Sequence[Sequence[int]] = DEFAULT_SEG_FEATURES,
+        conv_per_level: int = 1,
+        normalization: str | None = "instance",
+        dropout: float = 0.0,
+        in_channels: int = 1,
+        name: str = "segmentation_net",
+        **kwargs,
+    ):
+        inshape = tuple(int(n) for n in inshape)
+        features = check_features(features, conv_per_level)
+        _check_divisible(inshape, num_poolings(features, conv_per_level))
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + 1), got {num_classes}")
+
+        # === Functional model ===
+        image = keras.Input(shape=(*inshape, in_channels), name="image")
+        x = unet(image, features=features, conv_per_level=conv_per_level,
+                 normalization=normalization, dropout=dropout, name="unet")
+        logits = keras.layers.Conv3D(num_classes, 1, name="logits")(x)
+        probabilities = keras.layers.Softmax(axis=-1, dtype="float32", name="probabilities")(logits)
+        super().__init__(inputs=image, outputs=probabilities, name=name, **kwargs)
+
+        # === Config ===
+        self.inshape = inshape
+        self.num_classes = int(num_classes)
+        self.features = features
+        self.conv_per_level = int(conv_per_level)
+        self.normalization = normalization
+        self.dropout = float(dropout)
+        self.in_channels = int(in_channels)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "inshape": list(self.inshape),
+            "num_classes": self.num_classes,
+            "features": [list(f) for f in self.features],
+            "conv_per_level": self.conv_per_level,
+            "normalization": self.normalization,
+            "dropout": self.dropout,
+            "in_channels": self.in_channels,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
