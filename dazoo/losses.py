@@ -135,8 +135,15 @@ def forward_differences(field) -> list:
     return diffs
 
 
+class _FieldRegularizer(keras.losses.Loss):
+    """A loss on a displacement field alone: ``y_true`` is ignored and may be ``None``."""
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return super().__call__(y_pred if y_true is None else y_true, y_pred, sample_weight)
+
+
 @_register
-class Grad(keras.losses.Loss):
+class Grad(_FieldRegularizer):
     """Diffusion regulariser on a displacement field, as VoxelMorph's ``Grad``.
 
     Mean over voxels of the squared (``"l2"``) or absolute (``"l1"``) forward differences,
@@ -169,7 +176,7 @@ class Grad(keras.losses.Loss):
 
 
 @_register
-class BendingEnergy(keras.losses.Loss):
+class BendingEnergy(_FieldRegularizer):
     """Bending energy of a displacement field (second-order smoothness).
 
     With central differences on interior voxels, the mean over voxels and vector components

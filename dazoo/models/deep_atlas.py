@@ -1,0 +1,462 @@
+"""DeepAtlas: joint semi-supervised training of a registration and a segmentation network.
+
+Xu & Niethammer, "DeepAtlas: Joint Semi-Supervised Learning of Image Registration and
+Segmentation", MICCAI 2019. The two networks are trained alternately, each with its own
+optimizer, while the other is held fixed:
+
+* **registration phase** (updates only the registration network): image similarity
+  between the fixed and the moved image + smoothness of the flow + anatomy loss ``L_a``, the
+  soft Dice between the moving label map warped onto the fixed image and the fixed label
+  map. A sample's manual label map is used where it has one, the segmenter's prediction
+  where it does not;
+* **segmentation phase** (updates only the segmentation network): a supervised loss on
+  every labelled image of the pair, plus ``L_a`` on pairs where exactly one image is
+  labelled: the warped manual labels against the prediction on the other image, or the
+  warped prediction against the other image's manual labels.
+
+Training batches are dicts with these keys (see :data:`BATCH_KEYS`):
+
+* ``"moving"``, ``"fixed"``: images ``(batch, D, H, W, 1)``, float32;
+* ``"moving_labels"``, ``"fixed_labels"``: label maps ``(batch, D, H, W)`` of contiguous
+  class indices ``0..K-1`` (anything, e.g. zeros, where unlabelled);
+* ``"moving_labelled"``, ``"fixed_labelled"``: per-sample flags ``(batch,)``, 1 where the
+  label map is a manual one, 0 where it must not be used.
+"""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from dazoo import ops as spatial_ops
+from dazoo.layers import SpatialTransformer
+from dazoo.losses import DiceCE, Grad, NCC, SoftDice, soft_dice_scores
+
+__all__ = ["DeepAtlas", "BATCH_KEYS", "MODES"]
+
+BATCH_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_labelled",
+              "fixed_labelled")
+MODES = ("joint", "registration_only", "segmentation_only")
+
+_REGISTRATION_METRICS = ("reg_loss", "reg_similarity", "reg_smoothness", "reg_anatomy")
+_SEGMENTATION_METRICS = ("seg_loss", "seg_supervised", "seg_anatomy")
+_VALIDATION_METRICS = ("warped_dice", "seg_dice")
+
+
+def _masked_mean(per_sample, mask):
+    """Mean of per-sample values where ``mask`` is 1; 0 when the mask is empty.
+
+    ``per_sample`` may carry extra axes (e.g. a Keras loss that keeps voxels); they are
+    averaged first.
+    """
+    per_sample = ops.cast(per_sample, "float32")
+    if len(per_sample.shape) > 1:
+        per_sample = ops.mean(ops.reshape(per_sample, (ops.shape(per_sample)[0], -1)), axis=-1)
+    mask = ops.cast(mask, "float32")
+    return ops.sum(per_sample * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+def _select(flag, labelled, predicted):
+    """Per sample: the manual label map where ``flag`` is 1, else the prediction."""
+    flag = ops.reshape(ops.cast(flag, "float32"), (-1,) + (1,) * (len(labelled.shape) - 1))
+    return flag * labelled + (1.0 - flag) * predicted
+
+
+@keras.saving.register_keras_serializable(package="dazoo")
+class DeepAtlas(keras.Model):
+    """Joint registration + segmentation model with alternating two-optimizer training.
+
+    Called on ``[moving, fixed]`` (each ``(batch, D, H, W, 1)``) it returns a dict:
+    ``"moved"`` and ``"displacement"`` (from the registration network, displacement in
+    voxels), ``"moving_segmentation"`` and ``"fixed_segmentation"`` (class probabilities
+    ``(batch, D, H, W, K)``) and ``"moved_segmentation"`` (the moving probabilities warped
+    onto the fixed image).
+
+    ``fit`` takes batches of the dict format described in :mod:`dazoo.models.deep_atlas`
+    (e.g. from :class:`dazoo.data.PairDataset`). Each training step is either a
+    registration step or a segmentation step, on a fixed cycle of ``registration_steps``
+    registration steps followed by ``segmentation_steps`` segmentation steps (counted from
+    the two optimizers' iterations, so it resumes where it stopped).
+
+    Args:
+        registration_net: a :class:`~dazoo.RegistrationNet`.
+        segmentation_net: a :class:`~dazoo.SegmentationNet` on the same grid.
+        mode: ``"joint"`` (DeepAtlas), ``"registration_only"`` (only registration steps;
+            the anatomy loss uses manual labels only, on pairs where both are labelled, as
+            VoxelMorph's semi-supervised training; set ``anatomy_weight=0`` in ``compile``
+            for unsupervised training) or ``"segmentation_only"`` (only supervised
+            segmentation steps). The three share one code path, so the paper's baselines are
+            fair comparisons.
+        registration_steps: registration steps per cycle.
+        segmentation_steps: segmentation steps per cycle.
+
+    Example:
+    >>> model = DeepAtlas(RegistrationNet(shape), SegmentationNet(shape, num_classes=4))
+    >>> model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
+    ...               seg_optimizer=keras.optimizers.Adam(1e-3))
+    >>> model.fit(pair_dataset, epochs=10)
+    """
+
+    def __init__(
+        self,
+        registration_net: keras.Model,
+        segmentation_net: keras.Model,
+        *,
+        mode: str = "joint",
+        registration_steps: int = 8,
+        segmentation_steps: int = 1,
+        name: str = "deep_atlas",
+        **kwargs,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if registration_steps < 1 or segmentation_steps < 1:
+            raise ValueError("registration_steps and segmentation_steps must be >= 1")
+        reg_shape = tuple(registration_net.inputs[0].shape[1:-1])
+        seg_shape = tuple(segmentation_net.inputs[0].shape[1:-1])
+        if reg_shape != seg_shape:
+            raise ValueError(f"the networks' grids differ: registration {reg_shape}, "
+                             f"segmentation {seg_shape}")
+
+        # === Functional model ===
+        moving = keras.Input(shape=(*reg_shape, registration_net.inputs[0].shape[-1]),
+                             name="moving")
+        fixed = keras.Input(shape=(*reg_shape, registration_net.inputs[1].shape[-1]),
+                            name="fixed")
+        registration = registration_net([moving, fixed])
+        moving_segmentation = segmentation_net(moving)
+        fixed_segmentation = segmentation_net(fixed)
+        moved_segmentation = SpatialTransformer(name="label_transformer")(
+            [moving_segmentation, registration["displacement"]]
+        )
+        super().__init__(
+            inputs=[moving, fixed],
+            outputs={
+                "moved": registration["moved"],
+                "displacement": registration["displacement"],
+                "moving_segmentation": moving_segmentation,
+                "fixed_segmentation": fixed_segmentation,
+                "moved_segmentation": moved_segmentation,
+            },
+            name=name,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.registration_net = registration_net
+        self.segmentation_net = segmentation_net
+        self.mode = mode
+        self.registration_steps = int(registration_steps)
+        self.segmentation_steps = int(segmentation_steps)
+        self.num_classes = int(segmentation_net.outputs[0].shape[-1])
+        self._trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in _REGISTRATION_METRICS + _SEGMENTATION_METRICS + _VALIDATION_METRICS
+        }
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "registration_net": keras.saving.serialize_keras_object(self.registration_net),
+            "segmentation_net": keras.saving.serialize_keras_object(self.segmentation_net),
+            "mode": self.mode,
+            "registration_steps": self.registration_steps,
+            "segmentation_steps": self.segmentation_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("registration_net", "segmentation_net"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+    # ------------------------------------------------------------------ compile
+    def compile(
+        self,
+        *,
+        reg_optimizer: keras.optimizers.Optimizer | str = "adam",
+        seg_optimizer: keras.optimizers.Optimizer | str = "adam",
+        similarity_loss: keras.losses.Loss | None = None,
+        smoothness_loss: keras.losses.Loss | None = None,
+        anatomy_loss: keras.losses.Loss | None = None,
+        segmentation_loss: keras.losses.Loss | None = None,
+        smoothness_weight: float = 1.0,
+        anatomy_weight: float = 1.0,
+        supervised_weight: float = 1.0,
+        segmentation_anatomy_weight: float = 1.0,
+        jit_compile: bool | str = False,
+        steps_per_execution: int = 1,
+    ):
+        """Configures training with one optimizer per network.
+
+        Args:
+            reg_optimizer: optimizer of the registration network (applied only to its
+                variables).
+            seg_optimizer: optimizer of the segmentation network.
+            similarity_loss: image similarity of ``(fixed, moved)``; default local
+                :class:`~dazoo.losses.NCC` (window 9).
+            smoothness_loss: regulariser of the registration network's ``"flow"``; default
+                :class:`~dazoo.losses.Grad` (``"l2"``).
+            anatomy_loss: between label maps / probabilities (``L_a``); default
+                :class:`~dazoo.losses.SoftDice` without background.
+            segmentation_loss: supervised loss of the segmenter on labelled images; default
+                :class:`~dazoo.losses.DiceCE`.
+            smoothness_weight: weight of the smoothness loss (registration phase).
+            anatomy_weight: weight of ``L_a`` in the registration phase.
+            supervised_weight: weight of the supervised loss (segmentation phase).
+            segmentation_anatomy_weight: weight of ``L_a`` in the segmentation phase.
+            jit_compile: XLA compilation of the train step (TensorFlow).
+            steps_per_execution: training steps per compiled call.
+        """
+        super().compile(optimizer=None, jit_compile=jit_compile,
+                        steps_per_execution=steps_per_execution)
+        self.reg_optimizer = keras.optimizers.get(reg_optimizer)
+        self.seg_optimizer = keras.optimizers.get(seg_optimizer)
+        if self.reg_optimizer is self.seg_optimizer:
+            raise ValueError("reg_optimizer and seg_optimizer must be two distinct optimizers")
+        self.reg_optimizer.build(self.registration_net.trainable_variables)
+        self.seg_optimizer.build(self.segmentation_net.trainable_variables)
+        self.similarity_loss = similarity_loss if similarity_loss is not None else NCC()
+        self.smoothness_loss = smoothness_loss if smoothness_loss is not None else Grad("l2")
+        self.anatomy_loss = anatomy_loss if anatomy_loss is not None else SoftDice(False)
+        self.segmentation_loss = segmentation_loss if segmentation_loss is not None else DiceCE()
+        self.smoothness_weight = float(smoothness_weight)
+        self.anatomy_weight = float(anatomy_weight)
+        self.supervised_weight = float(supervised_weight)
+        self.segmentation_anatomy_weight = float(segmentation_anatomy_weight)
+        self._dazoo_compile_config = {
+            "smoothness_weight": self.smoothness_weight,
+            "anatomy_weight": self.anatomy_weight,
+            "supervised_weight": self.supervised_weight,
+            "segmentation_anatomy_weight": self.segmentation_anatomy_weight,
+            "jit_compile": jit_compile,
+            "steps_per_execution": steps_per_execution,
+        }
+
+    def get_compile_config(self):
+        if not getattr(self, "compiled", False):
+            return None
+        serialize = keras.saving.serialize_keras_object
+        return {
+            "reg_optimizer": serialize(self.reg_optimizer),
+            "seg_optimizer": serialize(self.seg_optimizer),
+            "similarity_loss": serialize(self.similarity_loss),
+            "smoothness_loss": serialize(self.smoothness_loss),
+            "anatomy_loss": serialize(self.anatomy_loss),
+            "segmentation_loss": serialize(self.segmentation_loss),
+            **self._dazoo_compile_config,
+        }
+
+    def compile_from_config(self, config):
+        deserialize = keras.saving.deserialize_keras_object
+        config = dict(config)
+        for key in ("reg_optimizer", "seg_optimizer", "similarity_loss", "smoothness_loss",
+                    "anatomy_loss", "segmentation_loss"):
+            config[key] = deserialize(config[key])
+        self.compile(**config)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    # ------------------------------------------------------------------ losses
+    def _unpack(self, data):
+        if isinstance(data, (tuple, list)):
+            data = data[0]
+        missing = [key for key in BATCH_KEYS if key not in data]
+        if missing:
+            raise ValueError(f"DeepAtlas batches need the keys {BATCH_KEYS}; missing {missing}")
+        batch = dict(data)
+        for key in ("moving", "fixed", "moving_labelled", "fixed_labelled"):
+            batch[key] = ops.cast(batch[key], "float32")
+        for key in ("moving_labels", "fixed_labels"):
+            batch[key] = ops.one_hot(ops.cast(batch[key], "int32"), self.num_classes)
+        return batch
+
+    def _anatomy(self, moving_segmentation, fixed_segmentation, displacement):
+        """Per-sample ``L_a``: fixed label map vs the moving one warped onto it."""
+        moved = spatial_ops.warp(moving_segmentation, displacement)
+        return self.anatomy_loss.call(fixed_segmentation, moved)
+
+    def _registration_targets(self, batch):
+        """Label maps for ``L_a`` in the registration phase, and the samples that use it.
+
+        Computed outside any gradient tape: the segmenter is fixed in this phase.
+        """
+        if self.mode == "registration_only":
+            mask = batch["moving_labelled"] * batch["fixed_labelled"]
+            return batch["moving_labels"], batch["fixed_labels"], mask
+        predicted = [
+            ops.stop_gradient(self.segmentation_net(batch[key], training=False))
+            for key in ("moving", "fixed")
+        ]
+        moving = _select(batch["moving_labelled"], batch["moving_labels"], predicted[0])
+        fixed = _select(batch["fixed_labelled"], batch["fixed_labels"], predicted[1])
+        return moving, fixed, ops.ones_like(batch["moving_labelled"])
+
+    def _registration_losses(self, batch, targets, *, training):
+        moving_seg, fixed_seg, anatomy_mask = targets
+        out = self.registration_net([batch["moving"], batch["fixed"]], training=training)
+        similarity = _masked_mean(self.similarity_loss.call(batch["fixed"], out["moved"]),
+                                  ops.ones_like(batch["moving_labelled"]))
+        smoothness = _masked_mean(self.smoothness_loss.call(out["flow"], out["flow"]),
+                                  ops.ones_like(batch["moving_labelled"]))
+        if self.anatomy_weight:
+            anatomy = _masked_mean(self._anatomy(moving_seg, fixed_seg, out["displacement"]),
+                                   anatomy_mask)
+        else:
+            anatomy = ops.zeros(())
+        total = similarity + self.smoothness_weight * smoothness + self.anatomy_weight * anatomy
+        return total, dict(zip(_REGISTRATION_METRICS, (total, similarity, smoothness, anatomy)))
+
+    def _segmentation_displacement(self, batch):
+        """The fixed registration network's displacement, outside any gradient tape."""
+        if self.mode != "joint" or not self.segmentation_anatomy_weight:
+            return None
+        out = self.registration_net([batch["moving"], batch["fixed"]], training=False)
+        return ops.stop_gradient(out["displacement"])
+
+    def _segmentation_losses(self, batch, displacement, *, training):
+        moving_flag, fixed_flag = batch["moving_labelled"], batch["fixed_labelled"]
+        moving_pred = self.segmentation_net(batch["moving"], training=training)
+        fixed_pred = self.segmentation_net(batch["fixed"], training=training)
+        supervised = _masked_mean(
+            ops.concatenate([self.segmentation_loss.call(batch["moving_labels"], moving_pred),
+                             self.segmentation_loss.call(batch["fixed_labels"], fixed_pred)], 0),
+            ops.concatenate([moving_flag, fixed_flag], 0),
+        )
+        if displacement is None:
+            anatomy = ops.zeros(())
+        else:
+            # Exactly one image labelled: its manual labels against the other's prediction;
+            # the prediction side carries the gradient.
+            only_one = moving_flag + fixed_flag - 2.0 * moving_flag * fixed_flag
+            anatomy = _masked_mean(
+                self._anatomy(_select(moving_flag, batch["moving_labels"], moving_pred),
+                              _select(fixed_flag, batch["fixed_labels"], fixed_pred),
+                              displacement),
+                only_one,
+            )
+        total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
+        return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))
+
+    # ------------------------------------------------------------------ steps
+    def _optimize(self, loss_fn, network, optimizer):
+        """Computes ``loss_fn()`` and applies its gradient to ``network`` only."""
+        variables = network.trainable_variables
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                total, terms = loss_fn()
+            optimizer.apply(tape.gradient(total, variables), variables)
+        elif backend == "torch":
+            import torch
+
+            for variable in variables:
+                variable.value.grad = None
+            total, terms = loss_fn()
+            total.backward()
+            with torch.no_grad():
+                optimizer.apply([v.value.grad for v in variables], variables)
+        else:
+            raise NotImplementedError(
+                f"DeepAtlas training supports the tensorflow and torch backends, not {backend!r}"
+            )
+        self._update_trackers(terms)
+        return total
+
+    def _registration_step(self, batch):
+        targets = self._registration_targets(batch)
+        return self._optimize(
+            lambda: self._registration_losses(batch, targets, training=True),
+            self.registration_net, self.reg_optimizer,
+        )
+
+    def _segmentation_step(self, batch):
+        displacement = self._segmentation_displacement(batch)
+        return self._optimize(
+            lambda: self._segmentation_losses(batch, displacement, training=True),
+            self.segmentation_net, self.seg_optimizer,
+        )
+
+    def is_registration_turn(self):
+        """Whether the next training step is a registration step (a boolean tensor)."""
+        if self.mode != "joint":
+            return ops.convert_to_tensor(self.mode == "registration_only")
+        done = ops.cast(self.reg_optimizer.iterations, "int64") + ops.cast(
+            self.seg_optimizer.iterations, "int64")
+        cycle = self.registration_steps + self.segmentation_steps
+        return ops.less(ops.mod(done, cycle), self.registration_steps)
+
+    def train_step(self, data):
+        batch = self._unpack(data)
+        if self.mode == "registration_only":
+            self._registration_step(batch)
+        elif self.mode == "segmentation_only":
+            self._segmentation_step(batch)
+        elif keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.cond(self.is_registration_turn(),
+                    lambda: self._registration_step(batch),
+                    lambda: self._segmentation_step(batch))
+        elif bool(self.is_registration_turn()):
+            self._registration_step(batch)
+        else:
+            self._segmentation_step(batch)
+        return self._logs(self._training_metric_names())
+
+    def _training_metric_names(self):
+        return {
+            "joint": _REGISTRATION_METRICS + _SEGMENTATION_METRICS,
+            "registration_only": _REGISTRATION_METRICS,
+            "segmentation_only": _SEGMENTATION_METRICS,
+        }[self.mode]
+
+    def test_step(self, data):
+        batch = self._unpack(data)
+        if self.mode != "segmentation_only":
+            _, terms = self._registration_losses(batch, self._registration_targets(batch),
+                                                 training=False)
+            self._update_trackers(terms)
+        if self.mode != "registration_only":
+            _, terms = self._segmentation_losses(batch, self._segmentation_displacement(batch),
+                                                 training=False)
+            self._update_trackers(terms)
+        dice = self._validation_dice(batch)
+        self._update_trackers(dice)
+        return self._logs(self._training_metric_names() + tuple(dice))
+
+    def _validation_dice(self, batch):
+        """Hard-label Dice (background excluded) of registration and segmentation."""
+        both = batch["moving_labelled"] * batch["fixed_labelled"]
+        terms = {}
+        if self.mode != "segmentation_only":
+            out = self.registration_net([batch["moving"], batch["fixed"]], training=False)
+            moved = spatial_ops.warp(batch["moving_labels"], out["displacement"],
+                                     method="nearest")
+            scores = soft_dice_scores(batch["fixed_labels"], moved, include_background=False)
+            terms["warped_dice"] = _masked_mean(ops.mean(scores, axis=-1), both)
+        if self.mode != "registration_only":
+            flags, labels, predictions = [], [], []
+            for side in ("moving", "fixed"):
+                probabilities = self.segmentation_net(batch[side], training=False)
+                predictions.append(ops.one_hot(ops.argmax(probabilities, axis=-1),
+                                               self.num_classes))
+                labels.append(batch[f"{side}_labels"])
+                flags.append(batch[f"{side}_labelled"])
+            scores = soft_dice_scores(ops.concatenate(labels, 0), ops.concatenate(predictions, 0),
+                                      include_background=False)
+            terms["seg_dice"] = _masked_mean(ops.mean(scores, axis=-1), ops.concatenate(flags, 0))
+        return terms
+
+    def _update_trackers(self, terms):
+        for name, value in terms.items():
+            self._trackers[name].update_state(value)
+
+    def _logs(self, names):
+        return {name: self._trackers[name].result() for name in names}

@@ -1,0 +1,45 @@
+"""Layers: behaviour through Keras models, shapes, serialisation."""
+import numpy as np
+import keras
+import pytest
+
+from dazoo import layers, ops as dops
+
+
+def _model(layer, shapes):
+    inputs = [keras.Input(shape=s) for s in shapes]
+    out = layer(inputs if len(inputs) > 1 else inputs[0])
+    return keras.Model(inputs, out)
+
+
+def test_spatial_transformer_in_a_saved_model(tmp_path):
+    rng = np.random.default_rng(1)
+    image = rng.random((2, 8, 8, 8, 2)).astype(np.float32)
+    displacement = rng.normal(size=(2, 8, 8, 8, 3)).astype(np.float32)
+    model = _model(layers.SpatialTransformer(), [(8, 8, 8, 2), (8, 8, 8, 3)])
+    expected = np.asarray(dops.warp(image, displacement))
+    np.testing.assert_allclose(model.predict([image, displacement], verbose=0), expected,
+                               atol=1e-6)
+    model.save(tmp_path / "st.keras")
+    loaded = keras.saving.load_model(tmp_path / "st.keras")
+    np.testing.assert_allclose(loaded.predict([image, displacement], verbose=0), expected,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("layer, in_shape, out_shape", [
+    (layers.VecInt(int_steps=5), (8, 8, 8, 3), (8, 8, 8, 3)),
+    (layers.RescaleTransform(0.5), (8, 8, 8, 3), (4, 4, 4, 3)),
+    (layers.Resize(2.0, interp_method="nearest"), (4, 6, 8, 2), (8, 12, 16, 2)),
+])
+def test_layer_shapes_and_config_round_trip(layer, in_shape, out_shape):
+    model = _model(layer, [in_shape])
+    assert tuple(model.output.shape[1:]) == out_shape
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    x = np.random.default_rng(2).random((1, *in_shape)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(layer(x)))
+
+
+def test_bad_interp_method_is_rejected():
+    with pytest.raises(ValueError, match="interp_method"):
+        layers.SpatialTransformer(interp_method="cubic")

@@ -1,0 +1,82 @@
+"""RegistrationNet and SegmentationNet: topology, outputs, serialisation, VoxelMorph import."""
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+
+from dazoo import RegistrationNet, SegmentationNet, load_voxelmorph_weights
+from dazoo import ops as dops
+
+VXM = pathlib.Path(__file__).parent / "data" / "voxelmorph-0.2"
+SHAPE = (16, 16, 16)
+
+
+def _images(n=1, shape=SHAPE, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.random((n, *shape, 1)).astype(np.float32) for _ in range(2)]
+
+
+@pytest.mark.parametrize("kwargs, flow_shape", [
+    ({}, (8, 8, 8, 3)),                                     # VoxelMorph default: SVF at 1/2
+    ({"int_steps": 0}, (16, 16, 16, 3)),
+    ({"int_steps": 0, "half_res": True}, (8, 8, 8, 3)),
+    ({"int_steps": 5, "int_resolution": 1}, (16, 16, 16, 3)),
+])
+def test_registration_outputs(kwargs, flow_shape):
+    net = RegistrationNet(SHAPE, **kwargs)
+    moving, fixed = _images(2)
+    out = net.predict([moving, fixed], verbose=0)
+    assert out["moved"].shape == moving.shape
+    assert out["displacement"].shape == (2, *SHAPE, 3)
+    assert out["flow"].shape[1:] == flow_shape
+    # The flow head starts near zero, so the initial transform is near the identity.
+    assert np.abs(out["displacement"]).max() < 1e-2
+    # "moved" is the moving image warped by "displacement".
+    np.testing.assert_allclose(out["moved"], dops.warp(moving, out["displacement"]), atol=1e-6)
+
+
+def test_voxelmorph_import_reproduces_voxelmorph_outputs():
+    io = np.load(VXM / "vxm_dense_32_io.npz")
+    net = load_voxelmorph_weights(RegistrationNet((32, 32, 32)), VXM / "vxm_dense_32.h5")
+    out = net.predict([io["moving"], io["fixed"]], verbose=0)
+    np.testing.assert_allclose(out["moved"], io["moved"], atol=1e-4)
+    np.testing.assert_allclose(out["flow"], io["flow"], atol=1e-4)
+
+
+def test_voxelmorph_import_rejects_other_topologies():
+    net = RegistrationNet((32, 32, 32), features=((8, 16, 16, 16), (16, 16, 16, 16, 16, 8, 8)))
+    with pytest.raises(ValueError, match="unet_enc_conv_0_0"):
+        load_voxelmorph_weights(net, VXM / "vxm_dense_32.h5")
+
+
+def test_segmentation_outputs_probabilities():
+    net = SegmentationNet(SHAPE, num_classes=5, dropout=0.1, normalization="batch")
+    probs = net.predict(_images(2)[0], verbose=0)
+    assert probs.shape == (2, *SHAPE, 5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("net", [
+    lambda: RegistrationNet(SHAPE, int_steps=3, half_res=True, name="reg"),
+    lambda: SegmentationNet(SHAPE, 3, conv_per_level=2,
+                            features=((8, 8, 16, 16, 16, 16), (16, 16, 16, 16, 8, 8, 8))),
+])
+def test_keras_save_load_gives_identical_outputs(tmp_path, net):
+    net = net()
+    inputs = _images(1)
+    inputs = inputs if len(net.inputs) == 2 else inputs[0]
+    expected = net.predict(inputs, verbose=0)
+    net.save(tmp_path / "net.keras")
+    loaded = keras.saving.load_model(tmp_path / "net.keras")
+    assert type(loaded) is type(net)
+    assert loaded.get_config() == net.get_config()
+    keras.tree.map_structure(np.testing.assert_array_equal,
+                             loaded.predict(inputs, verbose=0), expected)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="multiple of 2\\*\\*4"):
+        RegistrationNet((20, 16, 16))
+    with pytest.raises(ValueError, match="num_classes"):
+        SegmentationNet(SHAPE, 1)
