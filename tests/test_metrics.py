@@ -1,0 +1,39 @@
+"""Evaluation metrics against hand-computed cases."""
+import numpy as np
+import pytest
+
+from dazoo import metrics
+
+
+def test_dice_per_label_hand_computed():
+    truth = np.zeros((4, 4, 4), int)
+    truth[:2] = 5
+    truth[3] = 7
+    pred = np.zeros_like(truth)
+    pred[:1] = 5
+    pred[2:] = 9
+    got = metrics.dice_per_label(truth, pred, labels=[5, 7, 9, 11])
+    assert got[5] == pytest.approx(2 * 16 / (32 + 16))
+    assert got[7] == 0.0 and got[9] == 0.0
+    assert np.isnan(got[11])
+    assert metrics.dice_per_label(truth, truth) == {5: 1.0, 7: 1.0}
+
+
+def test_jacobian_of_affine_displacement_is_its_determinant():
+    a = np.array([[1.1, 0.2, 0.0], [0.0, 0.9, 0.1], [0.05, 0.0, 1.2]])
+    grid = np.stack(np.meshgrid(*[np.arange(6.0)] * 3, indexing="ij"), -1)
+    u = grid @ (a - np.eye(3)).T
+    np.testing.assert_allclose(metrics.jacobian_determinant(u), np.linalg.det(a), rtol=1e-10)
+    # With 2 mm spacing and the field in mm, the same field has half the gradient.
+    np.testing.assert_allclose(metrics.jacobian_determinant(2 * u, spacing=(2, 2, 2)),
+                               np.linalg.det(a), rtol=1e-10)
+    assert metrics.folding_fraction(u) == 0.0
+
+
+def test_folding_fraction_counts_reflected_voxels():
+    grid = np.stack(np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij"), -1)
+    u = np.zeros_like(grid)
+    u[:4, ..., 0] = -2 * grid[:4, ..., 0]  # x -> -x on the first half: det = -1 there
+    det = metrics.jacobian_determinant(u)
+    assert np.all(det[:3] < 0) and np.all(det[5:] == 1)
+    assert 3 / 8 <= metrics.folding_fraction(u) <= 5 / 8
