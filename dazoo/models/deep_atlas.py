@@ -55,6 +55,12 @@ def _masked_mean(per_sample, mask):
     return ops.sum(per_sample * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
+def _exactly_one(batch):
+    """Per-sample 1 where exactly one image of the pair is labelled."""
+    moving, fixed = batch["moving_labelled"], batch["fixed_labelled"]
+    return moving + fixed - 2.0 * moving * fixed
+
+
 def _select(flag, labelled, predicted):
     """Per sample: the manual label map where ``flag`` is 1, else the prediction."""
     flag = ops.reshape(ops.cast(flag, "float32"), (-1,) + (1,) * (len(labelled.shape) - 1))
@@ -283,18 +289,24 @@ class DeepAtlas(keras.Model):
     def _registration_targets(self, batch):
         """Label maps for ``L_a`` in the registration phase, and the samples that use it.
 
-        Computed outside any gradient tape: the segmenter is fixed in this phase.
+        Computed outside any gradient tape: the segmenter is fixed in this phase. Its
+        predictions are only computed for a side of the batch that lacks manual labels.
         """
         if self.mode == "registration_only":
             mask = batch["moving_labelled"] * batch["fixed_labelled"]
             return batch["moving_labels"], batch["fixed_labels"], mask
-        predicted = [
-            ops.stop_gradient(self.segmentation_net(batch[key], training=False))
-            for key in ("moving", "fixed")
-        ]
-        moving = _select(batch["moving_labelled"], batch["moving_labels"], predicted[0])
-        fixed = _select(batch["fixed_labelled"], batch["fixed_labels"], predicted[1])
-        return moving, fixed, ops.ones_like(batch["moving_labelled"])
+
+        def manual_or_predicted(side):
+            labels, flags = batch[f"{side}_labels"], batch[f"{side}_labelled"]
+
+            def predicted():
+                prediction = self.segmentation_net(batch[side], training=False)
+                return _select(flags, labels, ops.stop_gradient(prediction))
+
+            return ops.cond(ops.all(flags > 0), lambda: labels, predicted)
+
+        return (manual_or_predicted("moving"), manual_or_predicted("fixed"),
+                ops.ones_like(batch["moving_labelled"]))
 
     def _registration_losses(self, batch, targets, *, training):
         moving_seg, fixed_seg, anatomy_mask = targets
@@ -312,11 +324,23 @@ class DeepAtlas(keras.Model):
         return total, dict(zip(_REGISTRATION_METRICS, (total, similarity, smoothness, anatomy)))
 
     def _segmentation_displacement(self, batch):
-        """The fixed registration network's displacement, outside any gradient tape."""
+        """The fixed registration network's displacement, outside any gradient tape.
+
+        Zeros (without running the network) when no pair of the batch has exactly one
+        labelled image, since ``L_a`` is then masked out.
+        """
         if self.mode != "joint" or not self.segmentation_anatomy_weight:
             return None
-        out = self.registration_net([batch["moving"], batch["fixed"]], training=False)
-        return ops.stop_gradient(out["displacement"])
+        moving, fixed = batch["moving"], batch["fixed"]
+
+        def register():
+            return ops.stop_gradient(self.registration_net([moving, fixed], training=False)[
+                "displacement"])
+
+        def identity():
+            return ops.repeat(ops.zeros_like(moving[..., :1]), 3, axis=-1)
+
+        return ops.cond(ops.any(_exactly_one(batch) > 0), register, identity)
 
     def _segmentation_losses(self, batch, displacement, *, training):
         moving_flag, fixed_flag = batch["moving_labelled"], batch["fixed_labelled"]
@@ -332,7 +356,7 @@ class DeepAtlas(keras.Model):
         else:
             # Exactly one image labelled: its manual labels against the other's prediction;
             # the prediction side carries the gradient.
-            only_one = moving_flag + fixed_flag - 2.0 * moving_flag * fixed_flag
+            only_one = _exactly_one(batch)
             anatomy = _masked_mean(
                 self._anatomy(_select(moving_flag, batch["moving_labels"], moving_pred),
                               _select(fixed_flag, batch["fixed_labels"], fixed_pred),
@@ -398,16 +422,10 @@ class DeepAtlas(keras.Model):
             self._registration_step(batch)
         elif self.mode == "segmentation_only":
             self._segmentation_step(batch)
-        elif keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            tf.cond(self.is_registration_turn(),
-                    lambda: self._registration_step(batch),
-                    lambda: self._segmentation_step(batch))
-        elif bool(self.is_registration_turn()):
-            self._registration_step(batch)
         else:
-            self._segmentation_step(batch)
+            ops.cond(self.is_registration_turn(),
+                     lambda: self._registration_step(batch),
+                     lambda: self._segmentation_step(batch))
         return self._logs(self._training_metric_names())
 
     def _training_metric_names(self):
