@@ -365,7 +365,9 @@ def image_centre(volume: Volume, *, method: str = "mass") -> np.ndarray:
         step = max(1, int(round((array.size / 2e6) ** (1 / 3))))
         sample = array[::step, ::step, ::step]
         weights = sample - sample.min()
-        index = np.array(ndi.center_of_mass(weights)) * step
+        total = weights.sum(dtype=np.float64)
+        index = (np.array(ndi.center_of_mass(weights)) * step if total > 0
+                 else (np.array(array.shape[:3]) - 1) / 2)
     else:
         low, high = float(array.min()), float(np.percentile(array, 99.5))
         nonzero = np.nonzero(array > low + 0.1 * (high - low))
@@ -422,7 +424,7 @@ def align_affine(
     kind: str = "affine",
     metric: str = "correlation",
     resolution: float = 2.0,
-    seed: int = 0,
+    seed: int = 1,
 ) -> np.ndarray:
     """Affine (or rigid) pre-alignment with SimpleITK.
 
@@ -437,7 +439,8 @@ def align_affine(
         kind: ``"affine"`` or ``"rigid"``.
         metric: ``"correlation"`` (same modality) or ``"mi"`` (Mattes mutual information).
         resolution: float. Finest working resolution in mm.
-        seed: int. Seed of the metric's voxel sampling.
+        seed: int. Seed (>= 1) of the metric's voxel sampling (SimpleITK reads 0 as "use the
+            clock", so 0 is refused).
 
     Returns:
         ``(4, 4)`` float64 world -> world matrix in RAS mm that maps a point of the FIXED
@@ -448,8 +451,21 @@ def align_affine(
 
     _choice(kind, ("affine", "rigid"), "kind", "align_affine")
     _choice(metric, _METRICS, "metric", "align_affine")
+    if not isinstance(seed, int) or seed < 1:
+        raise DazooInputError("align_affine", f"seed must be an int >= 1, got {seed!r}")
     moving = read_image(moving)
     fixed = read_image(fixed)
+    try:
+        return _align(moving, fixed, kind=kind, metric=metric, resolution=resolution, seed=seed,
+                      sitk=sitk)
+    except RuntimeError as err:
+        problem = " ".join(str(err).split())[-160:]
+        raise DazooInputError(
+            moving.name, f"affine alignment to {fixed.name} failed ({problem})"
+        ) from None
+
+
+def _align(moving, fixed, *, kind, metric, resolution, seed, sitk):
     fixed_img = _working_image(_to_sitk(fixed, sitk), resolution, sitk)
     moving_img = _working_image(_to_sitk(moving, sitk), resolution, sitk)
     initial = sitk.CenteredTransformInitializer(
@@ -458,15 +474,18 @@ def align_affine(
     )
     centre = np.array(initial.GetFixedParameters()[:3])
     shrink = _pyramid(fixed_img)
-    rigid = _register(fixed_img, moving_img, initial, shrink, metric=metric, seed=seed, sitk=sitk)
+    # For an affine result the rigid stage stops one level early: the affine stage refines.
+    rigid_shrink = shrink[:-1] if kind == "affine" and len(shrink) > 1 else shrink
+    rigid = _register(fixed_img, moving_img, initial, rigid_shrink, metric=metric, seed=seed,
+                      step=2.0, sitk=sitk)
     matrix = _probe_matrix(rigid)
     if kind == "affine":
         start = sitk.AffineTransform(3)
         start.SetCenter(centre.tolist())
         start.SetMatrix(matrix[:3, :3].ravel().tolist())
         start.SetTranslation((matrix[:3, 3] - centre + matrix[:3, :3] @ centre).tolist())
-        result = _register(fixed_img, moving_img, start, shrink[-2:] or shrink, metric=metric,
-                           seed=seed, sitk=sitk)
+        result = _register(fixed_img, moving_img, start, shrink[-2:], metric=metric,
+                           seed=seed, step=1.0, sitk=sitk)
         matrix = _probe_matrix(result)
     return _FLIP @ matrix @ _FLIP
 
@@ -494,19 +513,21 @@ def _pyramid(image) -> list[int]:
     return [f for f in (4, 2, 1) if smallest // f >= 12] or [1]
 
 
-def _register(fixed, moving, initial, shrink, *, metric, seed, sitk):
+def _register(fixed, moving, initial, shrink, *, metric, seed, step, sitk):
+    """One stage: regular-step gradient descent, parameter scales from physical shift (mm)."""
     method = sitk.ImageRegistrationMethod()
     if metric == "mi":
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     else:
         method.SetMetricAsCorrelation()
     voxels = np.prod(fixed.GetSize())
-    percentages = [min(1.0, max(0.05, 5000.0 * f**3 / voxels)) for f in shrink]
+    # at least 2% of the voxels and at least ~5000 points per level
+    percentages = [min(1.0, max(0.02, 5000.0 * f**3 / voxels)) for f in shrink]
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentagePerLevel(percentages, seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=4.0, minStep=1e-2, numberOfIterations=100, relaxationFactor=0.6,
+        learningRate=step, minStep=3e-3, numberOfIterations=100, relaxationFactor=0.8,
         gradientMagnitudeTolerance=1e-8,
     )
     method.SetOptimizerScalesFromPhysicalShift()
@@ -688,10 +709,10 @@ class Preprocessor:
             A :class:`Preprocessed` with the ``config.shape`` float32 array and the chain.
         """
         volume = read_image(source)
-        alignment = self.align(volume)
-        affine = self.model_grid(volume)
         offset, scale = intensity_parameters(volume.array, self.config.intensity,
                                              name=volume.name)
+        alignment = self.align(volume)
+        affine = self.model_grid(volume)
         fill = float(volume.array.min())
         array = resample(volume, affine, self.config.shape, transform=alignment, order=1,
                          cval=fill)

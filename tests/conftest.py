@@ -9,16 +9,18 @@ import pytest
 #: The real data folder, ``../shared/data`` relative to the repository root.
 DATA_ROOT = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
-# Gaussian blobs of the phantom: centre (RAS mm), width (mm), amplitude. Deliberately
-# asymmetric so that rotations and flips are identifiable.
+# The phantom: a soft-edged ellipsoidal "head" (radii in mm) holding Gaussian blobs given as
+# centre (RAS mm), width (mm), amplitude; deliberately asymmetric so that rotations and flips
+# are identifiable. It is zero (background) beyond ~50 mm from the origin.
+_HEAD_RADII = (42.0, 48.0, 38.0)
 _BLOBS = [
-    ((0.0, 0.0, 0.0), 30.0, 1.0),
     ((18.0, -10.0, 6.0), 8.0, 0.8),
     ((-15.0, 14.0, -4.0), 6.0, -0.5),
     ((4.0, 22.0, 15.0), 5.0, 0.9),
     ((-8.0, -20.0, 18.0), 7.0, 0.6),
     ((22.0, 12.0, -16.0), 4.0, 1.2),
     ((-20.0, -6.0, -18.0), 9.0, 0.7),
+    ((0.0, -30.0, -5.0), 6.0, -0.4),
 ]
 #: Label ids of the label phantom (non-contiguous, FreeSurfer-like).
 PHANTOM_IDS = (2, 17, 53, 1002, 2002, 1035, 2035, 41)
@@ -26,7 +28,8 @@ PHANTOM_IDS = (2, 17, 53, 1002, 2002, 1035, 2035, 41)
 
 def _phantom(points: np.ndarray) -> np.ndarray:
     """Intensity of the phantom at world points ``(..., 3)`` (RAS mm)."""
-    value = np.zeros(points.shape[:-1])
+    radius = np.sqrt(((points / np.array(_HEAD_RADII)) ** 2).sum(-1))
+    value = 0.5 / (1 + np.exp((radius - 1) * 25))
     for centre, width, amplitude in _BLOBS:
         dist2 = ((points - np.array(centre)) ** 2).sum(-1)
         value += amplitude * np.exp(-dist2 / (2 * width**2))

@@ -1,0 +1,271 @@
+"""dazoo.preprocess: config, grids, one-resampling model grid, alignment, template building."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from dazoo import io
+from dazoo import preprocess as pp
+from dazoo.errors import DazooInputError
+
+NO_NORM = {"method": "none"}
+
+
+def _config(**kwargs):
+    base = {"voxel_size": (2.0, 2.0, 2.0), "shape": (48, 48, 48), "levels": 3,
+            "intensity": NO_NORM}
+    base.update(kwargs)
+    return pp.PreprocessConfig(**base)
+
+
+def _random_affine(rng, rotation, *, degrees=20.0, shift=20.0, scale=0.1):
+    """Rotation up to ``degrees`` about a random axis, translation up to ``shift`` mm,
+    per-axis scaling within 1 +- ``scale``; about the world origin (the phantom's centre)."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation(rng.uniform(-degrees, degrees), rng.normal(size=3)) @ np.diag(
+        rng.uniform(1 - scale, 1 + scale, 3))
+    direction = rng.normal(size=3)
+    matrix[:3, 3] = direction / np.linalg.norm(direction) * rng.uniform(0, shift)
+    return matrix
+
+
+def _transformed_phantom(phantom_function, world_points, matrix, affine, shape):
+    """The phantom moved by ``matrix`` (world -> world), sampled on (affine, shape):
+    ``moving(x) = phantom(inv(matrix) @ x)``, so ``moving(matrix @ y) = phantom(y)``."""
+    inverse = np.linalg.inv(matrix)
+    points = world_points(affine, shape)
+    return phantom_function(points @ inverse[:3, :3].T + inverse[:3, 3]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_round_trip_through_json():
+    config = _config(template="tpl.nii.gz", alignment="affine", metric="mi",
+                     intensity={"method": "percentile", "lower": 1, "upper": 99, "nonzero": True})
+    text = json.dumps(config.to_dict())
+    again = pp.PreprocessConfig.from_dict(json.loads(text))
+    assert again == config
+    assert again.shape == (48, 48, 48) and again.voxel_size == (2.0, 2.0, 2.0)
+    assert config.fingerprint() == again.fingerprint() != _config().fingerprint()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"colour": "red"}, "unknown key(s) 'colour'"),
+    ({"shape": (48, 44, 48)}, "multiple of 8"),
+    ({"shape": (48, 48)}, "3 positive ints"),
+    ({"voxel_size": (1, -1, 1)}, "3 positive numbers"),
+    ({"orientation": "RAR"}, "not a valid axis code"),
+    ({"alignment": "affine"}, "needs a template"),
+    ({"alignment": "warp"}, "alignment must be one of"),
+    ({"intensity": {"method": "percentile", "upper": 120}}, "percentiles"),
+    ({"intensity": {"method": "zscore", "lower": 1}}, "unknown intensity key"),
+])
+def test_config_errors(change, words):
+    data = _config().to_dict()
+    data.update(change)
+    with pytest.raises(DazooInputError, match="^preprocess config: ") as info:
+        pp.PreprocessConfig.from_dict(data)
+    assert words in str(info.value)
+
+
+def test_config_missing_keys_and_json_file(tmp_path):
+    with pytest.raises(DazooInputError, match="missing key"):
+        pp.PreprocessConfig.from_dict({"shape": [16, 16, 16]})
+    path = tmp_path / "preset" / "preprocess.json"
+    path.parent.mkdir()
+    path.write_text(_config(template="template.nii.gz", alignment="rigid").to_json())
+    pre = pp.Preprocessor.from_json(path)
+    assert pre.template_path == str(tmp_path / "preset" / "template.nii.gz")
+    path.write_text("{not json")
+    with pytest.raises(DazooInputError, match=f"^{path}: cannot be read as JSON"):
+        pp.PreprocessConfig.from_json(path)
+
+
+def test_import_does_not_pull_keras_or_simpleitk():
+    code = ("import sys, dazoo.io, dazoo.preprocess, dazoo.postprocess; "
+            "print(sorted(m for m in ('keras', 'tensorflow', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- grids
+@pytest.mark.parametrize("codes", ["RAS", "LIA", "ASL", "PIR"])
+def test_grid_affine_matches_nibabel_orientation(codes):
+    affine = pp.grid_affine(orientation=codes, voxel_size=(1.5, 2.0, 3.0), shape=(10, 12, 14),
+                            centre=(4.0, -5.0, 6.0))
+    assert "".join(nib.aff2axcodes(affine)) == codes
+    np.testing.assert_allclose(nib.affines.voxel_sizes(affine), [1.5, 2.0, 3.0])
+    np.testing.assert_allclose(affine @ [4.5, 5.5, 6.5, 1], [4.0, -5.0, 6.0, 1])
+
+
+@pytest.mark.parametrize("codes", ["LIA", "ASL", "PSR"])
+def test_reorient_matches_nibabel_canonical(make_affine, phantom, codes):
+    affine = make_affine(codes, (1.0, 1.5, 2.0), (12, 10, 8))
+    array = phantom(affine, (12, 10, 8))
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
+    volume = pp.reorient(io.Volume(array, affine), "RAS")
+    np.testing.assert_array_equal(volume.array, np.asanyarray(canonical.dataobj))
+    np.testing.assert_allclose(volume.affine, canonical.affine)
+
+
+def test_resample_matches_map_coordinates(make_affine, phantom, rotation):
+    source = make_affine("LIA", (1.3, 1.1, 1.7), (30, 28, 26), rotation(15, (1, 2, 3)))
+    volume = io.Volume(phantom(source, (30, 28, 26)), source)
+    target = make_affine("RAS", (2.0, 2.0, 2.0), (16, 16, 16), centre=(2, 1, -1))
+    transform = np.eye(4)
+    transform[:3, 3] = [1.5, -2.0, 0.5]
+    result = pp.resample(volume, target, (16, 16, 16), transform=transform, order=1)
+    index = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    world = index @ target[:3, :3].T + target[:3, 3] + transform[:3, 3]
+    voxel = (world - source[:3, 3]) @ np.linalg.inv(source[:3, :3]).T
+    expected = ndi.map_coordinates(volume.array, voxel.T, order=1, cval=0).reshape(16, 16, 16)
+    np.testing.assert_allclose(result, expected, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- pipeline
+@pytest.mark.parametrize("codes, spacing, degrees", [
+    ("LIA", (1.0, 1.2, 1.5), 0), ("ASL", (1.6, 1.0, 1.2), 0), ("RAS", (1.1, 1.4, 0.9), 25),
+])
+def test_model_grid_samples_the_world(make_affine, phantom, phantom_function, world_points,
+                                      rotation, codes, spacing, degrees):
+    """Each model voxel holds the phantom's value at the world point its affine gives."""
+    shape = (112, 120, 108)
+    affine = make_affine(codes, spacing, shape, rotation(degrees, (1, -1, 2)), centre=(3, -4, 2))
+    pre = pp.Preprocessor(_config(voxel_size=(1.5, 1.5, 1.5), shape=(64, 64, 56)))
+    native = phantom(affine, shape)
+    out = pre.apply((native, affine))
+    assert out.array.shape == (64, 64, 56) and out.array.dtype == np.float32
+    assert "".join(nib.aff2axcodes(out.affine)) == "RAS"
+    np.testing.assert_allclose(nib.affines.voxel_sizes(out.affine), 1.5)
+    points = world_points(out.affine, (64, 64, 56))
+    expected = phantom_function(points)
+    index = (points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+    inside = np.all((index >= 0) & (index <= np.array(shape) - 1), axis=-1)
+    assert inside.mean() > 0.9
+    assert np.abs(out.array - expected)[inside].max() < 0.02 * expected.max()
+    np.testing.assert_array_equal(out.array[~inside], native.min())  # filled with the minimum
+    centre_of_mass = out.affine @ [*ndi.center_of_mass(out.array), 1]
+    np.testing.assert_allclose(centre_of_mass[:3], pp.image_centre(io.Volume(native, affine)),
+                               atol=2.0)
+    np.testing.assert_array_equal(out.alignment, np.eye(4))
+    assert out.native_shape == shape
+
+
+def test_percentile_normalisation(make_affine, phantom):
+    affine = make_affine("RAS", (2, 2, 2), (40, 40, 40))
+    array = phantom(affine, (40, 40, 40))
+    config = _config(shape=(40, 40, 40), levels=2,
+                     intensity={"method": "percentile", "lower": 2, "upper": 98})
+    out = pp.Preprocessor(config).apply((array, affine))
+    low, high = np.percentile(array, [2, 98])
+    raw = pp.Preprocessor(_config(shape=(40, 40, 40), levels=2)).apply((array, affine)).array
+    np.testing.assert_allclose(out.array, np.clip((raw - low) / (high - low), 0, 1), atol=1e-5)
+    assert out.intensity == pytest.approx((low, high - low))
+
+
+def test_constant_image_cannot_be_normalised():
+    with pytest.raises(DazooInputError, match="constant intensity"):
+        pp.Preprocessor(_config(intensity={"method": "minmax"})).apply(
+            (np.full((8, 8, 8), 3.0), np.eye(4)))
+
+
+def test_apply_labels_exact_at_native_resolution(make_affine, phantom, phantom_labels):
+    """LIA input at 1 mm, RAS model grid at 1 mm: nearest-neighbour labels are copied exactly."""
+    affine = make_affine("LIA", (1, 1, 1), (80, 88, 72), centre=(0.4, -0.3, 0.2))
+    pre = pp.Preprocessor(_config(voxel_size=(1, 1, 1), shape=(64, 64, 64)))
+    out = pre.apply((phantom(affine, (80, 88, 72)), affine))
+    ids = phantom_labels(affine, (80, 88, 72))
+    on_model = pre.apply_labels((ids, affine), out)
+    index = np.stack(np.meshgrid(*[np.arange(64)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    native = (index @ out.affine[:3, :3].T + out.affine[:3, 3] - affine[:3, 3]) @ np.linalg.inv(
+        affine[:3, :3]).T
+    np.testing.assert_allclose(native, np.round(native), atol=1e-6)  # lattice points
+    native = np.round(native).astype(int)
+    inside = np.all((native >= 0) & (native < [80, 88, 72]), axis=1)
+    expected = np.zeros(len(index), np.int32)
+    expected[inside] = ids[tuple(native[inside].T)]
+    np.testing.assert_array_equal(on_model.reshape(-1), expected)
+    assert on_model.dtype == np.int32
+
+
+def test_apply_labels_checks_grid(make_affine, phantom):
+    affine = make_affine("RAS", (2, 2, 2), (20, 20, 20))
+    pre = pp.Preprocessor(_config(shape=(16, 16, 16), levels=2))
+    out = pre.apply((phantom(affine, (20, 20, 20)), affine))
+    with pytest.raises(DazooInputError, match="does not match"):
+        pre.apply_labels((np.zeros((20, 20, 19), np.int16), affine), out)
+
+
+# ----------------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_align_affine_recovers_a_random_affine(make_affine, phantom, phantom_function,
+                                               world_points, rotation, seed):
+    fixed_affine = make_affine("RAS", (2, 2, 2), (56, 56, 56))
+    fixed = io.Volume(phantom(fixed_affine, (56, 56, 56)), fixed_affine)
+    truth = _random_affine(np.random.default_rng(seed), rotation)
+    moving_affine = make_affine("LIA", (2.2, 1.8, 2.5), (80, 96, 72), rotation(10, (1, 1, 0)),
+                                centre=(5, -3, 8))
+    moving = io.Volume(_transformed_phantom(phantom_function, world_points, truth, moving_affine,
+                                            (80, 96, 72)), moving_affine)
+    found = pp.align_affine(moving, fixed, kind="affine")
+    points = world_points(fixed_affine, (56, 56, 56))[fixed.array > 10]
+    error = np.linalg.norm(points @ (found - truth)[:3, :3].T + (found - truth)[:3, 3], axis=1)
+    assert error.mean() < 1.0, error.mean()
+
+
+def test_align_rigid_recovers_a_rigid_motion(make_affine, phantom, phantom_function,
+                                             world_points, rotation):
+    fixed_affine = make_affine("ASL", (2, 2, 2), (56, 56, 56))
+    fixed = io.Volume(phantom(fixed_affine, (56, 56, 56)), fixed_affine)
+    truth = _random_affine(np.random.default_rng(7), rotation, scale=0.0)
+    moving_affine = make_affine("RAS", (2, 2, 2), (72, 72, 72))
+    moving = (_transformed_phantom(phantom_function, world_points, truth, moving_affine,
+                                   (72, 72, 72)), moving_affine)
+    found = pp.align_affine(moving, fixed, kind="rigid")
+    np.testing.assert_allclose(found[:3, :3] @ found[:3, :3].T, np.eye(3), atol=1e-6)
+    points = world_points(fixed_affine, (56, 56, 56))[fixed.array > 10]
+    error = np.linalg.norm(points @ (found - truth)[:3, :3].T + (found - truth)[:3, 3], axis=1)
+    assert error.mean() < 1.0
+
+
+def test_preprocessor_aligns_to_its_template(tmp_path, make_affine, phantom, phantom_function,
+                                             world_points, rotation):
+    config = _config(voxel_size=(2, 2, 2), shape=(48, 48, 48), template="tpl.nii.gz",
+                     alignment="affine")
+    grid = pp.grid_affine(orientation="RAS", voxel_size=(2, 2, 2), shape=(48, 48, 48),
+                          centre=(0, 0, 0))
+    io.write_image((phantom(grid, (48, 48, 48)), grid), tmp_path / "tpl.nii.gz")
+    truth = _random_affine(np.random.default_rng(3), rotation)
+    native = make_affine("LIA", (1.5, 1.8, 1.6), (88, 80, 84), centre=(10, 20, -5))
+    moving = _transformed_phantom(phantom_function, world_points, truth, native, (88, 80, 84))
+    out = pp.Preprocessor(config, root=tmp_path).apply((moving, native))
+    np.testing.assert_allclose(out.affine, nib.load(tmp_path / "tpl.nii.gz").affine, atol=1e-5)
+    expected = phantom(grid, (48, 48, 48))
+    assert np.abs(out.array - expected).mean() < 0.01 * expected.max()
+    points = world_points(grid, (48, 48, 48))[expected > 10]
+    error = out.alignment - truth
+    assert np.linalg.norm(points @ error[:3, :3].T + error[:3, 3], axis=1).mean() < 1.0
+
+
+def test_build_affine_template(make_affine, phantom, phantom_function, world_points, rotation):
+    """Three copies moved by affines whose mean is the identity average back to the phantom."""
+    shifts = [np.eye(4) for _ in range(3)]
+    shifts[0][:3, 3] = [6, -4, 3]
+    shifts[1][:3, 3] = [-6, 4, -3]
+    shifts[1][:3, :3] = np.diag([1.05, 0.95, 1.0])
+    shifts[2][:3, :3] = np.diag([0.95, 1.05, 1.0])
+    native = make_affine("LIA", (2, 2, 2), (64, 64, 64))
+    volumes = [(_transformed_phantom(phantom_function, world_points, m, native, (64, 64, 64)),
+                native) for m in shifts]
+    template = pp.build_affine_template(volumes, voxel_size=(2, 2, 2), shape=(48, 48, 48),
+                                        iterations=2, reference=2)
+    assert template.shape == (48, 48, 48) and "".join(nib.aff2axcodes(template.affine)) == "RAS"
+    expected = phantom(template.affine, (48, 48, 48))
+    correlation = np.corrcoef(template.array.ravel(), expected.ravel())[0, 1]
+    assert correlation > 0.99
+    assert 0 <= template.array.min() and template.array.max() <= 1
