@@ -147,7 +147,12 @@ def test_model_grid_samples_the_world(make_affine, phantom, phantom_function, wo
     index = (points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
     inside = np.all((index >= 0) & (index <= np.array(shape) - 1), axis=-1)
     assert inside.mean() > 0.9
-    assert np.abs(out.array - expected)[inside].max() < 0.02 * expected.max()
+    # linear interpolation error of the narrowest blob (h^2/8 f'') stays under 3% of the peak
+    assert np.abs(out.array - expected)[inside].max() < 0.03 * expected.max()
+    # ... and the values are exactly those of one linear interpolation at those world points
+    reference = ndi.map_coordinates(native, index.reshape(-1, 3).T, order=1, mode="nearest")
+    np.testing.assert_allclose(out.array[inside], reference.reshape(index.shape[:3])[inside],
+                               atol=1e-3)
     np.testing.assert_array_equal(out.array[~inside], native.min())  # filled with the minimum
     centre_of_mass = out.affine @ [*ndi.center_of_mass(out.array), 1]
     np.testing.assert_allclose(centre_of_mass[:3], pp.image_centre(io.Volume(native, affine)),
