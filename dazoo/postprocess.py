@@ -1,0 +1,275 @@
+"""Back to native space: model-grid outputs resampled onto the input's own grid.
+
+Every function here interpolates once, through the composed affines recorded in a
+:class:`dazoo.preprocess.Preprocessed` (native grid, alignment, model grid), so results overlay
+the input in any viewer (same shape, same affine).
+
+Label maps never get linear interpolation of ids: integer labels use nearest neighbour;
+probabilities ``(D, H, W, K)`` are interpolated linearly per channel, then the argmax is taken.
+
+Displacement convention (registration):
+
+* the network gives ``u`` of shape ``(D, H, W, 3)`` in voxels of the model grid (``ij``
+  indexing): ``moved(x) = moving_model(x + u(x))`` for every voxel ``x`` of the FIXED image's
+  model grid;
+* :func:`displacement_to_world` turns it into a pull-back ("fixed to moving") field ``d`` on
+  the FIXED image's native grid, in world millimetres: for the fixed native voxel ``n`` at
+  world point ``x = fixed_affine @ n``, ``x + d(n)`` is the corresponding point in the MOVING
+  image's native world. Components are RAS+ mm (nibabel's world frame) by default, or LPS
+  (ITK/ANTs) with ``frame="LPS"``. This is the convention of ITK's DisplacementFieldTransform;
+  :func:`dazoo.io.write_displacement` stores it so that ITK, SimpleITK and ANTs read it as such;
+* :func:`warp_native` resamples the moving NATIVE image (or labels, ``order=0``) at
+  ``x + d(n)``: the moved image on the fixed native grid, in one interpolation.
+
+This module imports numpy, scipy and nibabel only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from dazoo.errors import DazooInputError
+from dazoo.io import Source, Volume, read_image, read_labels
+from dazoo.preprocess import Preprocessed, _snap
+
+__all__ = ["labels_to_native", "image_to_native", "displacement_to_world", "warp_native"]
+
+#: Number of native voxels processed at once by the point-wise functions.
+_CHUNK = 2_000_000
+
+
+def labels_to_native(output: np.ndarray, preprocessed: Preprocessed) -> np.ndarray:
+    """A segmentation on the model grid, as class indices on the input's native grid.
+
+    Args:
+        output: ``(D, H, W)`` integer labels (nearest neighbour), or ``(D, H, W, K)``
+            probabilities/scores with ``K >= 2`` (linear per channel, then argmax). Outside
+            the model grid the result is 0 (background).
+        preprocessed: the input's :class:`Preprocessed`.
+
+    Returns:
+        ``(X, Y, Z)`` int32 array on the native grid (class indices, or the ids given).
+    """
+    output = np.asarray(output)
+    shape = tuple(preprocessed.array.shape)
+    if output.ndim == 4 and output.shape[-1] == 1:
+        output = output[..., 0]
+    if output.shape[:3] != shape or output.ndim not in (3, 4):
+        raise DazooInputError(
+            "segmentation", f"shape {output.shape} does not match the model grid {shape} (+ K)"
+        )
+    box, matrix = _native_box(preprocessed)
+    result = np.zeros(preprocessed.native_shape, dtype=np.int32)
+    if box is None:
+        return result
+    sub_shape = tuple(int(b - a) for a, b in box)
+    if output.ndim == 3:
+        if not np.issubdtype(output.dtype, np.integer):
+            if np.any(output != np.round(output)):
+                raise DazooInputError("segmentation", "3D labels must be integers")
+            output = output.astype(np.int32)
+        sub = ndi.affine_transform(output.astype(np.int32, copy=False), matrix,
+                                   output_shape=sub_shape, order=0, cval=0)
+    else:
+        sub = _argmax_resample(output, matrix, sub_shape)
+    result[tuple(slice(a, b) for a, b in box)] = sub
+    return result
+
+
+def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarray:
+    """Linear resampling of each channel, keeping a running argmax (memory of 2 channels)."""
+    best = None
+    index = np.zeros(shape, dtype=np.int32)
+    for channel in range(scores.shape[-1]):
+        values = np.ascontiguousarray(scores[..., channel], dtype=np.float32)
+        fill = 1.0 if channel == 0 else 0.0
+        sampled = ndi.affine_transform(values, matrix, output_shape=shape, order=1, cval=fill,
+                                       prefilter=False, output=np.float32)
+        if best is None:
+            best = sampled
+            continue
+        better = sampled > best
+        best[better] = sampled[better]
+        index[better] = channel
+    return index
+
+
+def image_to_native(
+    array: np.ndarray,
+    preprocessed: Preprocessed,
+    *,
+    order: int = 1,
+    cval: float = 0.0,
+    denormalise: bool = False,
+) -> np.ndarray:
+    """An image on the model grid (e.g. a warped image), resampled onto the native grid.
+
+    Args:
+        array: ``(D, H, W)`` or ``(D, H, W, 1)`` on the model grid.
+        preprocessed: the :class:`Preprocessed` whose native grid is the target.
+        order: interpolation order (0 nearest, 1 linear, 3 cubic).
+        cval: value outside the model grid (in normalised units).
+        denormalise: undo the intensity normalisation (``x * scale + offset``).
+
+    Returns:
+        ``(X, Y, Z)`` float32 on the native grid.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.shape != tuple(preprocessed.array.shape):
+        raise DazooInputError(
+            "image", f"shape {array.shape} does not match the model grid {preprocessed.array.shape}"
+        )
+    result = np.full(preprocessed.native_shape, cval, dtype=np.float32)
+    box, matrix = _native_box(preprocessed)
+    if box is not None:
+        sub_shape = tuple(int(b - a) for a, b in box)
+        result[tuple(slice(a, b) for a, b in box)] = ndi.affine_transform(
+            array, matrix, output_shape=sub_shape, order=order, cval=cval,
+            prefilter=order > 1, output=np.float32)
+    if denormalise:
+        offset, scale = preprocessed.intensity
+        result = result * np.float32(scale) + np.float32(offset)
+    return result
+
+
+def _native_box(pre: Preprocessed):
+    """Native voxel box covering the model grid, and the matrix sub-box voxel -> model voxel."""
+    shape = np.array(pre.array.shape)
+    corners = np.array([[a, b, c, 1.0] for a in (0, 1) for b in (0, 1) for c in (0, 1)]).T
+    corners[:3] *= (shape - 1)[:, None]
+    native = (pre.model_to_native @ corners)[:3]
+    low = np.maximum(np.floor(native.min(axis=1)).astype(int) - 1, 0)
+    high = np.minimum(np.ceil(native.max(axis=1)).astype(int) + 2, pre.native_shape)
+    if np.any(high <= low):
+        return None, None
+    shift = np.eye(4)
+    shift[:3, 3] = low
+    return list(zip(low.tolist(), high.tolist())), _snap(pre.native_to_model @ shift)
+
+
+def displacement_to_world(
+    u: np.ndarray,
+    fixed_pre: Preprocessed,
+    moving_pre: Preprocessed,
+    *,
+    frame: str = "RAS",
+) -> np.ndarray:
+    """A model-grid displacement (voxels) as a world-mm pull-back field on the fixed native grid.
+
+    For the fixed native voxel ``n`` (world ``x = fixed_pre.native_affine @ n``): ``v`` is its
+    position on the fixed model grid, ``w = v + u(v)`` (``u`` interpolated linearly, extended
+    by its border values outside the model grid) the moving model voxel, and
+    ``y = moving_pre.alignment @ moving_pre.affine @ w`` the point in the moving image's native
+    world. The result is ``d(n) = y - x``.
+
+    Args:
+        u: ``(D, H, W, 3)`` displacement in voxels of the model grid, ``ij`` indexing;
+            ``moved(x) = moving_model(x + u(x))``.
+        fixed_pre: the fixed image's :class:`Preprocessed`.
+        moving_pre: the moving image's :class:`Preprocessed`.
+        frame: ``"RAS"`` (nibabel, default) or ``"LPS"`` (ITK/ANTs): the frame of the
+            returned vector components.
+
+    Returns:
+        ``(X, Y, Z, 3)`` float32 displacement in mm on the fixed native grid.
+    """
+    u = np.asarray(u, dtype=np.float32)
+    model_shape = tuple(fixed_pre.array.shape)
+    if u.shape != model_shape + (3,):
+        raise DazooInputError("displacement", f"shape {u.shape} is not {model_shape + (3,)}")
+    if tuple(moving_pre.array.shape) != model_shape:
+        raise DazooInputError("displacement", "fixed and moving model grids differ in shape")
+    if frame not in ("RAS", "LPS"):
+        raise DazooInputError("displacement", f"frame must be 'RAS' or 'LPS', got {frame!r}")
+    native_to_model = fixed_pre.native_to_model
+    moving_world = moving_pre.alignment @ moving_pre.affine
+    # d(n) = G n + L u(v): G the affine residual of the two chains, L the model voxel -> mm map.
+    residual = moving_world @ native_to_model - fixed_pre.native_affine
+    linear = moving_world[:3, :3]
+    shape = fixed_pre.native_shape
+    sampled = [
+        ndi.affine_transform(np.ascontiguousarray(u[..., c]), native_to_model, output_shape=shape,
+                             order=1, mode="nearest", prefilter=False, output=np.float32)
+        for c in range(3)
+    ]
+    axes = [np.arange(n, dtype=np.float32) for n in shape]
+    field = np.empty(shape + (3,), dtype=np.float32)
+    for row in range(3):
+        value = residual[row, 3] + sum(
+            (residual[row, a] * axes[a]).reshape([-1 if b == a else 1 for b in range(3)])
+            for a in range(3)
+        )
+        field[..., row] = value + sum(linear[row, c] * sampled[c] for c in range(3))
+    if frame == "LPS":
+        field[..., :2] *= -1
+    return field
+
+
+def warp_native(
+    moving: Source | Volume,
+    world_displacement: np.ndarray | Volume,
+    fixed_grid_affine: np.ndarray | None = None,
+    *,
+    order: int = 1,
+    cval: float = 0.0,
+) -> np.ndarray:
+    """Resample the moving image in its native space at ``x + d(x)``, on the fixed native grid.
+
+    Args:
+        moving: the moving image or label map in its native space (path, nibabel image,
+            Volume or ``(array, affine)``); integer arrays keep their dtype with ``order=0``.
+        world_displacement: ``(X, Y, Z, 3)`` RAS mm pull-back field on the fixed native grid
+            (from :func:`displacement_to_world`), or a Volume holding it (its affine is then
+            the default ``fixed_grid_affine``).
+        fixed_grid_affine: ``(4, 4)`` voxel -> world RAS mm of the fixed native grid.
+        order: 1 (linear) for images, 0 (nearest) for label maps.
+        cval: value outside the moving image's field of view.
+
+    Returns:
+        ``(X, Y, Z)`` array on the fixed native grid (float32, or the labels' dtype for
+        ``order=0``).
+    """
+    if isinstance(world_displacement, Volume):
+        if fixed_grid_affine is None:
+            fixed_grid_affine = world_displacement.affine
+        world_displacement = world_displacement.array
+    if fixed_grid_affine is None:
+        raise DazooInputError("warp", "the fixed grid's affine is needed")
+    field = np.asarray(world_displacement, dtype=np.float32)
+    if field.ndim != 4 or field.shape[3] != 3:
+        raise DazooInputError("displacement", f"must be (X, Y, Z, 3), got {field.shape}")
+    volume = _read_moving(moving, order)
+    to_voxel = np.linalg.inv(volume.affine)
+    voxel_of_grid = _snap(to_voxel @ np.asarray(fixed_grid_affine, dtype=float))
+    source = volume.array if order == 0 else volume.array.astype(np.float32, copy=False)
+    if order > 1:
+        source = ndi.spline_filter(source, order=order, output=np.float32)
+    shape = field.shape[:3]
+    out = np.empty(shape, dtype=source.dtype)
+    step = max(1, _CHUNK // (shape[1] * shape[2]))
+    grid = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"))
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        i = np.arange(start, stop, dtype=np.float64)[:, None, None]
+        coords = np.empty((3, stop - start) + shape[1:], dtype=np.float32)
+        for row in range(3):
+            base = (voxel_of_grid[row, 0] * i + voxel_of_grid[row, 1] * grid[0]
+                    + voxel_of_grid[row, 2] * grid[1] + voxel_of_grid[row, 3])
+            shift = sum(to_voxel[row, c] * field[start:stop, :, :, c] for c in range(3))
+            coords[row] = base + shift
+        out[start:stop] = ndi.map_coordinates(source, coords, order=order, cval=cval,
+                                              prefilter=False)
+    return out
+
+
+def _read_moving(moving, order) -> Volume:
+    if isinstance(moving, Volume) and np.issubdtype(moving.array.dtype, np.integer):
+        return moving
+    if order == 0:
+        try:
+            return read_labels(moving)
+        except DazooInputError:
+            pass
+    return read_image(moving)
