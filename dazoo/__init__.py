@@ -27,6 +27,10 @@ _LAZY = {
     "DeepAtlas": ("dazoo.models.deep_atlas", "DeepAtlas"),
     "load_voxelmorph_weights": ("dazoo.models.registration", "load_voxelmorph_weights"),
     "DazooInputError": ("dazoo.errors", "DazooInputError"),
+    "load": ("dazoo.hub", "load"),
+    "segment": ("dazoo.hub", "segment"),
+    "register": ("dazoo.hub", "register"),
+    "list_presets": ("dazoo.presets", "list_presets"),
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -1,0 +1,119 @@
+"""The registry of pretrained presets: where they are, what they hold, and their checksums.
+
+A preset is a folder (``pretrained/<name>/`` in the source tree, installed as the
+``dazoo.pretrained`` package data) with:
+
+* ``metadata.json``: the model card's machine-readable part (MONAI-bundle style): version,
+  description, data and license, label table, the measured evaluation numbers and the
+  commands that produced them, and ``weights_sha256``;
+* ``README.md``: the model card for people;
+* ``config.json``: ``{"model": <serialised DeepAtlas config>}``;
+* ``model.weights.h5``: the weights of that model;
+* ``preprocess.json``: a :class:`dazoo.preprocess.PreprocessConfig` (paths relative to the
+  folder), e.g. the reference template it names;
+* ``labels.json``: ``{"classes": [{"class": k, "id": label id, "name": ...}, ...]}``.
+
+This module only reads JSON; it imports neither Keras nor TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+
+from dazoo.errors import DazooInputError
+
+__all__ = ["Preset", "preset_root", "list_presets", "get_preset", "sha256"]
+
+REQUIRED_FILES = ("metadata.json", "config.json", "model.weights.h5", "preprocess.json",
+                  "labels.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A preset folder and its metadata.
+
+    Args:
+        name: the preset's name (its folder name).
+        path: the folder.
+        metadata: the parsed ``metadata.json``.
+    """
+
+    name: str
+    path: pathlib.Path
+    metadata: dict
+
+    def file(self, name: str) -> pathlib.Path:
+        return self.path / name
+
+    def read_json(self, name: str) -> dict:
+        try:
+            return json.loads(self.file(name).read_text())
+        except (OSError, ValueError) as err:
+            raise DazooInputError(self.file(name), f"unreadable preset file ({err})") from None
+
+    @property
+    def description(self) -> str:
+        return self.metadata.get("description", "")
+
+    def verify(self) -> None:
+        """Checks that every file is present and the weights match ``weights_sha256``."""
+        for name in REQUIRED_FILES:
+            if not self.file(name).is_file():
+                raise DazooInputError(self.path, f"preset is missing {name}")
+        expected = self.metadata.get("weights_sha256")
+        actual = sha256(self.file("model.weights.h5"))
+        if expected != actual:
+            raise DazooInputError(
+                self.file("model.weights.h5"),
+                f"sha256 {actual[:12]}... does not match the model card's "
+                f"{str(expected)[:12]}... (corrupt or modified weights)",
+            )
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def preset_root() -> pathlib.Path:
+    """The folder holding the presets: the installed package data, else the source tree's."""
+    try:
+        import dazoo.pretrained as installed
+
+        return pathlib.Path(installed.__file__).parent
+    except ImportError:
+        return pathlib.Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def _read(path: pathlib.Path) -> Preset:
+    try:
+        metadata = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError) as err:
+        raise DazooInputError(path / "metadata.json", f"unreadable model card ({err})") from None
+    return Preset(name=metadata.get("name", path.name), path=path, metadata=metadata)
+
+
+def list_presets() -> list[Preset]:
+    """Every preset shipped with dazoo, sorted by name."""
+    root = preset_root()
+    if not root.is_dir():
+        return []
+    return [_read(p) for p in sorted(root.iterdir()) if (p / "metadata.json").is_file()]
+
+
+def get_preset(name_or_path: str | os.PathLike) -> Preset:
+    """A shipped preset by name, or a preset folder by path."""
+    path = pathlib.Path(name_or_path)
+    if path.is_dir() and (path / "metadata.json").is_file():
+        return _read(path)
+    for preset in list_presets():
+        if preset.name == str(name_or_path):
+            return preset
+    names = ", ".join(p.name for p in list_presets()) or "none installed"
+    raise DazooInputError(str(name_or_path), f"no such preset (available: {names})")
