@@ -1,0 +1,300 @@
+"""dazoo.data: manifests, label maps, the preprocessing cache, pair datasets, augmentation."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from dazoo import data, io
+from dazoo import preprocess as pp
+from dazoo.errors import DazooInputError
+
+
+def _write_subjects(folder, make_affine, phantom, phantom_labels, count=3, labelled=(0, 1)):
+    """``count`` small phantoms on different native grids, labels for ``labelled``."""
+    subjects = []
+    for i in range(count):
+        shape = (40, 44, 36)
+        affine = make_affine(["LIA", "RAS", "ASL"][i % 3], (2.4, 2.2, 2.6), shape,
+                             centre=(i, -i, 2 * i))
+        image = io.write_image((phantom(affine, shape), affine), folder / f"s{i}" / "image.nii.gz")
+        labels = None
+        if i in labelled:
+            labels = io.write_labels((phantom_labels(affine, shape), affine),
+                                     folder / f"s{i}" / "labels.mgz")
+        subjects.append(data.Subject(image, labels, f"s{i}"))
+    return subjects
+
+
+def _preprocessor():
+    return pp.Preprocessor(pp.PreprocessConfig(voxel_size=(3, 3, 3), shape=(32, 32, 32),
+                                               levels=3))
+
+
+# ----------------------------------------------------------------------------- manifests
+def test_csv_manifest(tmp_path, make_affine, phantom, phantom_labels):
+    _write_subjects(tmp_path, make_affine, phantom, phantom_labels)
+    (tmp_path / "train.csv").write_text(
+        "image,labels\ns0/image.nii.gz,s0/labels.mgz\ns2/image.nii.gz,\n")
+    subjects = data.load_subjects(tmp_path / "train.csv")
+    assert [s.name for s in subjects] == ["s0/image", "s2/image"]  # paths without the ending
+    assert subjects[0].image == str(tmp_path / "s0" / "image.nii.gz")
+    assert subjects[0].labels == str(tmp_path / "s0" / "labels.mgz")
+    assert subjects[1].labels is None
+    (tmp_path / "named.csv").write_text("name,image,labels\na,s0/image.nii.gz,\nb,s1/image.nii.gz,\n")
+    assert [s.name for s in data.read_manifest(tmp_path / "named.csv")] == ["a", "b"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("labels\nx.nii.gz\n", "needs an 'image' column"),
+    ("image,labels\nmissing.nii.gz,\n", "line 2: image file missing.nii.gz does not exist"),
+    ("image,label\ns0/image.nii.gz,\n", "unknown column(s) ['label']"),
+    ("image\n", "has no subjects"),
+    ("image\ns0/image.nii.gz\ns0/image.nii.gz\n", "duplicate subject name(s) ['s0/image']"),
+])
+def test_csv_manifest_errors(tmp_path, make_affine, phantom, phantom_labels, text, words):
+    _write_subjects(tmp_path, make_affine, phantom, phantom_labels, count=1)
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(DazooInputError) as info:
+        data.read_manifest(tmp_path / "bad.csv")
+    assert str(info.value).startswith(str(tmp_path / "bad.csv")) and words in str(info.value)
+
+
+def test_folder_layouts(tmp_path, make_affine, phantom, phantom_labels):
+    _write_subjects(tmp_path / "per_subject", make_affine, phantom, phantom_labels)
+    subjects = data.find_subjects(tmp_path / "per_subject", image="image.*", labels="labels.*")
+    assert [s.name for s in subjects] == ["s0", "s1", "s2"]
+    assert [s.labels is not None for s in subjects] == [True, True, False]
+    flat = tmp_path / "flat"
+    for s in subjects:
+        os.makedirs(flat / "images", exist_ok=True)
+        os.link(s.image, flat / "images" / f"{s.name}.nii.gz")
+        if s.labels:
+            os.makedirs(flat / "labels", exist_ok=True)
+            os.link(s.labels, flat / "labels" / f"{s.name}.mgz")
+    again = data.load_subjects(flat)
+    assert [(s.name, s.labels is not None) for s in again] == [("s0", True), ("s1", True),
+                                                                ("s2", False)]
+    with pytest.raises(DazooInputError, match="no subjects found"):
+        data.find_subjects(tmp_path / "per_subject", image="t1.nii.gz")
+
+
+# ----------------------------------------------------------------------------- label map
+def test_label_map_contiguous_classes():
+    label_map = data.LabelMap([17, 2, 1002, 0, 53], names={17: "Left-Hippocampus"})
+    assert label_map.num_classes == 5
+    assert label_map.ids.tolist() == [0, 2, 17, 53, 1002]
+    ids = np.array([[0, 2, 17], [53, 1002, 17]])
+    classes = label_map.to_classes(ids)
+    np.testing.assert_array_equal(classes, [[0, 1, 2], [3, 4, 2]])
+    np.testing.assert_array_equal(label_map.to_ids(classes), ids)
+    assert label_map.class_names[2] == "Left-Hippocampus"
+    again = data.LabelMap.from_dict(label_map.to_dict())
+    np.testing.assert_array_equal(again.to_classes(ids), classes)
+
+
+def test_label_map_merges_left_and_right():
+    ids = [1002, 2002, 1035, 2035, 17, 53, 4, 43, 630]
+    label_map = data.LabelMap(ids, merge_left_right=True)
+    assert label_map.ids.tolist() == [0, 4, 17, 630, 1002, 1035]
+    classes = label_map.to_classes(np.array(ids))
+    assert classes.tolist() == [4, 4, 5, 5, 2, 2, 1, 1, 3]
+    assert label_map.to_ids(classes).tolist() == [1002, 1002, 1035, 1035, 17, 17, 4, 4, 630]
+
+
+def test_label_map_unknown_ids():
+    label_map = data.LabelMap([1, 2, 3])
+    with pytest.raises(DazooInputError) as info:
+        label_map.to_classes(np.array([0, 1, 7, 99, 7]), source="seg.nii.gz")
+    assert str(info.value) == "seg.nii.gz: unknown label id(s) 7, 99"
+    lenient = data.LabelMap([1, 2, 3], unknown="background")
+    assert lenient.to_classes(np.array([0, 1, 7, 3])).tolist() == [0, 1, 0, 3]
+    with pytest.raises(DazooInputError, match="0..3"):
+        label_map.to_ids(np.array([4]))
+
+
+# ----------------------------------------------------------------------------- cache
+def test_cache_reuses_memory_and_files(tmp_path, make_affine, phantom, phantom_labels):
+    subjects = _write_subjects(tmp_path / "d", make_affine, phantom, phantom_labels)
+    preprocessor = _preprocessor()
+    cache = data.VolumeCache(preprocessor, folder=tmp_path / "cache")
+    first = cache.get(subjects[0])
+    assert cache.get(subjects[0]) is first and cache.computed == 1
+    files = os.listdir(tmp_path / "cache")
+    assert len(files) == 1 and files[0].startswith("s0-") and files[0].endswith(".npz")
+    fresh = data.VolumeCache(preprocessor, folder=tmp_path / "cache")
+    loaded = fresh.get(subjects[0])
+    assert fresh.computed == 0
+    np.testing.assert_array_equal(loaded.preprocessed.array, first.preprocessed.array)
+    np.testing.assert_array_equal(loaded.labels, first.labels)
+    np.testing.assert_allclose(loaded.preprocessed.model_to_native,
+                               first.preprocessed.model_to_native)
+    reference = preprocessor.apply(subjects[0].image)
+    np.testing.assert_array_equal(first.preprocessed.array, reference.array)
+    np.testing.assert_array_equal(first.labels, preprocessor.apply_labels(subjects[0].labels,
+                                                                          reference))
+    # another config is another key
+    other = data.VolumeCache(pp.Preprocessor(pp.PreprocessConfig(
+        voxel_size=(2, 2, 2), shape=(32, 32, 32), levels=3)))
+    assert other.key(subjects[1]) != cache.key(subjects[1])
+
+
+def test_cache_key_follows_modification_time(tmp_path, make_affine, phantom, phantom_labels):
+    subjects = _write_subjects(tmp_path, make_affine, phantom, phantom_labels, count=1)
+    cache = data.VolumeCache(_preprocessor())
+    before = cache.key(subjects[0])
+    stat = os.stat(subjects[0].image)
+    os.utime(subjects[0].image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cache.key(subjects[0]) != before
+
+
+# ----------------------------------------------------------------------------- dataset
+def _arrays(count=5, shape=(16, 16, 16), seed=0):
+    rng = np.random.default_rng(seed)
+    images = [ndi.gaussian_filter(rng.random(shape), 2).astype(np.float32) for _ in range(count)]
+    labels = [np.where(i > np.median(i), 17, 0) + np.where(i > np.percentile(i, 90), 36, 0)
+              for i in images]
+    return images, labels
+
+
+def test_batches_have_the_contract_keys_shapes_and_types():
+    images, labels = _arrays()
+    dataset = data.PairDataset(images, labels, batch_size=3, steps_per_epoch=4, seed=1)
+    batch = dataset[0]
+    assert isinstance(batch, dict) and set(batch) == set(data.BATCH_KEYS)
+    assert batch["moving"].shape == (3, 16, 16, 16, 1) and batch["moving"].dtype == np.float32
+    assert batch["fixed"].shape == (3, 16, 16, 16, 1) and batch["fixed"].dtype == np.float32
+    assert batch["moving_labels"].shape == (3, 16, 16, 16)
+    assert batch["moving_labels"].dtype == np.int32 and batch["fixed_labels"].dtype == np.int32
+    assert batch["moving_labelled"].shape == (3,)
+    assert batch["moving_labelled"].dtype == np.float32
+    assert len(dataset) == 4
+    assert set(np.unique(batch["moving_labels"])) <= {0, 1, 2}  # ids 0, 17, 53
+
+
+def test_batches_match_the_drawn_pairs():
+    images, labels = _arrays()
+    dataset = data.PairDataset(images, labels, labelled=[1, 3], batch_size=4, seed=3)
+    label_map = data.LabelMap.from_labels(labels)
+    batch = dataset[2]
+    for sample, (moving, fixed) in enumerate(dataset.pairs(2)):
+        assert moving != fixed
+        np.testing.assert_array_equal(batch["moving"][sample, ..., 0], images[moving])
+        np.testing.assert_array_equal(batch["fixed"][sample, ..., 0], images[fixed])
+        for side, subject in (("moving", moving), ("fixed", fixed)):
+            is_labelled = subject in (1, 3)
+            assert batch[f"{side}_labelled"][sample] == float(is_labelled)
+            expected = (label_map.to_classes(labels[subject]) if is_labelled
+                        else np.zeros((16, 16, 16)))
+            np.testing.assert_array_equal(batch[f"{side}_labels"][sample], expected)
+
+
+def test_sampling_is_reproducible_and_changes_with_epoch():
+    images, labels = _arrays()
+    one = data.PairDataset(images, labels, batch_size=2, steps_per_epoch=8, seed=5)
+    two = data.PairDataset(images, labels, batch_size=2, steps_per_epoch=8, seed=5)
+    assert [one.pairs(i) for i in range(8)] == [two.pairs(i) for i in reversed(range(8))][::-1]
+    np.testing.assert_array_equal(one[3]["moving"], two[3]["moving"])
+    first_epoch = [one.pairs(i) for i in range(8)]
+    one.on_epoch_end()
+    assert [one.pairs(i) for i in range(8)] != first_epoch
+    other_seed = data.PairDataset(images, labels, batch_size=2, steps_per_epoch=8, seed=6)
+    assert [other_seed.pairs(i) for i in range(8)] != first_epoch
+
+
+def test_k_labelled_subjects_one_shot():
+    images, labels = _arrays(count=6)
+    one_shot = data.PairDataset(images, labels, k=1, seed=11, batch_size=8, steps_per_epoch=20)
+    assert len(one_shot.labelled) == 1
+    again = data.PairDataset(images, labels, k=1, seed=11)
+    assert again.labelled == one_shot.labelled
+    chosen = {tuple(data.PairDataset(images, labels, k=2, seed=s).labelled) for s in range(12)}
+    assert len(chosen) > 1  # the seed picks which subjects
+    flags = np.concatenate([np.concatenate([one_shot[i]["moving_labelled"],
+                                            one_shot[i]["fixed_labelled"]]) for i in range(20)])
+    assert 0 < flags.mean() < 0.5  # mostly unlabelled images, some labelled ones
+    mixed = data.PairDataset(images, labels, k=1, seed=11, batch_size=8, steps_per_epoch=20,
+                             labelled_fraction=0.5)
+    flags = np.concatenate([mixed[i]["moving_labelled"] for i in range(20)])
+    assert 0.35 < flags.mean() < 0.65
+
+
+def test_labelled_by_name_and_errors():
+    images, labels = _arrays(count=4)
+    labels[2] = None
+    names = ["a", "b", "c", "d"]
+    dataset = data.PairDataset(images, labels, names=names, labelled=["b", "d"])
+    assert dataset.labelled == [1, 3]
+    with pytest.raises(DazooInputError, match=r"\['c'\] have no label map"):
+        data.PairDataset(images, labels, names=names, labelled=["c"])
+    with pytest.raises(DazooInputError, match="either labelled= or k="):
+        data.PairDataset(images, labels, labelled=[0], k=1)
+    with pytest.raises(DazooInputError, match="k must be"):
+        data.PairDataset(images, labels, k=4)
+    with pytest.raises(DazooInputError, match="'z' is not in the dataset"):
+        data.PairDataset(images, labels, names=names, labelled=["z"])
+    with pytest.raises(DazooInputError, match="at least 2 images"):
+        data.PairDataset(images[:1])
+    with pytest.raises(DazooInputError, match=r"^a: unknown label id\(s\) 53$"):
+        data.PairDataset(images, labels, names=names, label_map=data.LabelMap([17]))
+
+
+def test_from_subjects_reads_only_kept_labels(tmp_path, make_affine, phantom, phantom_labels):
+    subjects = _write_subjects(tmp_path, make_affine, phantom, phantom_labels, count=3,
+                               labelled=(0, 1))
+    label_map = data.LabelMap.from_labels([io.read_labels(s.labels) for s in subjects[:2]])
+    cache = data.VolumeCache(_preprocessor())
+    dataset = data.PairDataset.from_subjects(subjects, cache.preprocessor, cache=cache,
+                                             label_map=label_map, labelled=["s1"],
+                                             batch_size=2, steps_per_epoch=3)
+    assert dataset.labelled == [1] and dataset.names == ["s0", "s1", "s2"]
+    assert dataset.classes[0] is None and dataset.classes[1] is not None
+    assert cache.computed == 3
+    batch = dataset[0]
+    assert batch["moving"].shape == (2, 32, 32, 32, 1)
+    assert set(np.unique(dataset.classes[1])) == set(range(label_map.num_classes))
+
+
+# ----------------------------------------------------------------------------- augmentation
+def test_augmentation_moves_image_and_labels_together():
+    shape = (24, 24, 24)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    labels = ((index[0] // 6 + index[1] // 6 + index[2] // 6) % 4).astype(np.int32)
+    image = labels.astype(np.float32) / 3  # intensity is a function of the label
+    augment = data.Augmentation(rotation=15, scale=0.1, translation=2, elastic=1.5,
+                                elastic_spacing=8)
+    rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
+    moved_image, moved_labels = augment(image, labels, rng_a)
+    coords = augment.coordinates(shape, rng_b)
+    np.testing.assert_array_equal(moved_labels, ndi.map_coordinates(labels, coords, order=0))
+    np.testing.assert_allclose(moved_image, ndi.map_coordinates(image, coords, order=1),
+                               atol=1e-6)
+    assert (moved_labels != labels).mean() > 0.05
+    inside = ndi.binary_erosion(np.ones(shape, bool), iterations=4)
+    # where the image is not at a label boundary it still equals label / 3
+    flat = ndi.maximum_filter(moved_labels, 3) == ndi.minimum_filter(moved_labels, 3)
+    np.testing.assert_allclose(moved_image[flat & inside], moved_labels[flat & inside] / 3,
+                               atol=1e-5)
+
+
+def test_intensity_augmentation_and_validation():
+    image = np.linspace(0, 1, 8**3, dtype=np.float32).reshape(8, 8, 8)
+    out, labels = data.Augmentation(gamma=0.3)(image, None, np.random.default_rng(0))
+    gamma = np.exp(np.random.default_rng(0).normal(0, 0.3))
+    np.testing.assert_allclose(out, image**gamma, rtol=1e-5)
+    assert labels is None
+    noisy, _ = data.Augmentation(noise=0.1)(image, None, np.random.default_rng(1))
+    assert 0.08 < np.std(noisy - image) < 0.12
+    with pytest.raises(DazooInputError, match="rotation must be >= 0"):
+        data.Augmentation(rotation=-1)
+
+
+def test_dataset_with_augmentation_is_reproducible():
+    images, labels = _arrays()
+    augment = data.Augmentation(rotation=10, elastic=1.0, gamma=0.2)
+    one = data.PairDataset(images, labels, augment=augment, batch_size=2, seed=2)
+    two = data.PairDataset(images, labels, augment=augment, batch_size=2, seed=2)
+    np.testing.assert_array_equal(one[1]["moving"], two[1]["moving"])
+    np.testing.assert_array_equal(one[1]["fixed_labels"], two[1]["fixed_labels"])
