@@ -59,8 +59,132 @@ def _add_demo(sub) -> None:
     p.set_defaults(run=_demo)
 
 
+# --------------------------------------------------------------------------- segment
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _segment_targets(inputs: Sequence[str], out: str) -> list[str]:
+    """Output path per input: ``out`` itself for one input and a NIfTI name, else a folder."""
+    if len(inputs) == 1 and out.endswith(_NIFTI_SUFFIXES):
+        return [out]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DazooInputError(out, "is a file; give a folder for several inputs")
+    return [os.path.join(out, f"{_stem(p)}_seg.nii.gz") for p in inputs]
+
+
+def _check_outputs(outputs: Sequence[str | None], inputs: Sequence[str]) -> None:
+    """Refuses, before any work, an output path that names an input file."""
+    real_inputs = {os.path.realpath(p) for p in inputs}
+    for path in outputs:
+        if path is not None and os.path.realpath(path) in real_inputs:
+            raise DazooInputError(path, "refusing to overwrite an input file")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from dazoo.hub import load
+
+    targets = _segment_targets(args.inputs, args.output)
+    for path in args.inputs:
+        if not os.path.isfile(path):
+            raise DazooInputError(path, "no such file")
+    _check_outputs(targets, args.inputs)
+    pipeline = load(args.preset)
+    for number, (path, target) in enumerate(zip(args.inputs, targets), 1):
+        result = pipeline.segment(path)
+        result.save(target, protect=args.inputs)
+        _log(f"[{number}/{len(targets)}] {path} -> {target} ({result.seconds:.1f} s)")
+    return 0
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="segment images in their native space",
+                       description="Segments each input with a pretrained preset; the label "
+                                   "maps are written on each input's own grid and affine.")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="NIfTI (.nii, .nii.gz) or MGZ images")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file (one input) or folder (<name>_seg.nii.gz per input)")
+    p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
+    p.set_defaults(run=_segment)
+
+
+# --------------------------------------------------------------------------- register
+def _register(args: argparse.Namespace) -> int:
+    from dazoo.hub import load
+
+    if args.moved_labels and not args.moving_labels:
+        raise DazooInputError("--moved-labels", "needs --moving-labels")
+    if not (args.moved or args.warp or args.moved_labels):
+        raise DazooInputError("register", "nothing to write: give --moved, --warp and/or "
+                                          "--moved-labels")
+    inputs = [p for p in (args.moving, args.fixed, args.moving_labels) if p]
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DazooInputError(path, "no such file")
+    _check_outputs([args.moved, args.warp, args.moved_labels], inputs)
+    pipeline = load(args.preset)
+    _log(f"registering {args.moving} -> {args.fixed}")
+    result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels)
+    written = result.save(moved=args.moved, warp=args.warp, moved_labels=args.moved_labels,
+                          warp_convention=args.warp_convention, protect=inputs)
+    _log(f"done in {result.seconds:.1f} s; folding voxels "
+         f"{100 * result.folding_fraction:.4f} %; wrote {', '.join(written)}")
+    return 0
+
+
+def _add_register(sub) -> None:
+    p = sub.add_parser("register", help="register a moving image onto a fixed image",
+                       description="Affine pre-alignment and deformable registration with a "
+                                   "pretrained preset. Outputs are on the FIXED image's own "
+                                   "grid and affine.")
+    p.add_argument("moving", help="image to deform")
+    p.add_argument("fixed", help="reference image")
+    p.add_argument("--moved", help="output: the moved image")
+    p.add_argument("--warp", help="output: displacement field in mm (5D NIfTI vector image), "
+                                  "fixed -> moving, on the fixed grid")
+    p.add_argument("--warp-convention", choices=("itk", "ras"), default="itk",
+                   help="vector components in LPS (itk: ITK/ANTs/Slicer, default) or RAS")
+    p.add_argument("--moving-labels", help="label map of the moving image to carry along")
+    p.add_argument("--moved-labels", help="output: the moved label map")
+    p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
+    p.set_defaults(run=_register)
+
+
+# --------------------------------------------------------------------------- list
+def _list(args: argparse.Namespace) -> int:
+    from dazoo.presets import get_preset, list_presets
+
+    if args.card:
+        print(get_preset(args.card).file("README.md").read_text())
+        return 0
+    presets = list_presets()
+    if not presets:
+        print("no presets installed")
+    for preset in presets:
+        meta = preset.metadata
+        print(f"{preset.name}  (v{meta.get('version', '?')}, {meta.get('license', '?')})")
+        print(f"    {preset.description}")
+        for key, value in meta.get("summary", {}).items():
+            print(f"    {key}: {value}")
+        print(f"    model card: dazoo list --card {preset.name}   folder: {preset.path}")
+    return 0
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list the pretrained presets and their model cards")
+    p.add_argument("--card", metavar="PRESET", help="print this preset's full model card")
+    p.set_defaults(run=_list)
+
+
 # --------------------------------------------------------------------------- main
-_VERBS: list[Callable] = [_add_demo]
+_VERBS: list[Callable] = [_add_segment, _add_register, _add_list, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import pathlib
 
 from dazoo.errors import DazooInputError
 
-__all__ = ["Preset", "preset_root", "list_presets", "get_preset", "sha256"]
+__all__ = ["Preset", "preset_root", "list_presets", "get_preset", "sha256", "save_preset"]
 
 REQUIRED_FILES = ("metadata.json", "config.json", "model.weights.h5", "preprocess.json",
                   "labels.json")
@@ -117,3 +117,55 @@ def get_preset(name_or_path: str | os.PathLike) -> Preset:
             return preset
     names = ", ".join(p.name for p in list_presets()) or "none installed"
     raise DazooInputError(str(name_or_path), f"no such preset (available: {names})")
+
+
+def save_preset(
+    folder: str | os.PathLike,
+    *,
+    model,
+    preprocess: dict,
+    labels: list[dict],
+    metadata: dict,
+    files: dict[str, str | os.PathLike] | None = None,
+    readme: str | None = None,
+) -> Preset:
+    """Writes a preset folder (see the module docstring) and returns it, verified.
+
+    Args:
+        folder: destination (created; existing preset files are replaced).
+        model: a :class:`dazoo.DeepAtlas` (its config and weights are saved).
+        preprocess: a :class:`dazoo.preprocess.PreprocessConfig` as a dict; relative paths
+            in it (the template) refer to ``files`` copied into the folder.
+        labels: ``[{"class": k, "id": label id, "name": str}, ...]``, class 0 = background.
+        metadata: the model card's fields; ``name``, ``weights_sha256`` and ``framework``
+            are filled in.
+        files: extra files to copy in, ``{name in the folder: source path}`` (e.g. the
+            template).
+        readme: the model card text (``README.md``).
+    """
+    import platform
+    import shutil
+
+    import keras
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in (files or {}).items():
+        shutil.copyfile(source, folder / name)
+    model.save_weights(folder / "model.weights.h5")
+    (folder / "config.json").write_text(json.dumps({"model": model.get_config()}, indent=1))
+    (folder / "preprocess.json").write_text(json.dumps(preprocess, indent=2, sort_keys=True))
+    (folder / "labels.json").write_text(json.dumps({"classes": labels}, indent=1))
+    metadata = {
+        "name": folder.name,
+        **metadata,
+        "weights_sha256": sha256(folder / "model.weights.h5"),
+        "framework": {"keras": keras.__version__, "backend": keras.backend.backend(),
+                      "python": platform.python_version()},
+    }
+    (folder / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    if readme is not None:
+        (folder / "README.md").write_text(readme)
+    preset = _read(folder)
+    preset.verify()
+    return preset

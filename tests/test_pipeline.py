@@ -1,0 +1,185 @@
+"""Presets, Pipeline and the CLI on a tiny synthetic preset built by the tests.
+
+The networks are untrained: these tests check geometry and plumbing (native grids, affines,
+orientation invariance, files, errors), not accuracy.
+"""
+import os
+
+import keras
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
+from dazoo.cli import main
+from dazoo.errors import DazooInputError
+from dazoo.hub import load
+from dazoo.presets import get_preset, save_preset
+from dazoo.synthetic import make_subjects
+
+SHAPE = (32, 32, 32)
+IDS = [0, 10, 20, 30]
+
+
+@pytest.fixture(scope="module")
+def preset_dir(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = DeepAtlas(RegistrationNet(SHAPE, int_steps=3),
+                      SegmentationNet(SHAPE, len(IDS), features=((8, 8, 8, 8), (8, 8, 8, 8, 8))))
+    folder = tmp_path_factory.mktemp("presets") / "tiny"
+    save_preset(
+        folder, model=model,
+        preprocess={"voxel_size": [2.0, 2.0, 2.0], "shape": list(SHAPE), "orientation": "RAS",
+                    "alignment": "none", "centre": "mass"},
+        labels=[{"class": k, "id": i, "name": f"structure {i}"} for k, i in enumerate(IDS)],
+        metadata={"version": "0.0.1", "description": "tiny untrained test preset",
+                  "license": "Apache-2.0"},
+        readme="# tiny\nAn untrained preset for tests.\n",
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """Two synthetic subjects as RAS NIfTI files (1.5 mm), with label maps of ids IDS."""
+    folder = tmp_path_factory.mktemp("scans")
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [-30.0, -20.0, -25.0]
+    paths = []
+    for n, (image, labels) in enumerate(make_subjects(2, (40, 40, 40), num_classes=4, seed=3)):
+        image_path, labels_path = folder / f"s{n}.nii.gz", folder / f"s{n}_labels.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), image_path)
+        nib.save(nib.Nifti1Image(np.array(IDS, np.int16)[labels], affine), labels_path)
+        paths.append((str(image_path), str(labels_path)))
+    return paths
+
+
+def _reoriented(image, codes):
+    """The same image (same world) stored with the axis codes ``codes``."""
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
+                                                nib.orientations.axcodes2ornt(codes))
+    out = image.as_reoriented(transform)
+    assert nib.aff2axcodes(out.affine) == tuple(codes)
+    return out
+
+
+def _as_lia(path, out):
+    nib.save(_reoriented(nib.load(path), ("L", "I", "A")), out)
+    return str(out)
+
+
+def test_preset_is_verified_by_sha256(preset_dir, tmp_path):
+    preset = get_preset(preset_dir)
+    preset.verify()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(preset_dir):
+        (broken / name).write_bytes((preset_dir / name).read_bytes())
+    with open(broken / "model.weights.h5", "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(DazooInputError, match="sha256"):
+        load(str(broken))
+
+
+def test_segment_returns_ids_on_the_input_grid_in_any_orientation(preset_dir, scans, tmp_path):
+    pipeline = load(str(preset_dir))
+    image_path = scans[0][0]
+    ras = pipeline.segment(image_path)
+    native = nib.load(image_path)
+    assert ras.labels.array.shape == native.shape
+    np.testing.assert_allclose(ras.labels.affine, native.affine)
+    assert set(np.unique(ras.labels.array)) <= set(IDS)
+
+    lia_path = _as_lia(image_path, tmp_path / "lia.nii.gz")
+    lia = pipeline.segment(lia_path)
+    np.testing.assert_allclose(lia.labels.affine, nib.load(lia_path).affine)
+    # Same world, other axes: bring the LIA result back to RAS axes, voxel for voxel.
+    back = _reoriented(nib.Nifti1Image(lia.labels.array.astype(np.int16), lia.labels.affine),
+                       nib.aff2axcodes(native.affine))
+    np.testing.assert_allclose(back.affine, native.affine, atol=1e-5)
+    agreement = np.mean(np.asarray(back.dataobj) == ras.labels.array)
+    assert agreement > 0.999
+
+
+def test_register_outputs_live_on_the_fixed_grid(preset_dir, scans, tmp_path):
+    pipeline = load(str(preset_dir))
+    (moving, moving_labels), (fixed, _) = scans
+    result = pipeline.register(moving, fixed, moving_labels=moving_labels)
+    fixed_img = nib.load(fixed)
+    assert result.moved.array.shape == fixed_img.shape
+    assert result.displacement.array.shape == fixed_img.shape + (3,)
+    np.testing.assert_allclose(result.moved_labels.affine, fixed_img.affine)
+    assert set(np.unique(result.moved_labels.array)) <= set(IDS)
+    assert 0.0 <= result.folding_fraction <= 1.0 and result.jacobian["min"] <= 1.0
+    written = result.save(moved=tmp_path / "moved.nii.gz", warp=tmp_path / "warp.nii.gz",
+                          moved_labels=tmp_path / "moved_labels.nii.gz", protect=[moving])
+    assert [os.path.basename(p) for p in written] == ["moved.nii.gz", "warp.nii.gz",
+                                                      "moved_labels.nii.gz"]
+    assert nib.load(tmp_path / "warp.nii.gz").shape == fixed_img.shape + (1, 3)
+
+
+def test_identity_registration_of_an_image_onto_itself(preset_dir, scans):
+    """With the flow head zeroed, the displacement is exactly the world identity."""
+    pipeline = load(str(preset_dir))
+    flow = pipeline.model.registration_net.get_layer("flow")
+    saved = flow.get_weights()
+    try:
+        flow.set_weights([np.zeros_like(w) for w in saved])
+        image = scans[0][0]
+        result = pipeline.register(image, image)
+        np.testing.assert_allclose(result.displacement.array, 0.0, atol=1e-4)
+        np.testing.assert_allclose(result.moved.array, nib.load(image).get_fdata(), atol=1e-4)
+        assert result.folding_fraction == 0.0
+    finally:
+        flow.set_weights(saved)
+
+
+def test_cli_segment_register_list_and_errors(preset_dir, scans, tmp_path, capsys, monkeypatch):
+    (moving, moving_labels), (fixed, _) = scans
+    out = tmp_path / "segs"
+    assert main(["segment", moving, fixed, "-o", str(out), "--preset", str(preset_dir)]) == 0
+    assert sorted(os.listdir(out)) == ["s0_seg.nii.gz", "s1_seg.nii.gz"]
+
+    assert main(["register", moving, fixed, "--moved", str(tmp_path / "m.nii.gz"),
+                 "--moving-labels", moving_labels, "--moved-labels", str(tmp_path / "ml.nii.gz"),
+                 "--preset", str(preset_dir)]) == 0
+    assert (tmp_path / "ml.nii.gz").exists()
+
+    # Inputs are never overwritten; errors are one line with exit status 2.
+    before = open(fixed, "rb").read()
+    capsys.readouterr()
+    assert main(["register", moving, fixed, "--moved", fixed, "--preset", str(preset_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fixed in err
+    assert open(fixed, "rb").read() == before
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    assert main(["segment", str(bad), "-o", str(tmp_path / "x.nii.gz"),
+                 "--preset", str(preset_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.nii.gz" in err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+    monkeypatch.setattr("dazoo.presets.preset_root", lambda: preset_dir.parent)
+    assert main(["list"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["list", "--card", "tiny"]) == 0
+    assert "untrained preset" in capsys.readouterr().out
+    assert main(["segment", moving, "-o", str(tmp_path / "y.nii.gz"), "--preset", "nope"]) == 2
+    assert "no such preset" in capsys.readouterr().err
+
+
+def test_help_is_fast_and_imports_no_keras():
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c",
+                             "import sys; from dazoo.cli import main\n"
+                             "try: main(['--help'])\n"
+                             "except SystemExit: pass\n"
+                             "assert 'keras' not in sys.modules and 'tensorflow' not in "
+                             "sys.modules"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - start < 5
