@@ -258,3 +258,24 @@ def test_displacement_ras_convention(tmp_path):
     assert "(X, Y, Z, 3)" in _error(io.write_displacement, field[..., :2], tmp_path / "e.nii",
                                     affine=np.eye(4))
     assert ".nii" in _error(io.write_displacement, field, tmp_path / "e.mgz", affine=np.eye(4))
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.mark.data
+def test_reads_every_mindboggle_subject(data_root):
+    folder = data_root / "mindboggle-oasis-trt20"
+    subjects = sorted(p for p in folder.glob("OASIS-TRT-20-*") if p.is_dir())
+    if not subjects:
+        pytest.skip(f"no Mindboggle subjects in {folder}")
+    for subject in subjects:
+        image = io.read_image(subject / "t1weighted_brain.nii.gz")
+        assert image.shape == (256, 256, 160) and image.array.dtype == np.float32
+        assert nib.aff2axcodes(image.affine) == ("A", "S", "L")
+        cortical = np.unique(io.read_labels(subject / "labels.DKT31.manual.nii.gz",
+                                            like=image).array)
+        assert cortical[0] == 0
+        assert np.all(np.isin(cortical[1:] // 1000, (1, 2)))  # DKT31: 1002..1035, 2002..2035
+        assert np.all((cortical[1:] % 1000 >= 2) & (cortical[1:] % 1000 <= 35))
+        both = np.unique(io.read_labels(subject / "labels.DKT31.manual+aseg.nii.gz",
+                                        like=image).array)
+        assert set(cortical) <= set(both) and both[(both > 0) & (both < 1000)].size > 0

@@ -245,3 +245,22 @@ def test_displacement_errors(registration_case):
         post.displacement_to_world(case["u"], case["fixed_pre"], case["moving_pre"], frame="XYZ")
     with pytest.raises(DazooInputError, match="affine"):
         post.warp_native(case["moving"], np.zeros((4, 4, 4, 3)))
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.mark.data
+def test_real_round_trip_is_exact_at_native_resolution(data_root):
+    """A Mindboggle label map (ASL, 1 mm) -> RAS 1 mm model grid -> back: unchanged."""
+    subject = data_root / "mindboggle-oasis-trt20" / "OASIS-TRT-20-10"
+    if not subject.is_dir():
+        pytest.skip(f"{subject} not found")
+    image = io.read_image(subject / "t1weighted_brain.nii.gz")
+    labels = io.read_labels(subject / "labels.DKT31.manual+aseg.nii.gz", like=image)
+    pre = pp.Preprocessor(pp.PreprocessConfig(voxel_size=(1, 1, 1), shape=(160, 192, 160)))
+    out = pre.apply(image)
+    assert out.array.shape == (160, 192, 160) and 0 <= out.array.min() < out.array.max() <= 1
+    back = post.labels_to_native(pre.apply_labels(labels, out), out)
+    np.testing.assert_array_equal(back, labels.array)  # the whole brain fits the model grid
+    image_back = post.image_to_native(out.array, out, denormalise=True)
+    inside = (back > 0) & (image.array < out.intensity[0] + out.intensity[1])  # not clipped
+    np.testing.assert_allclose(image_back[inside], image.array[inside], rtol=1e-5, atol=1e-2)

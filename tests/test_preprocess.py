@@ -274,3 +274,58 @@ def test_build_affine_template(make_affine, phantom, phantom_function, world_poi
     correlation = np.corrcoef(template.array.ravel(), expected.ravel())[0, 1]
     assert correlation > 0.99
     assert 0 <= template.array.min() and template.array.max() <= 1
+
+
+# ----------------------------------------------------------------------------- real data
+def _mindboggle(data_root) -> list:
+    subjects = sorted(p for p in (data_root / "mindboggle-oasis-trt20").glob("OASIS-TRT-20-*")
+                      if p.is_dir())
+    if len(subjects) < 2:
+        pytest.skip("fewer than 2 Mindboggle subjects")
+    return subjects
+
+
+def _label_overlap(moving_dir, fixed_dir) -> tuple[float, float]:
+    """Mean Dice of the DKT31+aseg labels, moving resampled onto fixed by the headers only
+    and after affine alignment."""
+    fixed = io.read_image(fixed_dir / "t1weighted_brain.nii.gz")
+    moving = io.read_image(moving_dir / "t1weighted_brain.nii.gz")
+    name = "labels.DKT31.manual+aseg.nii.gz"
+    fixed_labels = io.read_labels(fixed_dir / name, like=fixed).array
+    moving_labels = io.read_labels(moving_dir / name, like=moving)
+    matrix = pp.align_affine(moving, fixed)
+    ids = np.intersect1d(np.unique(fixed_labels), np.unique(moving_labels.array))
+    fixed_classes = np.searchsorted(ids, fixed_labels).ravel()  # ids not in both -> class 0
+    fixed_classes[ids[np.minimum(fixed_classes, len(ids) - 1)] != fixed_labels.ravel()] = 0
+    scores = []
+    for transform in (np.eye(4), matrix):
+        warped = pp.resample(moving_labels, fixed.affine, fixed.shape, transform=transform,
+                             order=0).ravel()
+        classes = np.searchsorted(ids, warped)
+        classes[ids[np.minimum(classes, len(ids) - 1)] != warped] = 0
+        both = np.bincount(classes[classes == fixed_classes], minlength=len(ids))
+        sizes = np.bincount(classes, minlength=len(ids)) + np.bincount(fixed_classes,
+                                                                         minlength=len(ids))
+        scores.append(float(np.mean(2 * both[1:] / sizes[1:])))
+    return scores[0], scores[1]
+
+
+@pytest.mark.data
+def test_real_alignment_improves_label_overlap(data_root):
+    folder = data_root / "mindboggle-oasis-trt20"
+    if not (folder / "OASIS-TRT-20-12").is_dir() or not (folder / "OASIS-TRT-20-18").is_dir():
+        pytest.skip("Mindboggle subjects 12 and 18 not found")
+    before, after = _label_overlap(folder / "OASIS-TRT-20-18", folder / "OASIS-TRT-20-12")
+    assert after > 1.5 * before and after > before + 0.1, (before, after)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_real_alignment_every_subject(data_root):
+    """Each Mindboggle subject aligned to the next one (cyclically)."""
+    subjects = _mindboggle(data_root)
+    results = [_label_overlap(moving, fixed)
+               for moving, fixed in zip(subjects, subjects[1:] + subjects[:1])]
+    before, after = np.array(results).T
+    assert np.all(after > 1.2 * before), results
+    assert after.mean() > before.mean() + 0.12, results
