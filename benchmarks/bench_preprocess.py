@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     print(f"median of {args.runs} runs (min-max), seconds:")
     for step in runs[0]:
         values = [r[step] for r in runs]
-        print(f"  {step:20s} {statistics.median(values):6.2f}  ({min(values):.2f}-{max(values):.2f})")
+        median = statistics.median(values)
+        print(f"  {step:20s} {median:6.2f}  ({min(values):.2f}-{max(values):.2f})")
     return 0
 
 

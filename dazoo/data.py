@@ -319,7 +319,8 @@ class LabelMap:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable description (for a preset's ``labels.json``)."""
-        return {"ids": self._known[1:].tolist(), "names": {str(k): v for k, v in self.names.items()},
+        return {"ids": self._known[1:].tolist(),
+                "names": {str(k): v for k, v in self.names.items()},
                 "merge_left_right": self.merge_left_right, "unknown": self.unknown}
 
     @classmethod
@@ -562,8 +563,9 @@ class PairDataset(keras.utils.PyDataset):
     >>> batch = data[0]; sorted(batch)                                             # doctest: +SKIP
     """
 
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray | None] | None = None,
-                 *, label_map: LabelMap | None = None,
+    def __init__(self, images: Sequence[np.ndarray],
+                 labels: Sequence[np.ndarray | None] | None = None, *,
+                 label_map: LabelMap | None = None,
                  labelled: Sequence[int | str] | None = None, k: int | None = None,
                  names: Sequence[str] | None = None, batch_size: int = 1,
                  steps_per_epoch: int = 100, seed: int = 0,
@@ -577,7 +579,7 @@ class PairDataset(keras.utils.PyDataset):
         shape = self.images[0].shape
         if len(shape) != 3 or any(i.shape != shape for i in self.images):
             raise DazooInputError("dataset", "images must all be 3D arrays of one shape")
-        self.names = [str(n) for n in names] if names is not None else [str(i) for i in range(count)]
+        self.names = [str(n) for n in (names if names is not None else range(count))]
         if len(self.names) != count:
             raise DazooInputError("dataset", "names must have one entry per image")
         raw = list(labels) if labels is not None else [None] * count

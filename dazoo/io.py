@@ -256,7 +256,8 @@ def _load(source: Any, name: str | None) -> tuple[np.ndarray, np.ndarray, str]:
             raw = np.asanyarray(image.dataobj)
         except (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile,
                 ValueError, TypeError, MemoryError) as err:
-            raise DazooInputError(label, f"cannot be read as NIfTI/MGZ ({_one_line(err)})") from None
+            problem = f"cannot be read as NIfTI/MGZ ({_one_line(err)})"
+            raise DazooInputError(label, problem) from None
         affine = image.affine
     elif isinstance(source, Volume):
         label = name or source.name
@@ -312,7 +313,9 @@ def _to_3d(array: np.ndarray, label: str) -> np.ndarray:
             "a single 3D volume is needed",
         )
     if array.ndim < 3:
-        raise DazooInputError(label, f"is {array.ndim}D (shape {array.shape}); a 3D volume is needed")
+        raise DazooInputError(
+            label, f"is {array.ndim}D (shape {array.shape}); a 3D volume is needed"
+        )
     if min(array.shape) < 2:
         raise DazooInputError(
             label, f"has shape {array.shape}: at least 2 voxels along each axis are needed"
@@ -429,7 +432,9 @@ def write_displacement(
     array = np.asarray(array, dtype=np.float32)
     label = os.fspath(path)
     if array.ndim != 4 or array.shape[3] != 3:
-        raise DazooInputError(label, f"a displacement field must be (X, Y, Z, 3), got {array.shape}")
+        raise DazooInputError(
+            label, f"a displacement field must be (X, Y, Z, 3), got {array.shape}"
+        )
     if convention not in _DISP_DESCRIP:
         raise DazooInputError(label, f"unknown convention {convention!r}; use 'itk' or 'ras'")
     if not label.endswith((".nii", ".nii.gz")):

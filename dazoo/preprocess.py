@@ -63,7 +63,8 @@ __all__ = [
     "image_centre",
 ]
 
-_AXES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+_AXES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0),
+         "S": (2, 1.0), "I": (2, -1.0)}
 _INTENSITY_KEYS = {
     "percentile": {"method", "lower", "upper", "nonzero"},
     "minmax": {"method", "nonzero"},
@@ -786,7 +787,8 @@ def build_affine_template(
     def average(transforms):
         total = np.zeros(tuple(shape), dtype=np.float64)
         for image, (offset, scale), transform in zip(images, norms, transforms):
-            sampled = resample(image, grid, shape, transform=transform, cval=float(image.array.min()))
+            sampled = resample(image, grid, shape, transform=transform,
+                               cval=float(image.array.min()))
             total += normalise_intensity(sampled, offset, scale, clip=clip)
         return Volume((total / len(images)).astype(np.float32), grid)
 

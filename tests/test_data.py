@@ -43,7 +43,8 @@ def test_csv_manifest(tmp_path, make_affine, phantom, phantom_labels):
     assert subjects[0].image == str(tmp_path / "s0" / "image.nii.gz")
     assert subjects[0].labels == str(tmp_path / "s0" / "labels.mgz")
     assert subjects[1].labels is None
-    (tmp_path / "named.csv").write_text("name,image,labels\na,s0/image.nii.gz,\nb,s1/image.nii.gz,\n")
+    (tmp_path / "named.csv").write_text(
+        "name,image,labels\na,s0/image.nii.gz,\nb,s1/image.nii.gz,\n")
     assert [s.name for s in data.read_manifest(tmp_path / "named.csv")] == ["a", "b"]
 
 
