@@ -75,6 +75,22 @@ def test_keras_save_load_gives_identical_outputs(tmp_path, net):
                              loaded.predict(inputs, verbose=0), expected)
 
 
+def test_segmentation_in_mixed_bfloat16_matches_float32_weights(tmp_path):
+    mixed = SegmentationNet(SHAPE, 3, compute_dtype="mixed_bfloat16")
+    assert mixed.get_layer("unet_enc_conv_0_0").compute_dtype == "bfloat16"
+    assert all(w.dtype == "float32" for w in mixed.weights)
+    image = _images(1)[0]
+    probs = mixed.predict(image, verbose=0)
+    assert probs.dtype == np.float32
+    # The same weights in float32 give nearly the same probabilities.
+    plain = SegmentationNet(SHAPE, 3)
+    plain.set_weights(mixed.get_weights())
+    np.testing.assert_allclose(plain.predict(image, verbose=0), probs, atol=0.05)
+    mixed.save(tmp_path / "mixed.keras")
+    loaded = keras.saving.load_model(tmp_path / "mixed.keras")
+    assert loaded.get_config()["compute_dtype"] == "mixed_bfloat16"
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="multiple of 2\\*\\*4"):
         RegistrationNet((20, 16, 16))

@@ -31,6 +31,9 @@ class SegmentationNet(keras.Model):
         normalization: ``None``, ``"batch"``, ``"instance"`` or ``"group"``.
         dropout: spatial dropout rate in the decoder.
         in_channels: image channels.
+        compute_dtype: Keras dtype policy of the U-Net body, e.g. ``"mixed_bfloat16"``
+            (float32 weights, bfloat16 arithmetic: about 2x faster training on CPUs with
+            AVX512-BF16); ``None`` uses the global policy. The softmax is always float32.
 
     Example:
     >>> net = SegmentationNet((64, 64, 64), num_classes=5)
@@ -48,6 +51,7 @@ class SegmentationNet(keras.Model):
         normalization: str | None = "instance",
         dropout: float = 0.0,
         in_channels: int = 1,
+        compute_dtype: str | None = None,
         name: str = "segmentation_net",
         **kwargs,
     ):
@@ -62,8 +66,8 @@ class SegmentationNet(keras.Model):
         # === Functional model ===
         image = keras.Input(shape=(*inshape, in_channels), name="image")
         x = unet(image, features=features, conv_per_level=conv_per_level,
-                 normalization=normalization, dropout=dropout, name="unet")
-        logits = keras.layers.Conv3D(num_classes, 1, name="logits")(x)
+                 normalization=normalization, dropout=dropout, dtype=compute_dtype, name="unet")
+        logits = keras.layers.Conv3D(num_classes, 1, name="logits", dtype=compute_dtype)(x)
         probabilities = keras.layers.Softmax(axis=-1, dtype="float32", name="probabilities")(logits)
         super().__init__(inputs=image, outputs=probabilities, name=name, **kwargs)
 
@@ -75,6 +79,7 @@ class SegmentationNet(keras.Model):
         self.normalization = normalization
         self.dropout = float(dropout)
         self.in_channels = int(in_channels)
+        self.compute_dtype_policy = compute_dtype
 
     def get_config(self):
         return {
@@ -87,6 +92,7 @@ class SegmentationNet(keras.Model):
             "normalization": self.normalization,
             "dropout": self.dropout,
             "in_channels": self.in_channels,
+            "compute_dtype": self.compute_dtype_policy,
         }
 
     @classmethod

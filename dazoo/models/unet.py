@@ -45,26 +45,29 @@ def num_poolings(features: Sequence[Sequence[int]], conv_per_level: int = 1) -> 
     return len(encoder) // conv_per_level
 
 
-def _normalization(kind: str | None, name: str):
+def _normalization(kind: str | None, name: str, dtype=None):
     if kind is None:
         return None
     if kind == "batch":
-        return keras.layers.BatchNormalization(name=name)
+        return keras.layers.BatchNormalization(name=name, dtype=dtype)
     if kind == "instance":
-        return keras.layers.GroupNormalization(groups=-1, name=name)
+        return keras.layers.GroupNormalization(groups=-1, name=name, dtype=dtype)
     if kind == "group":
-        return keras.layers.GroupNormalization(groups=8, name=name)
+        return keras.layers.GroupNormalization(groups=8, name=name, dtype=dtype)
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {kind!r}")
 
 
-def conv_block(x, filters: int, *, name: str, normalization: str | None = None):
-    """3x3x3 convolution (he_normal), optional normalisation, LeakyReLU(0.2)."""
+def conv_block(x, filters: int, *, name: str, normalization: str | None = None, dtype=None):
+    """3x3x3 convolution (he_normal), optional normalisation, LeakyReLU(0.2).
+
+    ``dtype`` is a Keras dtype policy for the block's layers (None: the global policy).
+    """
     x = keras.layers.Conv3D(filters, 3, padding="same", kernel_initializer="he_normal",
-                            name=name)(x)
-    norm = _normalization(normalization, f"{name}_norm")
+                            name=name, dtype=dtype)(x)
+    norm = _normalization(normalization, f"{name}_norm", dtype)
     if norm is not None:
         x = norm(x)
-    return keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_activation")(x)
+    return keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_activation", dtype=dtype)(x)
 
 
 def unet(
@@ -75,6 +78,7 @@ def unet(
     half_res: bool = False,
     normalization: str | None = None,
     dropout: float = 0.0,
+    dtype=None,
     name: str = "unet",
 ):
     """Applies a VoxelMorph-style U-Net to the symbolic tensor ``x``.
@@ -87,6 +91,7 @@ def unet(
         half_res: stop before the last upsampling (output at half resolution).
         normalization: ``None``, ``"batch"``, ``"instance"`` or ``"group"``.
         dropout: spatial dropout rate after each decoder level (0 disables it).
+        dtype: Keras dtype policy of the layers, e.g. ``"mixed_bfloat16"`` (None: global).
         name: prefix of every layer name.
 
     Returns:
@@ -100,27 +105,30 @@ def unet(
     for level in range(levels):
         for conv in range(conv_per_level):
             x = conv_block(x, encoder[level * conv_per_level + conv],
-                           name=f"{name}_enc_conv_{level}_{conv}", normalization=normalization)
+                           name=f"{name}_enc_conv_{level}_{conv}", normalization=normalization,
+                           dtype=dtype)
         skips.append(x)
-        x = keras.layers.MaxPooling3D(2, name=f"{name}_enc_pooling_{level}")(x)
+        x = keras.layers.MaxPooling3D(2, name=f"{name}_enc_pooling_{level}", dtype=dtype)(x)
 
     for level in range(levels):
         real_level = levels - level - 1
         for conv in range(conv_per_level):
             x = conv_block(x, decoder[level * conv_per_level + conv],
                            name=f"{name}_dec_conv_{real_level}_{conv}",
-                           normalization=normalization)
+                           normalization=normalization, dtype=dtype)
         if dropout:
-            x = keras.layers.SpatialDropout3D(dropout, name=f"{name}_dec_dropout_{real_level}")(x)
+            x = keras.layers.SpatialDropout3D(dropout, name=f"{name}_dec_dropout_{real_level}",
+                                              dtype=dtype)(x)
         if half_res and level == levels - 1:
             skips.pop()
             break
-        x = keras.layers.UpSampling3D(2, name=f"{name}_dec_upsample_{real_level}")(x)
-        x = keras.layers.Concatenate(axis=-1, name=f"{name}_dec_upsample_{real_level}_concat")(
+        x = keras.layers.UpSampling3D(2, name=f"{name}_dec_upsample_{real_level}", dtype=dtype)(x)
+        x = keras.layers.Concatenate(axis=-1, name=f"{name}_dec_upsample_{real_level}_concat",
+                                     dtype=dtype)(
             [x, skips.pop()]
         )
 
     for num, filters in enumerate(final_convs):
         x = conv_block(x, filters, name=f"{name}_dec_final_conv_{num}",
-                       normalization=normalization)
+                       normalization=normalization, dtype=dtype)
     return x

@@ -40,9 +40,12 @@ def build_model(shape, mode, registration_steps, segmentation_steps):
     from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
 
     registration = RegistrationNet(shape)  # VoxelMorph VxmDense defaults, diffeomorphic
+    # bfloat16 arithmetic for the segmenter only (its training step ran 2.2x faster on this
+    # AVX512-BF16 CPU); the registration network stays float32 (sub-voxel displacements).
     segmentation = SegmentationNet(
         shape, NUM_CLASSES, conv_per_level=2, normalization="instance",
         features=((16, 16, 32, 32, 64, 64, 96, 96), (96, 96, 64, 64, 32, 32, 16, 16, 16)),
+        compute_dtype="mixed_bfloat16",
     )
     return DeepAtlas(registration, segmentation, mode=mode,
                      registration_steps=registration_steps, segmentation_steps=segmentation_steps)
@@ -51,7 +54,7 @@ def build_model(shape, mode, registration_steps, segmentation_steps):
 class Augmenter:
     """Random small affine (rotation, scale, shift) + intensity (gamma, bias) per volume."""
 
-    def __init__(self, *, rotation_deg=7.0, scale=0.05, shift_vox=3.0, gamma=0.2):
+    def __init__(self, *, rotation_deg=4.0, scale=0.04, shift_vox=2.0, gamma=0.2):
         self.rotation = np.deg2rad(rotation_deg)
         self.scale, self.shift, self.gamma = scale, shift_vox, gamma
 
