@@ -45,6 +45,7 @@ __all__ = [
     "write_image",
     "write_labels",
     "write_displacement",
+    "write_text_atomic",
     "same_grid",
 ]
 
@@ -513,6 +514,29 @@ def _save(array, affine, path, *, protect, kind, descrip=None) -> str:
                 os.remove(tmp)
             for made in reversed(created):
                 _rmdir_quietly(made)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *,
+                      protect: Iterable[str | os.PathLike] = ()) -> str:
+    """Write a text file (a report, a JSON config) atomically: temporary file + rename."""
+    path = os.fspath(path)
+    for other in protect:
+        if _same_file(path, other):
+            raise DazooInputError(path, "refusing to overwrite an input file")
+    folder = os.path.dirname(os.path.abspath(path))
+    created = _make_folders(folder, path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        for made in reversed(created):
+            _rmdir_quietly(made)
+        raise DazooInputError(path, f"cannot be written ({_one_line(err)})") from None
     return path
 
 
