@@ -133,16 +133,6 @@ class Pipeline:
         """The image on the model grid (:class:`dazoo.preprocess.Preprocessed`)."""
         return self.preprocessor.apply(image)
 
-    def _labels_to_ids(self, source: Source, preprocessed) -> np.ndarray:
-        """A native label map as the preset's class indices on the model grid."""
-        ids = self.preprocessor.apply_labels(source, preprocessed)
-        lookup = {int(i): k for k, i in enumerate(self.class_ids)}
-        unknown = sorted(set(np.unique(ids).tolist()) - set(lookup))
-        classes = np.zeros(ids.shape, np.int32)
-        for label_id, k in lookup.items():
-            classes[ids == label_id] = k
-        return classes, unknown
-
     # ----------------------------------------------------------------- segment
     def segment(self, image: Source) -> Segmentation:
         """Segments one image and returns the label map on its own grid.

@@ -176,7 +176,10 @@ def main(argv=None):
     while step < args.steps:
         rng = np.random.default_rng([args.seed, step])
         pair = tuple(int(i) for i in rng.choice(len(train), 2, replace=False))
-        logs = model.train_on_batch(make_batch(train, pair, labelled, augment, rng),
+        # Registration steps see real affinely pre-aligned pairs, as at inference time;
+        # segmentation steps see augmented images.
+        spatial = None if bool(model.is_registration_turn()) else augment
+        logs = model.train_on_batch(make_batch(train, pair, labelled, spatial, rng),
                                     return_dict=True)
         step += 1
         for key, value in logs.items():
