@@ -72,6 +72,17 @@ class Augmenter:
         return image.astype(np.float32), classes.astype(np.int32)
 
 
+def sample_pair(rng, labelled, registration_turn):
+    """(moving, fixed) indices: any two subjects for a registration step; for a segmentation
+    step one of them (either side) is labelled, so that every step has a supervised target."""
+    count = len(labelled)
+    if registration_turn or all(labelled):
+        return tuple(int(i) for i in rng.choice(count, 2, replace=False))
+    anchor = int(rng.choice(np.flatnonzero(labelled)))
+    other = int(rng.choice([i for i in range(count) if i != anchor]))
+    return (anchor, other) if rng.random() < 0.5 else (other, anchor)
+
+
 def load_subjects(work: pathlib.Path, names):
     out = []
     for name in names:
@@ -128,7 +139,10 @@ def main(argv=None):
     parser.add_argument("--anatomy-weight", type=float, default=1.0)
     parser.add_argument("--smoothness-weight", type=float, default=1.0)
     parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--init", help="start from this .keras model's weights")
+    parser.add_argument("--init-registration",
+                        help="start the registration network from this run's checkpoint.keras")
+    parser.add_argument("--init-segmentation",
+                        help="start the segmentation network from this run's checkpoint.keras")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--validate-every", type=int, default=500)
@@ -159,10 +173,12 @@ def main(argv=None):
     else:
         keras.utils.set_random_seed(args.seed)
         model = build_model(shape, args.mode, args.registration_steps, args.segmentation_steps)
-        if args.init:
-            model.load_weights(args.init) if args.init.endswith(".h5") else model.set_weights(
-                keras.saving.load_model(args.init).get_weights())
-            log(f"initialised from {args.init}")
+        for net, source in (("registration_net", args.init_registration),
+                            ("segmentation_net", args.init_segmentation)):
+            if source:
+                trained = getattr(keras.saving.load_model(source, compile=False), net)
+                getattr(model, net).set_weights(trained.get_weights())
+                log(f"{net} initialised from {source}")
         model.compile(reg_optimizer=keras.optimizers.Adam(args.reg_lr),
                       seg_optimizer=keras.optimizers.Adam(args.seg_lr),
                       anatomy_weight=args.anatomy_weight,
@@ -175,10 +191,11 @@ def main(argv=None):
     sums, counts, started = {}, {}, time.perf_counter()
     while step < args.steps:
         rng = np.random.default_rng([args.seed, step])
-        pair = tuple(int(i) for i in rng.choice(len(train), 2, replace=False))
+        registration_turn = bool(model.is_registration_turn())
+        pair = sample_pair(rng, labelled, registration_turn)
         # Registration steps see real affinely pre-aligned pairs, as at inference time;
         # segmentation steps see augmented images.
-        spatial = None if bool(model.is_registration_turn()) else augment
+        spatial = None if registration_turn else augment
         logs = model.train_on_batch(make_batch(train, pair, labelled, spatial, rng),
                                     return_dict=True)
         step += 1
