@@ -77,21 +77,47 @@ def labels_to_native(output: np.ndarray, preprocessed: Preprocessed) -> np.ndarr
 
 
 def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarray:
-    """Linear resampling of each channel, keeping a running argmax (memory of 2 channels)."""
-    best = None
-    index = np.zeros(shape, dtype=np.int32)
-    for channel in range(scores.shape[-1]):
-        values = np.ascontiguousarray(scores[..., channel], dtype=np.float32)
-        fill = 1.0 if channel == 0 else 0.0
-        sampled = ndi.affine_transform(values, matrix, output_shape=shape, order=1, cval=fill,
-                                       prefilter=False, output=np.float32)
-        if best is None:
-            best = sampled
-            continue
-        better = sampled > best
-        best[better] = sampled[better]
-        index[better] = channel
-    return index
+    """Argmax of the per-channel linear interpolation of ``scores`` at every output voxel.
+
+    Equal to resampling each channel with ``scipy.ndimage.affine_transform(order=1,
+    mode="constant")`` (outside the model grid: background) and taking the argmax, but only
+    output voxels whose 8 neighbouring model voxels disagree on their winning class are
+    interpolated in full: where all 8 corners have the same winner, it also wins their convex
+    combination. On a brain (63 classes, 10 M native voxels) this is several times faster.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    channels = scores.shape[-1]
+    winners = np.argmax(scores, axis=-1).astype(np.int32)
+    table = scores.reshape(-1, channels)
+    dims = np.array(scores.shape[:3])
+    strides = np.array([dims[1] * dims[2], dims[2], 1])
+    offsets = np.array([a * strides[0] + b * strides[1] + c for a in (0, 1) for b in (0, 1)
+                        for c in (0, 1)])
+    out = np.empty(tuple(shape), dtype=np.int32)
+    j, k = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+    step = max(1, _CHUNK // (shape[1] * shape[2]))
+    for start in range(0, shape[0], step):
+        i = np.arange(start, min(start + step, shape[0]))[:, None, None]
+        coords = [(matrix[r, 0] * i + matrix[r, 1] * j + matrix[r, 2] * k + matrix[r, 3])
+                  .ravel() for r in range(3)]
+        inside = np.ones(coords[0].shape, bool)
+        low = []
+        for axis in range(3):
+            inside &= (coords[axis] >= 0) & (coords[axis] <= dims[axis] - 1)
+            low.append(np.clip(np.floor(coords[axis]), 0, dims[axis] - 2).astype(np.int64))
+        base = low[0] * strides[0] + low[1] * strides[1] + low[2]
+        corner_winners = winners.ravel()[base[:, None] + offsets]          # (n, 8)
+        result = np.where(inside, corner_winners[:, 0], 0)
+        mixed = np.flatnonzero(inside & np.any(corner_winners != corner_winners[:, :1], axis=1))
+        for chunk in np.array_split(mixed, max(1, len(mixed) // 100_000)):
+            frac = [np.clip(coords[a][chunk] - low[a][chunk], 0.0, 1.0) for a in range(3)]
+            weights = np.stack([(fa if a else 1 - fa) * (fb if b else 1 - fb) * (fc if c else 1 - fc)
+                                for a in (0, 1) for b in (0, 1) for c in (0, 1)
+                                for fa, fb, fc in [frac]], axis=1)             # (m, 8)
+            values = table[base[chunk, None] + offsets]                        # (m, 8, K)
+            result[chunk] = np.argmax(np.einsum("mc,mck->mk", weights, values), axis=1)
+        out[start:start + len(i)] = result.reshape(len(i), shape[1], shape[2])
+    return out
 
 
 def image_to_native(
