@@ -28,6 +28,7 @@ __all__ = [
     "integrate_velocity",
     "resize",
     "rescale_displacement",
+    "warped_label_overlap",
 ]
 
 
@@ -128,6 +129,19 @@ def _interpolate_clamped(volume, points, method):
         ]
         return gather.unflatten(gather(_flat_indices(subs, spatial_shape)))
 
+    result = 0.0
+    for index, weight in _linear_corners(points, spatial_shape):
+        values = gather(index)
+        result = result + ops.cast(gather.as_column(weight), values.dtype) * values
+    return gather.unflatten(result)
+
+
+def _linear_corners(points, spatial_shape):
+    """The ``2**ndims`` corners of multilinear interpolation at ``points`` (float32, clamped
+    to the border as neurite's ``interpn``): a list of ``(flat voxel index, weight)``, each
+    shaped like ``points[..., 0]``."""
+    ndims = len(spatial_shape)
+    max_loc = [float(s - 1) for s in spatial_shape]
     floor = ops.floor(points)
     clipped = [ops.clip(points[..., d], 0.0, max_loc[d]) for d in range(ndims)]
     loc0 = [ops.clip(floor[..., d], 0.0, max_loc[d]) for d in range(ndims)]
@@ -136,15 +150,56 @@ def _interpolate_clamped(volume, points, method):
     # Weight of the lower corner is (upper - p), of the upper corner 1 - (upper - p).
     weight_upper_gap = [loc1[d] - clipped[d] for d in range(ndims)]
     weights = [weight_upper_gap, [1.0 - w for w in weight_upper_gap]]
-
-    result = 0.0
+    corners = []
     for corner in itertools.product((0, 1), repeat=ndims):
-        values = gather(_flat_indices([subs[corner[d]][d] for d in range(ndims)], spatial_shape))
         weight = weights[corner[0]][0]
         for d in range(1, ndims):
             weight = weight * weights[corner[d]][d]
-        result = result + ops.cast(gather.as_column(weight), values.dtype) * values
-    return gather.unflatten(result)
+        corners.append((_flat_indices([subs[corner[d]][d] for d in range(ndims)],
+                                      spatial_shape), weight))
+    return corners
+
+
+def warped_label_overlap(labels, displacement, target, num_classes: int):
+    """Soft-Dice sums between linearly warped one-hot labels and a target, without the
+    ``K``-channel warp.
+
+    With ``m = one_hot(labels)`` warped linearly by ``displacement`` (as :func:`warp`), returns
+    per sample and class ``sum_x target_k(x) * m_k(x)`` and ``sum_x m_k(x)``. Each voxel's
+    interpolated one-hot vector is a weighted sum of the 8 corner labels, so both sums are
+    segment sums of the corner weights: memory and time grow with the voxels, not with
+    ``voxels x classes``, and the gradient reaches ``displacement`` and ``target``.
+
+    Args:
+        labels: ``(batch, D, H, W)`` integer class map ``0..K-1`` of the moving image.
+        displacement: ``(batch, D, H, W, 3)`` in voxels.
+        target: ``(batch, D, H, W, K)`` fixed-image one-hot labels or probabilities.
+        num_classes: ``K``.
+
+    Returns:
+        ``(intersection, warped_sum)``, each ``(batch, K)`` float32.
+    """
+    spatial_shape = tuple(int(s) for s in displacement.shape[1:-1])
+    n_vox = int(np.prod(spatial_shape))
+    points = identity_grid(spatial_shape) + ops.cast(displacement, "float32")
+    labels = ops.reshape(ops.cast(labels, "int32"), (-1, n_vox))            # (B, N)
+    target = ops.reshape(ops.cast(target, "float32"), (-1, n_vox, num_classes))
+    # Segment ids: sample b's class k is segment b * K + k.
+    sample_offset = ops.reshape(ops.arange(ops.shape(labels)[0], dtype="int32") * num_classes,
+                                (-1, 1))
+    segments = ops.shape(labels)[0] * num_classes
+    intersection, warped_sum = 0.0, 0.0
+    for index, weight in _linear_corners(points, spatial_shape):
+        corner_labels = ops.take_along_axis(labels, ops.reshape(index, (-1, n_vox)), axis=1)
+        weight = ops.reshape(weight, (-1, n_vox))
+        at_label = ops.take_along_axis(target, corner_labels[..., None], axis=2)[..., 0]
+        ids = ops.reshape(corner_labels + sample_offset, (-1,))
+        intersection = intersection + ops.segment_sum(
+            ops.reshape(weight * at_label, (-1,)), ids, num_segments=segments)
+        warped_sum = warped_sum + ops.segment_sum(ops.reshape(weight, (-1,)), ids,
+                                                  num_segments=segments)
+    return (ops.reshape(intersection, (-1, num_classes)),
+            ops.reshape(warped_sum, (-1, num_classes)))
 
 
 def warp(image, displacement, *, method: str = "linear", fill_value: float | None = None):

@@ -208,3 +208,28 @@ def test_train_step_on_the_torch_backend():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch ok" in result.stdout
+
+
+def test_label_overlap_path_gives_the_same_losses_and_gradients(batch):
+    """The fast anatomy path (manual moving labels) equals warping the one-hot channels."""
+    import tensorflow as tf
+
+    from dazoo.losses import SoftDice
+
+    class SlowSoftDice(SoftDice):  # a subclass: DeepAtlas takes the generic path
+        pass
+
+    data = dict(batch, moving_labelled=np.ones(2, np.float32))
+    results = []
+    for anatomy in (SoftDice(False), SlowSoftDice(False)):
+        keras.utils.set_random_seed(3)
+        model = _model(anatomy_loss=anatomy)
+        unpacked = model._unpack(data)
+        targets = model._registration_targets(unpacked)
+        variables = model.registration_net.trainable_variables
+        with tf.GradientTape() as tape:
+            total, terms = model._registration_losses(unpacked, targets, training=False)
+        results.append((float(terms["reg_anatomy"]), tape.gradient(total, variables)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for fast, slow in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-3, atol=1e-6)

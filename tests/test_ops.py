@@ -138,3 +138,16 @@ def test_rescale_matches_voxelmorph(vxm):
     np.testing.assert_allclose(half, outputs["rescale_half"], atol=1e-5)
     double = np.asarray(dops.rescale_displacement(outputs["rescale_half"], 2.0))
     np.testing.assert_allclose(double, outputs["rescale_double"], atol=1e-5)
+
+
+def test_warped_label_overlap_equals_the_one_hot_warp():
+    rng = np.random.default_rng(5)
+    k = 5
+    labels = rng.integers(0, k, (2, 9, 10, 8)).astype(np.int32)
+    displacement = rng.normal(scale=2.0, size=(2, 9, 10, 8, 3)).astype(np.float32)
+    target = rng.random((2, 9, 10, 8, k)).astype(np.float32)
+    moved = np.asarray(dops.warp(np.eye(k, dtype=np.float32)[labels], displacement))
+    intersection, moved_sum = dops.warped_label_overlap(labels, displacement, target, k)
+    np.testing.assert_allclose(np.asarray(intersection), (moved * target).sum(axis=(1, 2, 3)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(moved_sum), moved.sum(axis=(1, 2, 3)), rtol=1e-5)

@@ -55,6 +55,12 @@ def _masked_mean(per_sample, mask):
     return ops.sum(per_sample * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
+def _masked_mean_if_any(per_sample_fn, mask):
+    """``_masked_mean(per_sample_fn(), mask)``, without computing it when the mask is empty."""
+    return ops.cond(ops.any(mask > 0), lambda: _masked_mean(per_sample_fn(), mask),
+                    lambda: ops.zeros((), dtype="float32"))
+
+
 def _exactly_one(batch):
     """Per-sample 1 where exactly one image of the pair is labelled."""
     moving, fixed = batch["moving_labelled"], batch["fixed_labelled"]
@@ -277,14 +283,37 @@ class DeepAtlas(keras.Model):
         batch = dict(data)
         for key in ("moving", "fixed", "moving_labelled", "fixed_labelled"):
             batch[key] = ops.cast(batch[key], "float32")
-        for key in ("moving_labels", "fixed_labels"):
-            batch[key] = ops.one_hot(ops.cast(batch[key], "int32"), self.num_classes)
+        for side in ("moving", "fixed"):
+            batch[f"{side}_classes"] = ops.cast(batch[f"{side}_labels"], "int32")
+            batch[f"{side}_labels"] = ops.one_hot(batch[f"{side}_classes"], self.num_classes)
         return batch
 
-    def _anatomy(self, moving_segmentation, fixed_segmentation, displacement):
-        """Per-sample ``L_a``: fixed label map vs the moving one warped onto it."""
-        moved = spatial_ops.warp(moving_segmentation, displacement)
-        return self.anatomy_loss.call(fixed_segmentation, moved)
+    def _anatomy(self, moving_segmentation, fixed_segmentation, displacement, batch):
+        """Per-sample ``L_a``: fixed label map vs the moving one warped onto it.
+
+        When every moving image of the batch has manual labels and ``L_a`` is the default
+        :class:`~dazoo.losses.SoftDice`, the Dice sums are computed from the warped integer
+        labels (:func:`dazoo.ops.warped_label_overlap`) instead of warping ``K`` one-hot
+        channels: same value, memory and time independent of the number of classes.
+        """
+        def warp_channels():
+            moved = spatial_ops.warp(moving_segmentation, displacement)
+            return self.anatomy_loss.call(fixed_segmentation, moved)
+
+        if type(self.anatomy_loss) is not SoftDice:
+            return warp_channels()
+
+        def from_labels():
+            intersection, moved_sum = spatial_ops.warped_label_overlap(
+                batch["moving_classes"], displacement, fixed_segmentation, self.num_classes)
+            fixed_sum = ops.sum(fixed_segmentation, axis=(1, 2, 3))
+            dice = ops.divide_no_nan(2.0 * intersection,
+                                     ops.maximum(moved_sum + fixed_sum, 1e-5))
+            if not self.anatomy_loss.include_background:
+                dice = dice[:, 1:]
+            return 1.0 - ops.mean(dice, axis=-1)
+
+        return ops.cond(ops.all(batch["moving_labelled"] > 0), from_labels, warp_channels)
 
     def _registration_targets(self, batch):
         """Label maps for ``L_a`` in the registration phase, and the samples that use it.
@@ -316,8 +345,9 @@ class DeepAtlas(keras.Model):
         smoothness = _masked_mean(self.smoothness_loss.call(out["flow"], out["flow"]),
                                   ops.ones_like(batch["moving_labelled"]))
         if self.anatomy_weight:
-            anatomy = _masked_mean(self._anatomy(moving_seg, fixed_seg, out["displacement"]),
-                                   anatomy_mask)
+            anatomy = _masked_mean_if_any(
+                lambda: self._anatomy(moving_seg, fixed_seg, out["displacement"], batch),
+                anatomy_mask)
         else:
             anatomy = ops.zeros(())
         total = similarity + self.smoothness_weight * smoothness + self.anatomy_weight * anatomy
@@ -356,12 +386,11 @@ class DeepAtlas(keras.Model):
         else:
             # Exactly one image labelled: its manual labels against the other's prediction;
             # the prediction side carries the gradient.
-            only_one = _exactly_one(batch)
-            anatomy = _masked_mean(
-                self._anatomy(_select(moving_flag, batch["moving_labels"], moving_pred),
-                              _select(fixed_flag, batch["fixed_labels"], fixed_pred),
-                              displacement),
-                only_one,
+            anatomy = _masked_mean_if_any(
+                lambda: self._anatomy(_select(moving_flag, batch["moving_labels"], moving_pred),
+                                      _select(fixed_flag, batch["fixed_labels"], fixed_pred),
+                                      displacement, batch),
+                _exactly_one(batch),
             )
         total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
         return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))
