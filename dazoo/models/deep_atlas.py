@@ -288,17 +288,22 @@ class DeepAtlas(keras.Model):
             batch[f"{side}_labels"] = ops.one_hot(batch[f"{side}_classes"], self.num_classes)
         return batch
 
-    def _anatomy(self, moving_segmentation, fixed_segmentation, displacement, batch):
-        """Per-sample ``L_a``: fixed label map vs the moving one warped onto it.
+    def _anatomy(self, moving_segmentation, fixed_segmentation, displacement):
+        """Per-sample ``L_a``: fixed label map vs the moving one warped onto it."""
+        moved = spatial_ops.warp(moving_segmentation, displacement)
+        return self.anatomy_loss.call(fixed_segmentation, moved)
+
+    def _registration_anatomy(self, moving_segmentation, fixed_segmentation, displacement,
+                              batch):
+        """``L_a`` of the registration phase (gradient to the displacement only).
 
         When every moving image of the batch has manual labels and ``L_a`` is the default
-        :class:`~dazoo.losses.SoftDice`, the Dice sums are computed from the warped integer
-        labels (:func:`dazoo.ops.warped_label_overlap`) instead of warping ``K`` one-hot
-        channels: same value, memory and time independent of the number of classes.
+        :class:`~dazoo.losses.SoftDice`, the Dice sums come from the warped integer labels
+        (:func:`dazoo.ops.warped_label_overlap`) instead of warping ``K`` one-hot channels:
+        the same value and gradient, in time and memory independent of ``K``.
         """
         def warp_channels():
-            moved = spatial_ops.warp(moving_segmentation, displacement)
-            return self.anatomy_loss.call(fixed_segmentation, moved)
+            return self._anatomy(moving_segmentation, fixed_segmentation, displacement)
 
         if type(self.anatomy_loss) is not SoftDice:
             return warp_channels()
@@ -314,6 +319,31 @@ class DeepAtlas(keras.Model):
             return 1.0 - ops.mean(dice, axis=-1)
 
         return ops.cond(ops.all(batch["moving_labelled"] > 0), from_labels, warp_channels)
+
+    def _segmentation_anatomy(self, moving_pred, fixed_pred, displacement, batch):
+        """``L_a`` of the segmentation phase (gradient to the predictions only).
+
+        The side with manual labels enters as a constant: when every moving image is
+        labelled, the manual moving labels are warped outside the gradient's record and only
+        the fixed prediction carries it; when every fixed image is labelled, the moving
+        prediction is warped. Mixed batches select per sample.
+        """
+        moving_flag, fixed_flag = batch["moving_labelled"], batch["fixed_labelled"]
+
+        def mixed():
+            return self._anatomy(_select(moving_flag, batch["moving_labels"], moving_pred),
+                                 _select(fixed_flag, batch["fixed_labels"], fixed_pred),
+                                 displacement)
+
+        def fixed_labelled():
+            return ops.cond(ops.all(fixed_flag > 0),
+                            lambda: self._anatomy(moving_pred, batch["fixed_labels"],
+                                                  displacement),
+                            mixed)
+
+        return ops.cond(ops.all(moving_flag > 0),
+                        lambda: self._anatomy(batch["moving_labels"], fixed_pred, displacement),
+                        fixed_labelled)
 
     def _registration_targets(self, batch):
         """Label maps for ``L_a`` in the registration phase, and the samples that use it.
@@ -346,7 +376,8 @@ class DeepAtlas(keras.Model):
                                   ops.ones_like(batch["moving_labelled"]))
         if self.anatomy_weight:
             anatomy = _masked_mean_if_any(
-                lambda: self._anatomy(moving_seg, fixed_seg, out["displacement"], batch),
+                lambda: self._registration_anatomy(moving_seg, fixed_seg, out["displacement"],
+                                                   batch),
                 anatomy_mask)
         else:
             anatomy = ops.zeros(())
@@ -387,9 +418,7 @@ class DeepAtlas(keras.Model):
             # Exactly one image labelled: its manual labels against the other's prediction;
             # the prediction side carries the gradient.
             anatomy = _masked_mean_if_any(
-                lambda: self._anatomy(_select(moving_flag, batch["moving_labels"], moving_pred),
-                                      _select(fixed_flag, batch["fixed_labels"], fixed_pred),
-                                      displacement, batch),
+                lambda: self._segmentation_anatomy(moving_pred, fixed_pred, displacement, batch),
                 _exactly_one(batch),
             )
         total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
