@@ -163,6 +163,19 @@ def test_keras_save_load_resumes_both_optimizers(tmp_path, batch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_keras_file_loads_in_a_new_process_after_importing_dazoo_models(tmp_path):
+    model = _model()
+    path = tmp_path / "m.keras"
+    model.save(path)
+    code = ("import keras, dazoo.models\n"
+            f"m = keras.saving.load_model({str(path)!r})\n"
+            "print(type(m).__name__, m.reg_optimizer.__class__.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["DeepAtlas", "Adam"]
+
+
 def test_weights_h5_round_trip(tmp_path, batch):
     model = _model()
     model.train_on_batch(batch)

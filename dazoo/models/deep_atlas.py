@@ -48,11 +48,31 @@ def _masked_mean(per_sample, mask):
     ``per_sample`` may carry extra axes (e.g. a Keras loss that keeps voxels); they are
     averaged first.
     """
-    per_sample = ops.cast(per_sample, "float32")
-    if len(per_sample.shape) > 1:
-        per_sample = ops.mean(ops.reshape(per_sample, (ops.shape(per_sample)[0], -1)), axis=-1)
     mask = ops.cast(mask, "float32")
-    return ops.sum(per_sample * mask) / ops.maximum(ops.sum(mask), 1.0)
+    return _weighted_sum(per_sample, mask, ops.maximum(ops.sum(mask), 1.0))
+
+
+def _per_sample(values):
+    """Averages any axes after the first (a loss that keeps voxels) to one value per sample."""
+    values = ops.cast(values, "float32")
+    if len(values.shape) > 1:
+        values = ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=-1)
+    return values
+
+
+def _weighted_sum(per_sample, mask, denominator):
+    """``sum(per_sample * mask) / denominator``."""
+    return ops.sum(_per_sample(per_sample) * ops.cast(mask, "float32")) / denominator
+
+
+def _sum_parts(parts):
+    """Adds ``(total, terms)`` pairs term by term."""
+    total = parts[0][0]
+    terms = dict(parts[0][1])
+    for part_total, part_terms in parts[1:]:
+        total = total + part_total
+        terms = {key: terms[key] + part_terms[key] for key in terms}
+    return total, terms
 
 
 def _masked_mean_if_any(per_sample_fn, mask):
@@ -320,31 +340,6 @@ class DeepAtlas(keras.Model):
 
         return ops.cond(ops.all(batch["moving_labelled"] > 0), from_labels, warp_channels)
 
-    def _segmentation_anatomy(self, moving_pred, fixed_pred, displacement, batch):
-        """``L_a`` of the segmentation phase (gradient to the predictions only).
-
-        The side with manual labels enters as a constant: when every moving image is
-        labelled, the manual moving labels are warped outside the gradient's record and only
-        the fixed prediction carries it; when every fixed image is labelled, the moving
-        prediction is warped. Mixed batches select per sample.
-        """
-        moving_flag, fixed_flag = batch["moving_labelled"], batch["fixed_labelled"]
-
-        def mixed():
-            return self._anatomy(_select(moving_flag, batch["moving_labels"], moving_pred),
-                                 _select(fixed_flag, batch["fixed_labels"], fixed_pred),
-                                 displacement)
-
-        def fixed_labelled():
-            return ops.cond(ops.all(fixed_flag > 0),
-                            lambda: self._anatomy(moving_pred, batch["fixed_labels"],
-                                                  displacement),
-                            mixed)
-
-        return ops.cond(ops.all(moving_flag > 0),
-                        lambda: self._anatomy(batch["moving_labels"], fixed_pred, displacement),
-                        fixed_labelled)
-
     def _registration_targets(self, batch):
         """Label maps for ``L_a`` in the registration phase, and the samples that use it.
 
@@ -403,65 +398,98 @@ class DeepAtlas(keras.Model):
 
         return ops.cond(ops.any(_exactly_one(batch) > 0), register, identity)
 
-    def _segmentation_losses(self, batch, displacement, *, training):
-        moving_flag, fixed_flag = batch["moving_labelled"], batch["fixed_labelled"]
-        moving_pred = self.segmentation_net(batch["moving"], training=training)
-        fixed_pred = self.segmentation_net(batch["fixed"], training=training)
-        supervised = _masked_mean(
-            ops.concatenate([self.segmentation_loss.call(batch["moving_labels"], moving_pred),
-                             self.segmentation_loss.call(batch["fixed_labels"], fixed_pred)], 0),
-            ops.concatenate([moving_flag, fixed_flag], 0),
-        )
+    def _segmentation_side(self, batch, displacement, side, *, training):
+        """The part of the segmentation loss that depends on the prediction for ``side``.
+
+        The segmentation loss is a sum of two such parts, one per image of the pair: the
+        supervised loss of each labelled image, and ``L_a`` on pairs with exactly one labelled
+        image, which depends only on the unlabelled image's prediction (the manual side enters
+        as a constant). Their gradients can thus be taken one image at a time, which halves
+        the peak memory of a segmentation step.
+        """
+        other = "fixed" if side == "moving" else "moving"
+        flags = batch[f"{side}_labelled"]
+        prediction = self.segmentation_net(batch[side], training=training)
+        labelled_count = ops.maximum(
+            ops.sum(batch["moving_labelled"]) + ops.sum(batch["fixed_labelled"]), 1.0)
+        supervised = _weighted_sum(self.segmentation_loss.call(batch[f"{side}_labels"],
+                                                               prediction),
+                                   flags, labelled_count)
         if displacement is None:
             anatomy = ops.zeros(())
         else:
-            # Exactly one image labelled: its manual labels against the other's prediction;
-            # the prediction side carries the gradient.
-            anatomy = _masked_mean_if_any(
-                lambda: self._segmentation_anatomy(moving_pred, fixed_pred, displacement, batch),
-                _exactly_one(batch),
-            )
+            # This side unlabelled, the other labelled: the other's manual labels against
+            # this side's prediction.
+            mask = (1.0 - flags) * batch[f"{other}_labelled"]
+            if side == "moving":
+                pair = (prediction, batch["fixed_labels"])
+            else:
+                pair = (batch["moving_labels"], prediction)
+            pairs_count = ops.maximum(ops.sum(_exactly_one(batch)), 1.0)
+            anatomy = ops.cond(
+                ops.any(mask > 0),
+                lambda: _weighted_sum(self._anatomy(*pair, displacement), mask, pairs_count),
+                lambda: ops.zeros((), dtype="float32"))
         total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
         return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))
 
+    def _segmentation_losses(self, batch, displacement, *, training):
+        parts = [self._segmentation_side(batch, displacement, side, training=training)
+                 for side in ("moving", "fixed")]
+        return _sum_parts(parts)
+
     # ------------------------------------------------------------------ steps
-    def _optimize(self, loss_fn, network, optimizer):
-        """Computes ``loss_fn()`` and applies its gradient to ``network`` only."""
+    def _optimize(self, loss_fns, network, optimizer):
+        """Applies the summed gradient of ``loss_fns`` to ``network``'s variables only.
+
+        Each function returns ``(total, terms)``; their gradients are taken one after the
+        other (so only one function's activations are alive at a time) and summed.
+        """
         variables = network.trainable_variables
         backend = keras.backend.backend()
+        parts = []
         if backend == "tensorflow":
             import tensorflow as tf
 
-            with tf.GradientTape() as tape:
-                total, terms = loss_fn()
-            optimizer.apply(tape.gradient(total, variables), variables)
+            gradients = None
+            for loss_fn in loss_fns:
+                with tf.GradientTape() as tape:
+                    parts.append(loss_fn())
+                part = tape.gradient(parts[-1][0], variables)
+                gradients = part if gradients is None else [
+                    g if h is None else (h if g is None else g + h)
+                    for g, h in zip(gradients, part)]
+            optimizer.apply(gradients, variables)
         elif backend == "torch":
             import torch
 
             for variable in variables:
                 variable.value.grad = None
-            total, terms = loss_fn()
-            total.backward()
+            for loss_fn in loss_fns:
+                parts.append(loss_fn())
+                parts[-1][0].backward()  # gradients accumulate in .grad
             with torch.no_grad():
                 optimizer.apply([v.value.grad for v in variables], variables)
         else:
             raise NotImplementedError(
                 f"DeepAtlas training supports the tensorflow and torch backends, not {backend!r}"
             )
+        total, terms = _sum_parts(parts)
         self._update_trackers(terms)
         return total
 
     def _registration_step(self, batch):
         targets = self._registration_targets(batch)
         return self._optimize(
-            lambda: self._registration_losses(batch, targets, training=True),
+            [lambda: self._registration_losses(batch, targets, training=True)],
             self.registration_net, self.reg_optimizer,
         )
 
     def _segmentation_step(self, batch):
         displacement = self._segmentation_displacement(batch)
         return self._optimize(
-            lambda: self._segmentation_losses(batch, displacement, training=True),
+            [lambda side=side: self._segmentation_side(batch, displacement, side, training=True)
+             for side in ("moving", "fixed")],
             self.segmentation_net, self.seg_optimizer,
         )
 

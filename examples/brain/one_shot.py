@@ -43,6 +43,7 @@ def evaluate(run: pathlib.Path) -> dict:
     """Native-resolution Dice of a run's checkpoint on the validation subjects."""
     import keras
 
+    import dazoo.models  # noqa: F401  (registers dazoo's classes for load_model)
     from dazoo.evaluate import evaluate_registration, evaluate_segmentation, summarise
     from dazoo.pipeline import Pipeline
 

@@ -150,6 +150,8 @@ def main(argv=None):
 
     import keras
 
+    import dazoo.models  # noqa: F401  (registers dazoo's classes for load_model)
+
     work, out = pathlib.Path(args.work), pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "train.log", "a", buffering=1)
