@@ -8,7 +8,7 @@ fraction of each transform is reported.
 
 Dice is reported per label id, as the mean over the preset's labels, and (the DeepAtlas
 paper's protocol for DKT labels) over regions with left and right merged (FreeSurfer ids
-``1xxx`` and ``2xxx`` -> ``xxx``).
+``2xxx`` counted as their left twin ``1xxx``).
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ __all__ = ["merge_left_right", "score_labels", "evaluate_segmentation", "evaluat
 
 
 def merge_left_right(labels: np.ndarray) -> np.ndarray:
-    """FreeSurfer cortical ids ``1xxx`` (left) and ``2xxx`` (right) -> ``xxx``; others kept."""
+    """FreeSurfer cortical ids: right ``2xxx`` -> left ``1xxx`` (the region keeps its left
+    id, so merged ids never collide with subcortical ids); others unchanged."""
     labels = np.asarray(labels)
     merged = labels.copy()
-    cortical = (labels >= 1000) & (labels < 3000)
-    merged[cortical] = labels[cortical] % 1000
+    right = (labels >= 2000) & (labels < 3000)
+    merged[right] = labels[right] - 1000
     return merged
 
 
@@ -40,7 +41,7 @@ def score_labels(truth: np.ndarray, prediction: np.ndarray, ids: Sequence[int]) 
     Ids absent from both maps are left out of the means (NaN).
     """
     per_id = dice_per_label(truth, prediction, ids)
-    merged_ids = sorted({int(i) % 1000 if 1000 <= i < 3000 else int(i) for i in ids})
+    merged_ids = sorted({int(i) - 1000 if 2000 <= i < 3000 else int(i) for i in ids})
     per_merged = dice_per_label(merge_left_right(truth), merge_left_right(prediction), merged_ids)
     return {
         "dice": per_id,

@@ -23,7 +23,8 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET):
     """Loads a pretrained preset (by name, e.g. ``"brain"``, or a preset folder).
 
     Works offline: the presets ship inside the package. The weights' sha256 is checked
-    against the model card. Loaded pipelines are cached, so repeated calls are free.
+    against the model card. Loaded pipelines are cached per preset folder for the life of
+    the process, so repeated calls are free (a preset rewritten meanwhile is not reloaded).
 
     Returns:
         a :class:`dazoo.pipeline.Pipeline` with ``.segment(image)`` and
@@ -33,7 +34,10 @@ def load(name_or_path: str | os.PathLike = DEFAULT_PRESET):
     >>> brain = dazoo.load("brain")
     >>> brain.segment("t1.nii.gz").save("t1_dkt.nii.gz")
     """
-    return _cached(os.fspath(name_or_path))
+    key = os.fspath(name_or_path)
+    if os.path.isdir(key):
+        key = os.path.realpath(key)  # the same folder, however it is written
+    return _cached(key)
 
 
 def segment(image: Source, *, preset: str | os.PathLike = DEFAULT_PRESET):

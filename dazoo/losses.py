@@ -11,6 +11,7 @@ Tensors are channels-last ``(batch, D, H, W, C)``.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import keras
@@ -70,7 +71,7 @@ class NCC(keras.losses.Loss):
 
     Args:
         win: window size per spatial axis; an int applies to every axis. Default 9.
-        eps: stabiliser added to the denominator (VoxelMorph: 1e-5).
+        eps: lower clamp of the local covariance and of both variances (VoxelMorph: 1e-5).
     """
 
     def __init__(self, win: int | Sequence[int] = 9, eps: float = 1e-5, *, name: str = "ncc",
@@ -83,7 +84,8 @@ class NCC(keras.losses.Loss):
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
         ndims = len(y_true.shape) - 2
-        window = [self.win] * ndims if isinstance(self.win, int) else list(self.win)
+        window = ([int(self.win)] * ndims if isinstance(self.win, numbers.Integral)
+                  else [int(w) for w in self.win])
         channels = int(y_true.shape[-1])
         win_size = float(channels)
         for size in window:
@@ -151,11 +153,12 @@ class Grad(_FieldRegularizer):
     ``(batch, D, H, W, 3)``.
 
     Args:
-        penalty: ``"l1"`` or ``"l2"``.
-        loss_mult: optional factor (VoxelMorph uses the integration downsize factor).
+        penalty: ``"l1"`` (default, as VoxelMorph) or ``"l2"``.
+        loss_mult: optional factor (VoxelMorph's training scripts pass the integration
+            downsize factor, e.g. 2, when the field is at half resolution).
     """
 
-    def __init__(self, penalty: str = "l2", loss_mult: float | None = None, *,
+    def __init__(self, penalty: str = "l1", loss_mult: float | None = None, *,
                  name: str = "grad", **kwargs):
         super().__init__(name=name, **kwargs)
         if penalty not in ("l1", "l2"):

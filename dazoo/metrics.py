@@ -29,6 +29,8 @@ def dice_per_label(truth: np.ndarray, prediction: np.ndarray,
         labels = [int(v) for v in np.unique(truth) if v != 0]
     # One pass over the voxels: counts of every (truth, prediction) pair of ids.
     ids = np.array(sorted(set(labels)), dtype=np.int64)
+    if not len(ids):
+        return {}
     t = np.searchsorted(ids, truth.ravel())
     p = np.searchsorted(ids, prediction.ravel())
     t_in = (t < len(ids)) & (ids[np.minimum(t, len(ids) - 1)] == truth.ravel())

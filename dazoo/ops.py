@@ -129,6 +129,9 @@ def _interpolate_clamped(volume, points, method):
         ]
         return gather.unflatten(gather(_flat_indices(subs, spatial_shape)))
 
+    if "int" in str(volume.dtype) or "bool" in str(volume.dtype):
+        # Fractional weights would be truncated: interpolate integer volumes as float32.
+        gather = _Gatherer(ops.cast(volume, "float32"), points, spatial_shape)
     result = 0.0
     for index, weight in _linear_corners(points, spatial_shape):
         values = gather(index)
@@ -183,6 +186,9 @@ def warped_label_overlap(labels, displacement, target, num_classes: int):
     n_vox = int(np.prod(spatial_shape))
     points = identity_grid(spatial_shape) + ops.cast(displacement, "float32")
     labels = ops.reshape(ops.cast(labels, "int32"), (-1, n_vox))            # (B, N)
+    # Ids outside 0..K-1 count as no class (as a one-hot of them would be all zeros).
+    valid = ops.cast(ops.logical_and(labels >= 0, labels < num_classes), "float32")
+    labels = ops.clip(labels, 0, num_classes - 1)
     target = ops.reshape(ops.cast(target, "float32"), (-1, n_vox, num_classes))
     # Segment ids: sample b's class k is segment b * K + k.
     sample_offset = ops.reshape(ops.arange(ops.shape(labels)[0], dtype="int32") * num_classes,
@@ -190,8 +196,10 @@ def warped_label_overlap(labels, displacement, target, num_classes: int):
     segments = ops.shape(labels)[0] * num_classes
     intersection, warped_sum = 0.0, 0.0
     for index, weight in _linear_corners(points, spatial_shape):
-        corner_labels = ops.take_along_axis(labels, ops.reshape(index, (-1, n_vox)), axis=1)
-        weight = ops.reshape(weight, (-1, n_vox))
+        corner_index = ops.reshape(index, (-1, n_vox))
+        corner_labels = ops.take_along_axis(labels, corner_index, axis=1)
+        weight = ops.reshape(weight, (-1, n_vox)) * ops.take_along_axis(valid, corner_index,
+                                                                         axis=1)
         at_label = ops.take_along_axis(target, corner_labels[..., None], axis=2)[..., 0]
         ids = ops.reshape(corner_labels + sample_offset, (-1,))
         intersection = intersection + ops.segment_sum(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -104,8 +104,6 @@ class Pipeline:
     """
 
     def __init__(self, preset: Preset):
-        import keras
-
         from dazoo.models.deep_atlas import DeepAtlas
         from dazoo.preprocess import Preprocessor
 
@@ -115,11 +113,13 @@ class Pipeline:
         self.model = DeepAtlas.from_config(config["model"])
         self.model.load_weights(preset.file("model.weights.h5"))
         self.preprocessor = Preprocessor(preset.read_json("preprocess.json"), root=preset.path)
-        classes = preset.read_json("labels.json")["classes"]
-        self.class_ids = np.array([c["id"] for c in sorted(classes, key=lambda c: c["class"])],
-                                  dtype=np.int32)
+        classes = sorted(preset.read_json("labels.json")["classes"], key=lambda c: c["class"])
+        if [c["class"] for c in classes] != list(range(self.model.num_classes)):
+            raise DazooInputError(preset.file("labels.json"),
+                                  f"classes must be 0..{self.model.num_classes - 1}, one "
+                                  f"entry each, for this model's {self.model.num_classes} outputs")
+        self.class_ids = np.array([c["id"] for c in classes], dtype=np.int32)
         self.label_names = {int(c["id"]): c["name"] for c in classes}
-        self._keras = keras
 
     @property
     def name(self) -> str:

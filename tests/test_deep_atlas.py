@@ -207,8 +207,10 @@ reg = [np.array(w) for w in model.registration_net.weights]
 model.train_on_batch(batch)
 assert all(np.array_equal(a, np.array(b)) for a, b in zip(seg, model.segmentation_net.weights))
 assert not np.array_equal(reg[0], np.array(model.registration_net.weights[0]))
+reg = [np.array(w) for w in model.registration_net.weights]
 model.train_on_batch(batch)
 assert int(model.seg_optimizer.iterations) == 1
+assert all(np.array_equal(a, np.array(b)) for a, b in zip(reg, model.registration_net.weights))
 print("torch ok")
 """
 

@@ -17,6 +17,7 @@ def test_dice_per_label_hand_computed():
     assert got[7] == 0.0 and got[9] == 0.0
     assert np.isnan(got[11])
     assert metrics.dice_per_label(truth, truth) == {5: 1.0, 7: 1.0}
+    assert metrics.dice_per_label(np.zeros_like(truth), pred) == {}  # nothing to score
 
 
 def test_jacobian_of_affine_displacement_is_its_determinant():

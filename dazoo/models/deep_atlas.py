@@ -24,6 +24,8 @@ Training batches are dicts with these keys (see :data:`BATCH_KEYS`):
 """
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -50,6 +52,16 @@ def _masked_mean(per_sample, mask):
     """
     mask = ops.cast(mask, "float32")
     return _weighted_sum(per_sample, mask, ops.maximum(ops.sum(mask), 1.0))
+
+
+def _no_grad():
+    """``torch.no_grad()`` on the torch backend (no graph kept for fixed networks' passes);
+    elsewhere a no-op (TensorFlow records nothing outside a tape)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 def _per_sample(values):
@@ -79,6 +91,14 @@ def _masked_mean_if_any(per_sample_fn, mask):
     """``_masked_mean(per_sample_fn(), mask)``, without computing it when the mask is empty."""
     return ops.cond(ops.any(mask > 0), lambda: _masked_mean(per_sample_fn(), mask),
                     lambda: ops.zeros((), dtype="float32"))
+
+
+def _present_mean_dice(truth, prediction):
+    """Per-sample mean Dice over the foreground classes present in either one-hot map."""
+    axes = tuple(range(1, len(truth.shape) - 1))
+    scores = soft_dice_scores(truth, prediction, include_background=False)
+    present = ops.cast(ops.sum(truth[..., 1:] + prediction[..., 1:], axis=axes) > 0, "float32")
+    return ops.sum(scores * present, axis=-1) / ops.maximum(ops.sum(present, axis=-1), 1.0)
 
 
 def _exactly_one(batch):
@@ -242,6 +262,10 @@ class DeepAtlas(keras.Model):
             jit_compile: XLA compilation of the train step (TensorFlow).
             steps_per_execution: training steps per compiled call.
         """
+        if keras.config.dtype_policy().name == "mixed_float16":
+            raise ValueError(
+                "DeepAtlas does not scale losses for float16; use 'mixed_bfloat16' (or "
+                "SegmentationNet(compute_dtype='mixed_bfloat16')) instead of 'mixed_float16'")
         super().compile(optimizer=None, jit_compile=jit_compile,
                         steps_per_execution=steps_per_execution)
         self.reg_optimizer = keras.optimizers.get(reg_optimizer)
@@ -346,7 +370,7 @@ class DeepAtlas(keras.Model):
         Computed outside any gradient tape: the segmenter is fixed in this phase. Its
         predictions are only computed for a side of the batch that lacks manual labels.
         """
-        if self.mode == "registration_only":
+        if self.mode == "registration_only" or not self.anatomy_weight:
             mask = batch["moving_labelled"] * batch["fixed_labelled"]
             return batch["moving_labels"], batch["fixed_labels"], mask
 
@@ -354,7 +378,8 @@ class DeepAtlas(keras.Model):
             labels, flags = batch[f"{side}_labels"], batch[f"{side}_labelled"]
 
             def predicted():
-                prediction = self.segmentation_net(batch[side], training=False)
+                with _no_grad():
+                    prediction = self.segmentation_net(batch[side], training=False)
                 return _select(flags, labels, ops.stop_gradient(prediction))
 
             return ops.cond(ops.all(flags > 0), lambda: labels, predicted)
@@ -390,8 +415,9 @@ class DeepAtlas(keras.Model):
         moving, fixed = batch["moving"], batch["fixed"]
 
         def register():
-            return ops.stop_gradient(self.registration_net([moving, fixed], training=False)[
-                "displacement"])
+            with _no_grad():
+                out = self.registration_net([moving, fixed], training=False)
+            return ops.stop_gradient(out["displacement"])
 
         def identity():
             return ops.repeat(ops.zeros_like(moving[..., :1]), 3, axis=-1)
@@ -536,15 +562,19 @@ class DeepAtlas(keras.Model):
         return self._logs(self._training_metric_names() + tuple(dice))
 
     def _validation_dice(self, batch):
-        """Hard-label Dice (background excluded) of registration and segmentation."""
+        """Hard-label Dice (background excluded) of registration and segmentation.
+
+        Per sample, the mean over the classes present in either map; samples without the
+        needed manual labels get weight 0 in the running means (they are not scored as 0).
+        Returns ``{name: (per-sample Dice, per-sample weight)}``.
+        """
         both = batch["moving_labelled"] * batch["fixed_labelled"]
         terms = {}
         if self.mode != "segmentation_only":
             out = self.registration_net([batch["moving"], batch["fixed"]], training=False)
             moved = spatial_ops.warp(batch["moving_labels"], out["displacement"],
                                      method="nearest")
-            scores = soft_dice_scores(batch["fixed_labels"], moved, include_background=False)
-            terms["warped_dice"] = _masked_mean(ops.mean(scores, axis=-1), both)
+            terms["warped_dice"] = (_present_mean_dice(batch["fixed_labels"], moved), both)
         if self.mode != "registration_only":
             flags, labels, predictions = [], [], []
             for side in ("moving", "fixed"):
@@ -553,14 +583,18 @@ class DeepAtlas(keras.Model):
                                                self.num_classes))
                 labels.append(batch[f"{side}_labels"])
                 flags.append(batch[f"{side}_labelled"])
-            scores = soft_dice_scores(ops.concatenate(labels, 0), ops.concatenate(predictions, 0),
-                                      include_background=False)
-            terms["seg_dice"] = _masked_mean(ops.mean(scores, axis=-1), ops.concatenate(flags, 0))
+            terms["seg_dice"] = (_present_mean_dice(ops.concatenate(labels, 0),
+                                                    ops.concatenate(predictions, 0)),
+                                 ops.concatenate(flags, 0))
         return terms
 
     def _update_trackers(self, terms):
+        """Adds values to the running means; a ``(values, weights)`` pair is weighted."""
         for name, value in terms.items():
-            self._trackers[name].update_state(value)
+            if isinstance(value, tuple):
+                self._trackers[name].update_state(value[0], sample_weight=value[1])
+            else:
+                self._trackers[name].update_state(value)
 
     def _logs(self, names):
         return {name: self._trackers[name].result() for name in names}

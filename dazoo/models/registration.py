@@ -74,8 +74,13 @@ class RegistrationNet(keras.Model):
         features = check_features(features, conv_per_level)
         _check_divisible(inshape, num_poolings(features, conv_per_level))
         flow_resolution = 2 if half_res else 1
-        if int_steps > 0 and int_resolution < flow_resolution:
-            raise ValueError("int_resolution must be >= 2 when half_res=True")
+        if int_steps > 0:
+            if int(int_resolution) < flow_resolution:
+                raise ValueError(f"int_resolution must be >= {flow_resolution}"
+                                 + (" when half_res=True" if half_res else ""))
+            if any(n % int(int_resolution) for n in inshape):
+                raise ValueError(f"int_resolution={int_resolution} must divide every spatial "
+                                 f"size, got {inshape}")
 
         # === Functional model ===
         moving = keras.Input(shape=(*inshape, src_feats), name="moving")
