@@ -114,14 +114,14 @@ def test_unlabelled_samples_do_not_leak_their_label_maps(subjects):
 
 
 def test_short_training_lowers_losses_and_beats_identity():
-    """Joint training on synthetic anatomies (4 of 6 subjects labelled), 32^3, 160 steps."""
+    """Joint training on synthetic anatomies (4 of 6 subjects labelled), 32^3, 240 steps."""
     keras.utils.set_random_seed(1)
     shape = (32, 32, 32)
     train = make_subjects(6, shape, num_classes=K, seed=1, magnitude=4.0)
     labelled = [True, True, False, True, True, False]
     rng = np.random.default_rng(0)
     batches = [pair_batch(train, [tuple(rng.choice(6, 2, replace=False))], labelled)
-               for _ in range(160)]
+               for _ in range(240)]
     val = pair_batch(make_subjects(4, shape, num_classes=K, seed=0, magnitude=4.0),
                      [(0, 1), (2, 3), (1, 2)], [True] * 4)
     model = _model(registration_steps=3, segmentation_steps=1, shape=shape,
