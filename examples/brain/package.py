@@ -219,6 +219,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="work_cache/brain")
     parser.add_argument("--checkpoint", default="work_cache/brain/run/checkpoint.keras")
+    parser.add_argument("--run", help="training folder (args.json, train.log); default: the "
+                                      "checkpoint's folder")
     parser.add_argument("--out", default="pretrained/brain")
     parser.add_argument("--evaluation", help="evaluation.json from evaluate.py")
     parser.add_argument("--machine", default="",
@@ -257,7 +259,7 @@ def main(argv=None):
         "output": {"segmentation": "label map of DKT31 ids on the input's grid",
                    "registration": "moved image/labels on the fixed grid; displacement field "
                                    "in mm (5D NIfTI, ITK/LPS by default)"},
-        "training": training_record(checkpoint.parent),
+        "training": training_record(pathlib.Path(args.run) if args.run else checkpoint.parent),
         "citation": CITATIONS,
         "intended_use": "Research on skull-stripped adult T1 brain MRI. Not for clinical use.",
     }
