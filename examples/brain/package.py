@@ -60,12 +60,14 @@ def for_float32_inference(model):
     return plain
 
 
-def training_record(run: pathlib.Path) -> dict:
+def training_record(run: pathlib.Path, steps_completed: int) -> dict:
+    """Arguments, steps and the last validation line (at or before the checkpoint's step)."""
     args = json.loads((run / "args.json").read_text())
     log = (run / "train.log").read_text().splitlines()
-    validations = [line for line in log if " validation step " in line]
-    steps = [int(m.group(1)) for line in log for m in [re.search(r" step (\d+) ", line)] if m]
-    return {"args": args, "steps_completed": max(steps) if steps else 0,
+    validations = [line for line in log
+                   for m in [re.search(r" validation step (\d+):", line)]
+                   if m and int(m.group(1)) <= steps_completed]
+    return {"args": args, "steps_completed": steps_completed,
             "last_validation_on_model_grid": validations[-1].split(" ", 2)[2] if validations
             else None}
 
@@ -176,7 +178,11 @@ def render_card(meta: dict) -> str:
         "cross-entropy. Adam, learning rates "
         f"{args['reg_lr']} (registration) / {args['seg_lr']} (segmentation); batch 1; "
         f"{args['registration_steps']}:{args['segmentation_steps']} alternation.",
-        f"- Steps: {train['steps_completed']} in total (half per network), seed {args['seed']}; "
+        f"- Steps: {train['steps_completed']} in total (half per network), seed {args['seed']}"
+        + (f" (launched for {args['steps']} and stopped at this checkpoint for lack of CPU "
+           "time; the learning rates are constant and each step's data is drawn from "
+           "(seed, step), so the command below with this step count reproduces it)"
+           if args["steps"] != train["steps_completed"] else "") + "; "
         "segmentation steps use random affine (4 degrees, 4 %, 2 voxels) and gamma augmentation.",
         f"- Last validation on the model grid during training: "
         f"{train['last_validation_on_model_grid']}",
@@ -187,7 +193,7 @@ def render_card(meta: dict) -> str:
         "python examples/brain/prepare.py --data ../shared/data/mindboggle-oasis-trt20 "
         "--work work_cache/brain",
         f"python examples/brain/train.py --work work_cache/brain --out work_cache/brain/run "
-        f"--steps {args['steps']}",
+        f"--steps {train['steps_completed']}",
         "python examples/brain/package.py --checkpoint work_cache/brain/run/checkpoint.keras "
         "--out pretrained/brain",
         "python examples/brain/evaluate.py --preset pretrained/brain --ants "
@@ -236,7 +242,10 @@ def main(argv=None):
     from train import DKT31_IDS  # noqa: E402
 
     work, checkpoint = pathlib.Path(args.work), pathlib.Path(args.checkpoint)
-    model = for_float32_inference(keras.saving.load_model(checkpoint))
+    trained = keras.saving.load_model(checkpoint)
+    steps_completed = int(trained.reg_optimizer.iterations) + int(
+        trained.seg_optimizer.iterations)
+    model = for_float32_inference(trained)
     split = json.loads((work / "split.json").read_text())
     preprocess = json.loads((work / "preprocess.json").read_text())
     metadata = {
@@ -259,7 +268,8 @@ def main(argv=None):
         "output": {"segmentation": "label map of DKT31 ids on the input's grid",
                    "registration": "moved image/labels on the fixed grid; displacement field "
                                    "in mm (5D NIfTI, ITK/LPS by default)"},
-        "training": training_record(pathlib.Path(args.run) if args.run else checkpoint.parent),
+        "training": training_record(pathlib.Path(args.run) if args.run else checkpoint.parent,
+                                    steps_completed),
         "citation": CITATIONS,
         "intended_use": "Research on skull-stripped adult T1 brain MRI. Not for clinical use.",
     }
