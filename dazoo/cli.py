@@ -60,31 +60,30 @@ def _add_demo(sub) -> None:
 
 
 # --------------------------------------------------------------------------- segment
-_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
-
-
-def _stem(path: str) -> str:
-    name = os.path.basename(path)
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _segment_targets(inputs: Sequence[str], out: str) -> list[str]:
-    """Output path per input: ``out`` itself for one input and a NIfTI name, else a folder."""
-    if len(inputs) == 1 and out.endswith(_NIFTI_SUFFIXES):
+    """Output path per input: ``out`` itself for one input and a NIfTI name, else a folder
+    holding ``<input name>_seg.nii.gz`` for each input (two inputs with the same name are
+    refused, as one result would replace the other)."""
+    from dazoo.io import WRITABLE, stem
+
+    if len(inputs) == 1 and out.endswith(WRITABLE):
         return [out]
     if os.path.exists(out) and not os.path.isdir(out):
         raise DazooInputError(out, "is a file; give a folder for several inputs")
-    return [os.path.join(out, f"{_stem(p)}_seg.nii.gz") for p in inputs]
+    targets = [os.path.join(out, f"{stem(p)}_seg.nii.gz") for p in inputs]
+    for number, target in enumerate(targets):
+        if target in targets[:number]:
+            raise DazooInputError(inputs[number], "another input has the same file name, and "
+                                                  f"both would be written to {target}")
+    return targets
 
 
 def _check_outputs(outputs: Sequence[str | None], inputs: Sequence[str]) -> None:
     """Refuses, before any work, an output path that names an input file."""
-    real_inputs = {os.path.realpath(p) for p in inputs}
+    from dazoo.io import same_file
+
     for path in outputs:
-        if path is not None and os.path.realpath(path) in real_inputs:
+        if path is not None and any(same_file(path, p) for p in inputs):
             raise DazooInputError(path, "refusing to overwrite an input file")
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from dazoo.errors import DazooInputError
-from dazoo.io import Volume
+from dazoo.io import WRITABLE, Volume, stem
 from dazoo.preprocess import Preprocessed, Preprocessor
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
 
 BATCH_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_labelled",
               "fixed_labelled")
-_ENDINGS = (".nii.gz", ".nii", ".mgz")
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -85,17 +84,9 @@ class Subject:
     name: str
 
 
-def _stem(path: str) -> str:
-    base = os.path.basename(path)
-    for ending in _ENDINGS:
-        if base.endswith(ending):
-            return base[: -len(ending)]
-    return os.path.splitext(base)[0]
-
-
 def _default_name(path: str) -> str:
     """The manifest's path without its file ending, e.g. ``"s01/t1"`` for ``s01/t1.nii.gz``."""
-    return os.path.join(os.path.dirname(path), _stem(path)).replace(os.sep, "/")
+    return os.path.join(os.path.dirname(path), stem(path)).replace(os.sep, "/")
 
 
 def read_manifest(path: str | os.PathLike) -> list[Subject]:
@@ -181,10 +172,10 @@ def find_subjects(
 def _images_layout(folder):
     subjects = []
     for path in sorted(os.listdir(os.path.join(folder, "images"))):
-        if not path.endswith(_ENDINGS):
+        if not path.endswith(WRITABLE):
             continue
-        name = _stem(path)
-        candidates = [os.path.join(folder, "labels", name + e) for e in _ENDINGS]
+        name = stem(path)
+        candidates = [os.path.join(folder, "labels", name + e) for e in WRITABLE]
         found = [c for c in candidates if os.path.isfile(c)]
         subjects.append(Subject(os.path.join(folder, "images", path), found[0] if found else None,
                                 name))

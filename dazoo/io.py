@@ -27,7 +27,7 @@ import gzip
 import os
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 import nibabel as nib
@@ -198,11 +198,15 @@ def read_displacement(source: Source, *, name: str | None = None) -> Volume:
 
 def same_grid(a: Volume, b: Volume, *, tol: float = GRID_TOLERANCE_MM) -> bool:
     """Whether two volumes share one grid: same spatial shape and affines within ``tol`` mm."""
-    if a.shape != b.shape:
-        return False
+    return a.shape == b.shape and _corner_distance_mm(a.affine, b.affine, a.shape) <= tol
+
+
+def _corner_distance_mm(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
+    """The largest distance, per world axis in mm, between the positions that the affines
+    ``a`` and ``b`` give to the 8 corner voxels of a grid of ``shape``."""
     corners = np.array([[i, j, k, 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    corners[:, :3] *= np.array(a.shape) - 1
-    return float(np.abs((a.affine - b.affine) @ corners.T).max()) <= tol
+    corners[:, :3] *= np.array(shape[:3]) - 1
+    return float(np.abs((a - b) @ corners.T).max())
 
 
 def _check_same_grid(volume: Volume, like: Volume, label: str) -> None:
@@ -212,7 +216,7 @@ def _check_same_grid(volume: Volume, like: Volume, label: str) -> None:
             f"label map grid {volume.shape} does not match its image {like.name} {like.shape}",
         )
     if not same_grid(volume, like):
-        diff = float(np.abs(volume.affine - like.affine).max())
+        diff = _corner_distance_mm(volume.affine, like.affine, volume.shape)
         raise DazooInputError(
             label,
             f"label map affine differs from its image {like.name} (by up to {diff:.3g} mm)",
@@ -493,7 +497,7 @@ def _save(array, affine, path, *, protect, kind, descrip=None) -> str:
     if not path.endswith(WRITABLE):
         raise DazooInputError(path, "unsupported file extension; use .nii, .nii.gz or .mgz")
     for other in protect:
-        if _same_file(path, other):
+        if same_file(path, other):
             raise DazooInputError(path, "refusing to overwrite an input file")
     folder = os.path.dirname(os.path.abspath(path))
     created = _make_folders(folder, path)
@@ -522,7 +526,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, *,
     """Write a text file (a report, a JSON config) atomically: temporary file + rename."""
     path = os.fspath(path)
     for other in protect:
-        if _same_file(path, other):
+        if same_file(path, other):
             raise DazooInputError(path, "refusing to overwrite an input file")
     folder = os.path.dirname(os.path.abspath(path))
     created = _make_folders(folder, path)
@@ -540,7 +544,18 @@ def write_text_atomic(path: str | os.PathLike, text: str, *,
     return path
 
 
-def _same_file(a: str, b: str) -> bool:
+def stem(path: str) -> str:
+    """The file name without its image ending (``.nii.gz``, ``.nii``, ``.mgz``) or, for
+    other files, without its last suffix."""
+    base = os.path.basename(path)
+    for ending in WRITABLE:
+        if base.endswith(ending):
+            return base[: -len(ending)]
+    return os.path.splitext(base)[0]
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file (same resolved path, or hard links)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     try:

@@ -79,6 +79,8 @@ class Registration:
             moved_labels: path of the moved label map (needs ``moving_labels``).
             protect: paths never to overwrite (the inputs).
         """
+        if moved_labels is not None and self.moved_labels is None:  # before any writing
+            raise DazooInputError(moved_labels, "no moving label map was given to warp")
         written = []
         if moved is not None:
             written.append(io.write_image(self.moved, moved, protect=protect))
@@ -86,8 +88,6 @@ class Registration:
             written.append(io.write_displacement(self.displacement, warp, protect=protect,
                                                  convention=warp_convention))
         if moved_labels is not None:
-            if self.moved_labels is None:
-                raise DazooInputError(moved_labels, "no moving label map was given to warp")
             written.append(io.write_labels(self.moved_labels, moved_labels, protect=protect))
         return written
 

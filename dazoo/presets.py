@@ -104,7 +104,8 @@ def list_presets() -> list[Preset]:
     root = preset_root()
     if not root.is_dir():
         return []
-    return [_read(p) for p in sorted(root.iterdir()) if (p / "metadata.json").is_file()]
+    return [_read(p) for p in sorted(root.iterdir())
+            if not p.name.startswith(".") and (p / "metadata.json").is_file()]
 
 
 def get_preset(name_or_path: str | os.PathLike) -> Preset:
@@ -145,27 +146,44 @@ def save_preset(
     """
     import platform
     import shutil
+    import tempfile
 
     import keras
 
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, source in (files or {}).items():
-        shutil.copyfile(source, folder / name)
-    model.save_weights(folder / "model.weights.h5")
-    (folder / "config.json").write_text(json.dumps({"model": model.get_config()}, indent=1))
-    (folder / "preprocess.json").write_text(json.dumps(preprocess, indent=2, sort_keys=True))
-    (folder / "labels.json").write_text(json.dumps({"classes": labels}, indent=1))
-    metadata = {
-        "name": folder.name,
-        **metadata,
-        "weights_sha256": sha256(folder / "model.weights.h5"),
-        "framework": {"keras": keras.__version__, "backend": keras.backend.backend(),
-                      "python": platform.python_version()},
-    }
-    (folder / "metadata.json").write_text(json.dumps(metadata, indent=1))
-    if readme is not None:
-        (folder / "README.md").write_text(readme)
-    preset = _read(folder)
-    preset.verify()
-    return preset
+    final = pathlib.Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Built and verified in a sibling folder, then swapped in: an interrupted save never
+    # leaves weights that disagree with the recorded sha256.
+    folder = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(folder, 0o755)
+    try:
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, folder / name)
+        model.save_weights(folder / "model.weights.h5")
+        (folder / "config.json").write_text(json.dumps({"model": model.get_config()},
+                                                       indent=1))
+        (folder / "preprocess.json").write_text(json.dumps(preprocess, indent=2,
+                                                           sort_keys=True))
+        (folder / "labels.json").write_text(json.dumps({"classes": labels}, indent=1))
+        metadata = {
+            "name": final.name,
+            **metadata,
+            "weights_sha256": sha256(folder / "model.weights.h5"),
+            "framework": {"keras": keras.__version__, "backend": keras.backend.backend(),
+                          "python": platform.python_version()},
+        }
+        (folder / "metadata.json").write_text(json.dumps(metadata, indent=1))
+        if readme is not None:
+            (folder / "README.md").write_text(readme)
+        _read(folder).verify()
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(folder, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(folder, final)
+    finally:
+        if folder.exists():
+            shutil.rmtree(folder)
+    return _read(final)

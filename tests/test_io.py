@@ -160,6 +160,7 @@ def test_labels_grid_must_match_image(tmp_path, image):
     nib.save(nib.Nifti1Image(np.zeros((20, 18, 16), np.int16), shifted), wrong_affine)
     message = _error(io.read_labels, wrong_affine, like=scan)
     assert "affine differs" in message and "scan.nii.gz" in message
+    assert "by up to 0.5 mm" in message  # the grid shift in mm, not a matrix entry
     same = tmp_path / "same.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 18, 16), np.int16), affine), same)
     assert io.read_labels(same, like=scan).shape == scan.shape

@@ -3,6 +3,7 @@
 The networks are untrained: these tests check geometry and plumbing (native grids, affines,
 orientation invariance, files, errors), not accuracy.
 """
+import dataclasses
 import os
 
 import keras
@@ -14,6 +15,7 @@ from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
 from dazoo.cli import main
 from dazoo.errors import DazooInputError
 from dazoo.hub import load
+from dazoo.pipeline import Pipeline
 from dazoo.presets import get_preset, save_preset
 from dazoo.synthetic import make_subjects
 
@@ -116,6 +118,11 @@ def test_register_outputs_live_on_the_fixed_grid(preset_dir, scans, tmp_path):
     assert [os.path.basename(p) for p in written] == ["moved.nii.gz", "warp.nii.gz",
                                                       "moved_labels.nii.gz"]
     assert nib.load(tmp_path / "warp.nii.gz").shape == fixed_img.shape + (1, 3)
+    # Moved labels asked of a result without them: refused before anything is written.
+    unlabelled = dataclasses.replace(result, moved_labels=None)
+    with pytest.raises(DazooInputError, match="no moving label map"):
+        unlabelled.save(moved=tmp_path / "moved2.nii.gz", moved_labels=tmp_path / "ml.nii.gz")
+    assert not (tmp_path / "moved2.nii.gz").exists()
 
 
 def test_identity_registration_of_an_image_onto_itself(preset_dir, scans):
@@ -167,6 +174,37 @@ def test_cli_segment_register_list_and_errors(preset_dir, scans, tmp_path, capsy
     assert "untrained preset" in capsys.readouterr().out
     assert main(["segment", moving, "-o", str(tmp_path / "y.nii.gz"), "--preset", "nope"]) == 2
     assert "no such preset" in capsys.readouterr().err
+
+    # Two inputs with one file name would write one output twice: refused before any work.
+    twin = tmp_path / "twin" / os.path.basename(moving)
+    twin.parent.mkdir()
+    twin.write_bytes(open(moving, "rb").read())
+    assert main(["segment", moving, str(twin), "-o", str(tmp_path / "twins"),
+                 "--preset", str(preset_dir)]) == 2
+    assert "same file name" in capsys.readouterr().err
+    assert not (tmp_path / "twins").exists()
+    # Asking for moved labels without moving labels writes nothing.
+    assert main(["register", moving, fixed, "--moved", str(tmp_path / "m2.nii.gz"),
+                 "--moved-labels", str(tmp_path / "ml2.nii.gz"),
+                 "--preset", str(preset_dir)]) == 2
+    assert not (tmp_path / "m2.nii.gz").exists()
+
+
+def test_saving_a_preset_again_replaces_it_whole_or_not_at_all(preset_dir, tmp_path):
+    folder = tmp_path / "copy"
+    preset = get_preset(preset_dir)
+    model = Pipeline(preset).model
+    kwargs = dict(model=model, preprocess=preset.read_json("preprocess.json"),
+                  labels=preset.read_json("labels.json")["classes"],
+                  metadata={"description": "first"})
+    save_preset(folder, **kwargs)
+    with pytest.raises(OSError):
+        save_preset(folder, **{**kwargs, "metadata": {"description": "second"}},
+                    files={"template.nii.gz": tmp_path / "missing.nii.gz"})
+    kept = get_preset(folder)
+    kept.verify()
+    assert kept.metadata["description"] == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folder left
 
 
 def test_help_is_fast_and_imports_no_keras():

@@ -72,6 +72,21 @@ def training_record(run: pathlib.Path, steps_completed: int) -> dict:
             else None}
 
 
+def train_options(args: dict) -> str:
+    """The training run's options that differ from train.py's defaults, as command flags."""
+    from train import build_parser
+
+    defaults = vars(build_parser().parse_args([]))
+    flags = []
+    for key, value in args.items():
+        if key in ("work", "out", "steps", "checkpoint_every", "validate_every") or \
+                key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value}")
+    return "".join(" " + f for f in flags)
+
+
 def _fmt(summary, key, scale=1.0, digits=3):
     return f"{scale * summary[key]:.{digits}f}" if summary and key in summary else "not measured"
 
@@ -169,7 +184,10 @@ def render_card(meta: dict) -> str:
         "not available here and were never used.",
         "- Classes: background + the 62 DKT31 regions. The ids 1032/1033/2032/2033 (frontal "
         "and temporal poles, not part of DKT31, present in a few subjects) were set to background.",
-        f"- Model: DeepAtlas (joint mode, all training images labelled), registration network "
+        f"- Model: DeepAtlas ({args['mode']} mode, "
+        + ("all training images labelled" if args["labelled"] == "all" else
+           f"the first {args['labelled']} training images labelled, the others unlabelled")
+        + "), registration network "
         "VoxelMorph VxmDense (default features, 7 scaling-and-squaring steps at half "
         "resolution), segmentation network 3D U-Net (2 convolutions per level, instance norm; "
         "trained with bfloat16 arithmetic, shipped for float32 inference).",
@@ -178,7 +196,9 @@ def render_card(meta: dict) -> str:
         "cross-entropy. Adam, learning rates "
         f"{args['reg_lr']} (registration) / {args['seg_lr']} (segmentation); batch 1; "
         f"{args['registration_steps']}:{args['segmentation_steps']} alternation.",
-        f"- Steps: {train['steps_completed']} in total (half per network), seed {args['seed']}"
+        f"- Steps: {train['steps_completed']} in total, alternating "
+        f"{args['registration_steps']} registration : {args['segmentation_steps']} "
+        f"segmentation, seed {args['seed']}"
         + (f" (launched for {args['steps']} and stopped at this checkpoint for lack of CPU "
            "time; the learning rates are constant and each step's data is drawn from "
            "(seed, step), so the command below with this step count reproduces it)"
@@ -192,8 +212,8 @@ def render_card(meta: dict) -> str:
         "```bash",
         "python examples/brain/prepare.py --data ../shared/data/mindboggle-oasis-trt20 "
         "--work work_cache/brain",
-        f"python examples/brain/train.py --work work_cache/brain --out work_cache/brain/run "
-        f"--steps {train['steps_completed']}",
+        "python examples/brain/train.py --work work_cache/brain --out work_cache/brain/run "
+        f"--steps {train['steps_completed']}{train_options(args)}",
         "python examples/brain/package.py --checkpoint work_cache/brain/run/checkpoint.keras "
         "--out pretrained/brain",
         "python examples/brain/evaluate.py --preset pretrained/brain --ants "

@@ -77,8 +77,10 @@ def main(argv=None):
         start = time.perf_counter()
         image = pre.apply(data / name / "t1weighted_brain.nii.gz")
         labels = pre.apply_labels(data / name / "labels.DKT31.manual.nii.gz", image)
-        np.savez_compressed(out, image=image.array, labels=labels.astype(np.int16),
+        tmp = out.with_name(f".{out.name}.tmp.npz")  # atomic: no truncated cache entry
+        np.savez_compressed(tmp, image=image.array, labels=labels.astype(np.int16),
                             chain=json.dumps(image.chain()))
+        os.replace(tmp, out)
         print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
 
 

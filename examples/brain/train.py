@@ -52,7 +52,7 @@ def build_model(shape, mode, registration_steps, segmentation_steps):
 
 
 class Augmenter:
-    """Random small affine (rotation, scale, shift) + intensity (gamma, bias) per volume."""
+    """Random small affine (rotation, scale, shift) + intensity (gamma) per volume."""
 
     def __init__(self, *, rotation_deg=4.0, scale=0.04, shift_vox=2.0, gamma=0.2):
         self.rotation = np.deg2rad(rotation_deg)
@@ -123,7 +123,7 @@ def save_checkpoint(model, out: pathlib.Path):
     os.replace(tmp, out / "checkpoint.keras")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="work_cache/brain")
     parser.add_argument("--out", default="work_cache/brain/run")
@@ -146,7 +146,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--validate-every", type=int, default=500)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     import keras
 
