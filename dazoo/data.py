@@ -49,6 +49,7 @@ import scipy.ndimage as ndi
 
 from dazoo.errors import DazooInputError
 from dazoo.io import WRITABLE, Volume, stem
+from dazoo.models.deep_atlas import BATCH_KEYS  # the keys DeepAtlas.train_step reads
 from dazoo.preprocess import Preprocessed, Preprocessor
 
 __all__ = [
@@ -64,8 +65,6 @@ __all__ = [
     "BATCH_KEYS",
 ]
 
-BATCH_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_labelled",
-              "fixed_labelled")
 
 
 # ----------------------------------------------------------------------------- manifests
