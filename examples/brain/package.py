@@ -15,6 +15,7 @@ import copy
 import json
 import pathlib
 import re
+import statistics
 import sys
 
 DKT31_NAMES = {
@@ -104,6 +105,40 @@ def _summary(ev: dict) -> dict:
     return out
 
 
+def targets(seg: dict, reg: dict, syn: dict, speed: dict | None) -> list[str]:
+    """The project's goals for this preset next to what was measured (met or not)."""
+    if not (seg and reg and syn):
+        return []
+
+    def verdict(ok):
+        return "met" if ok else "**not met**"
+
+    lines = [
+        "Against the project's goals for this preset:",
+        "",
+        f"- segmentation mean Dice >= 0.80 over the 62 regions: {seg['mean_dice']:.3f}, "
+        f"{verdict(seg['mean_dice'] >= 0.80)};",
+        f"- registration mean Dice >= 0.55: {reg['mean_dice']:.3f}, "
+        f"{verdict(reg['mean_dice'] >= 0.55)} (ANTs SyN on the same pairs: "
+        f"{syn['mean_dice']:.3f});",
+        f"- folding < 0.1 % of voxels: {100 * reg['folding_fraction']:.4f} %, "
+        f"{verdict(reg['folding_fraction'] < 1e-3)};",
+        f"- >= 10x faster than SyN: {syn['seconds'] / reg['seconds']:.1f}x per pair in "
+        "process (dazoo: reading the moving scan, affine alignment of both scans, prediction, "
+        "resampling onto the fixed grid; "
+        "ANTs: its registration call alone)"
+        + (f", {syn['seconds'] / statistics.median(speed['cli_register_seconds']):.1f}x "
+           "counting dazoo's whole `dazoo register` command" if speed else "")
+        + f", {verdict(syn['seconds'] / reg['seconds'] >= 10)};",
+    ]
+    if speed:
+        seg_s = statistics.median(speed["cli_segment_seconds"])
+        reg_s = statistics.median(speed["cli_register_seconds"])
+        lines += [f"- end-to-end `dazoo segment` < 20 s: {seg_s:.1f} s, {verdict(seg_s < 20)}; "
+                  f"`dazoo register` < 30 s: {reg_s:.1f} s, {verdict(reg_s < 30)}."]
+    return lines + [""]
+
+
 def render_card(meta: dict) -> str:
     """The model card (README.md) from the metadata, every number taken from it."""
     ev = meta.get("evaluation", {})
@@ -172,6 +207,7 @@ def render_card(meta: dict) -> str:
             lines.append(f"- {name}: voxel agreement {value['voxel_agreement']:.4f}, "
                          f"mean Dice {value['mean_dice']:.3f}")
         lines.append("")
+    lines += targets(seg, reg, syn, ev.get("speed"))
     lines += [
         "Timings: the 2-core CPU machine this was built on; " + ev.get("machine", "")
         + " Reproduce with the evaluation command below.",
