@@ -66,6 +66,12 @@ def _measure(shape, classes, steps, jit, precision, inference_only):
             model.train_on_batch(batch)
             if step >= 4:  # two warm-up steps of each phase (tracing/compilation)
                 times[registration].append(time.perf_counter() - start)
+            # What is measured so far, in case a later step is killed (out of memory).
+            print("PROGRESS " + json.dumps({
+                "phase": "reg" if registration else "seg", "step": step,
+                "seconds": time.perf_counter() - start,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}),
+                flush=True)
         result["reg_step_s"] = statistics.median(times[True])
         result["seg_step_s"] = statistics.median(times[False])
         result["joint_step_s"] = result["reg_step_s"] + result["seg_step_s"]
@@ -102,8 +108,21 @@ def _run_child(shape, args, inference):
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"shape": shape, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    progress = [json.loads(line[9:]) for line in proc.stdout.splitlines()
+                if line.startswith("PROGRESS ")]
+    if proc.returncode in (-9, 137):
+        reason = "killed (SIGKILL: out of memory)"
+    else:
+        tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines()
+                if not line.startswith(("I0000", "W0000", "E0000"))][-2:]
+        reason = f"exit {proc.returncode}: " + " | ".join(tail)
+    if progress:
+        last = progress[-1]
+        reason += (f" during a {'registration' if last['phase'] == 'seg' else 'segmentation'}"
+                   f" step after {len(progress)} completed steps; completed steps: "
+                   + ", ".join(f"{p['phase']} {p['seconds']:.1f} s" for p in progress)
+                   + f"; peak {max(p['peak_rss_gib'] for p in progress):.1f} GiB before that")
+    return {"shape": shape, "error": reason}
 
 
 def main(argv=None):
