@@ -41,7 +41,7 @@ def score_labels(truth: np.ndarray, prediction: np.ndarray, ids: Sequence[int]) 
     Ids absent from both maps are left out of the means (NaN).
     """
     per_id = dice_per_label(truth, prediction, ids)
-    merged_ids = sorted({int(i) - 1000 if 2000 <= i < 3000 else int(i) for i in ids})
+    merged_ids = sorted({int(i) for i in merge_left_right(np.asarray(ids))})
     per_merged = dice_per_label(merge_left_right(truth), merge_left_right(prediction), merged_ids)
     return {
         "dice": per_id,

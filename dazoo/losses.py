@@ -221,9 +221,14 @@ def soft_dice_scores(y_true, y_pred, *, include_background: bool = True):
         y_true = y_true[..., 1:]
         y_pred = y_pred[..., 1:]
     axes = _spatial_axes(y_true)
-    top = 2.0 * ops.sum(y_true * y_pred, axis=axes)
-    bottom = ops.maximum(ops.sum(y_true + y_pred, axis=axes), 1e-5)
-    return ops.divide_no_nan(top, bottom)
+    return dice_from_sums(ops.sum(y_true * y_pred, axis=axes), ops.sum(y_true, axis=axes),
+                          ops.sum(y_pred, axis=axes))
+
+
+def dice_from_sums(intersection, true_sum, pred_sum):
+    """Soft Dice ``2 * I / max(T + P, 1e-5)`` from per-class sums over voxels (VoxelMorph's
+    definition, as :func:`soft_dice_scores`)."""
+    return ops.divide_no_nan(2.0 * intersection, ops.maximum(true_sum + pred_sum, 1e-5))
 
 
 @_register

@@ -31,7 +31,7 @@ from keras import ops
 
 from dazoo import ops as spatial_ops
 from dazoo.layers import SpatialTransformer
-from dazoo.losses import DiceCE, Grad, NCC, SoftDice, soft_dice_scores
+from dazoo.losses import DiceCE, Grad, NCC, SoftDice, dice_from_sums, soft_dice_scores
 
 __all__ = ["DeepAtlas", "BATCH_KEYS", "MODES"]
 
@@ -345,7 +345,7 @@ class DeepAtlas(keras.Model):
         intersection, moved_sum = spatial_ops.warped_label_overlap(
             moving_classes, displacement, fixed_segmentation, self.num_classes)
         fixed_sum = ops.sum(fixed_segmentation, axis=(1, 2, 3))
-        dice = ops.divide_no_nan(2.0 * intersection, ops.maximum(moved_sum + fixed_sum, 1e-5))
+        dice = dice_from_sums(intersection, fixed_sum, moved_sum)
         if not self.anatomy_loss.include_background:
             dice = dice[:, 1:]
         return 1.0 - ops.mean(dice, axis=-1)
