@@ -77,3 +77,41 @@ def test_one_shot_table_reports_paired_changes(one_shot):
     assert "segmentation: +2.0 Dice points, 1 of 2 improved" in table
     assert "| DeepAtlas joint | 0.467 |" in table
     assert "starting point" not in table  # rows appear only for runs that were evaluated
+
+
+def test_card_only_update_adds_one_shot_and_keeps_weights(tmp_path):
+    import json
+    import shutil
+
+    from dazoo.presets import get_preset, sha256
+
+    package = _load("package")
+    shipped = pathlib.Path(__file__).resolve().parents[1] / "pretrained" / "brain"
+    folder = tmp_path / "brain"
+    shutil.copytree(shipped, folder)
+    weights_before = sha256(folder / "model.weights.h5")
+    meta_before = json.loads((folder / "metadata.json").read_text())
+    meta_before.pop("one_shot", None)
+    results = {
+        "labelled_subject": "subject-A", "unlabelled": 11,
+        "pretrain_registration_steps": 7, "pretrain_segmentation_steps": 9,
+        "steps_per_network": 5, "command": "python examples/brain/one_shot.py --steps 5",
+        "registration_only": _result({"a -> b": 0.40, "b -> a": 0.50}, {"a": 0.2}),
+        "segmentation_only": _result({"a -> b": 0.1, "b -> a": 0.1}, {"a": 0.30}),
+        "joint": _result({"a -> b": 0.43, "b -> a": 0.49}, {"a": 0.35}),
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+
+    package.main(["--card-only", "--out", str(folder),
+                  "--one-shot", str(tmp_path / "results.json")])
+
+    assert sha256(folder / "model.weights.h5") == weights_before
+    get_preset(folder).verify()
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta.pop("one_shot") == results
+    assert meta == meta_before  # nothing else in the metadata changed
+    card = (folder / "README.md").read_text()
+    assert "## The paper's one-shot experiment" in card
+    assert "1 training subject (subject-A) keeps its labels" in card
+    assert "registration: +1.0 Dice points, 1 of 2 improved" in card
+    assert "--one-shot work_cache/brain/one_shot/results.json" in card

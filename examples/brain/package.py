@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import pathlib
 import re
 import statistics
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # train.py, one_shot.py
 
 DKT31_NAMES = {
     2: "caudalanteriorcingulate", 3: "caudalmiddlefrontal", 5: "cuneus", 6: "entorhinal",
@@ -143,7 +146,6 @@ def one_shot_section(results: dict | None) -> list[str]:
     """The card's section on the paper's one-shot experiment (not the shipped weights)."""
     if not results:
         return []
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
     from one_shot import markdown  # noqa: E402
 
     return [
@@ -314,6 +316,33 @@ def render_card(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def update_card(folder: str | os.PathLike, *, evaluation: str | None = None,
+                one_shot: str | None = None, machine: str = "") -> None:
+    """Adds results to an existing preset's metadata and re-renders its card; weights untouched.
+
+    The preset is loaded and its weights checked against the recorded sha256 before and
+    after; both files are written atomically (metadata first, then the card from it).
+    """
+    from dazoo.io import write_text_atomic
+    from dazoo.presets import get_preset
+
+    folder = pathlib.Path(folder)
+    get_preset(folder).verify()
+    meta = json.loads((folder / "metadata.json").read_text())
+    if evaluation:
+        machine = machine or meta.get("evaluation", {}).get("machine", "")
+        meta["evaluation"] = json.loads(pathlib.Path(evaluation).read_text())
+        meta["evaluation"]["machine"] = machine
+        meta["summary"] = _summary(meta["evaluation"])
+    if one_shot:
+        meta["one_shot"] = json.loads(pathlib.Path(one_shot).read_text())
+    write_text_atomic(folder / "metadata.json", json.dumps(meta, indent=1))
+    write_text_atomic(folder / "README.md", render_card(meta))
+    get_preset(folder).verify()
+    print(f"updated the card of {folder} (weights sha256 {meta['weights_sha256'][:16]}..., "
+          "unchanged)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="work_cache/brain")
@@ -325,14 +354,21 @@ def main(argv=None):
     parser.add_argument("--one-shot", help="results.json from one_shot.py, for the card")
     parser.add_argument("--machine", default="",
                         help="one sentence on the machine the timings come from")
+    parser.add_argument("--card-only", action="store_true",
+                        help="keep the weights and metadata of the preset in --out; only add "
+                             "--evaluation / --one-shot to its metadata and re-render README.md "
+                             "(no checkpoint needed)")
     args = parser.parse_args(argv)
+    if args.card_only:
+        update_card(args.out, evaluation=args.evaluation, one_shot=args.one_shot,
+                    machine=args.machine)
+        return 0
 
     import keras
 
     import dazoo.models  # noqa: F401  (registers dazoo's classes for load_model)
     from dazoo.presets import save_preset
 
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
     from train import DKT31_IDS  # noqa: E402
 
     work, checkpoint = pathlib.Path(args.work), pathlib.Path(args.checkpoint)
