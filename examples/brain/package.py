@@ -146,7 +146,7 @@ def one_shot_section(results: dict | None) -> list[str]:
     """The card's section on the paper's one-shot experiment (not the shipped weights)."""
     if not results:
         return []
-    from one_shot import markdown  # noqa: E402
+    from one_shot import markdown
 
     return [
         "## The paper's one-shot experiment",
@@ -316,6 +316,17 @@ def render_card(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def add_results(meta: dict, *, evaluation: str | None, one_shot: str | None,
+                machine: str) -> None:
+    """Puts evaluate.py's and one_shot.py's JSON results (paths; None: keep) into ``meta``."""
+    if evaluation:
+        meta["evaluation"] = json.loads(pathlib.Path(evaluation).read_text())
+        meta["evaluation"]["machine"] = machine
+        meta["summary"] = _summary(meta["evaluation"])
+    if one_shot:
+        meta["one_shot"] = json.loads(pathlib.Path(one_shot).read_text())
+
+
 def update_card(folder: str | os.PathLike, *, evaluation: str | None = None,
                 one_shot: str | None = None, machine: str = "") -> None:
     """Adds results to an existing preset's metadata and re-renders its card; weights untouched.
@@ -329,13 +340,8 @@ def update_card(folder: str | os.PathLike, *, evaluation: str | None = None,
     folder = pathlib.Path(folder)
     get_preset(folder).verify()
     meta = json.loads((folder / "metadata.json").read_text())
-    if evaluation:
-        machine = machine or meta.get("evaluation", {}).get("machine", "")
-        meta["evaluation"] = json.loads(pathlib.Path(evaluation).read_text())
-        meta["evaluation"]["machine"] = machine
-        meta["summary"] = _summary(meta["evaluation"])
-    if one_shot:
-        meta["one_shot"] = json.loads(pathlib.Path(one_shot).read_text())
+    add_results(meta, evaluation=evaluation, one_shot=one_shot,
+                machine=machine or meta.get("evaluation", {}).get("machine", ""))
     write_text_atomic(folder / "metadata.json", json.dumps(meta, indent=1))
     write_text_atomic(folder / "README.md", render_card(meta))
     get_preset(folder).verify()
@@ -403,12 +409,8 @@ def main(argv=None):
         "citation": CITATIONS,
         "intended_use": "Research on skull-stripped adult T1 brain MRI. Not for clinical use.",
     }
-    if args.evaluation:
-        metadata["evaluation"] = json.loads(pathlib.Path(args.evaluation).read_text())
-        metadata["evaluation"]["machine"] = args.machine
-        metadata["summary"] = _summary(metadata["evaluation"])
-    if args.one_shot:
-        metadata["one_shot"] = json.loads(pathlib.Path(args.one_shot).read_text())
+    add_results(metadata, evaluation=args.evaluation, one_shot=args.one_shot,
+                machine=args.machine)
     readme = render_card(metadata)
     preset = save_preset(args.out, model=model, preprocess=preprocess,
                          labels=label_table(DKT31_IDS), metadata=metadata,
