@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["dazoo", "dazoo.models", "dazoo.pretrained"],
+    packages=["dazoo", "dazoo.models", "dazoo.training", "dazoo.pretrained"],
     package_dir={"dazoo.pretrained": "pretrained"},
     package_data={"dazoo.pretrained": ["*/*", "*.md"]},
     include_package_data=False,

@@ -160,7 +160,7 @@ def _add_register(sub) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from dazoo.data import load_subjects
+    from dazoo.training import load_subjects
     from dazoo.evaluate import evaluate_registration, evaluate_segmentation, summarise
     from dazoo.hub import load
 

@@ -7,8 +7,9 @@ through the predicted transform and scored against the fixed manual labels; the 
 fraction of each transform is reported.
 
 Dice is reported per label id, as the mean over the preset's labels, and (the DeepAtlas
-paper's protocol for DKT labels) over regions with left and right merged (FreeSurfer ids
-``2xxx`` counted as their left twin ``1xxx``).
+paper's protocol for DKT labels) over regions with left and right merged
+(:func:`dazoo.labels.merge_left_right`: FreeSurfer ids ``2xxx`` counted as their left twin
+``1xxx``, subcortical right ids such as 53 as their left twin 17).
 """
 from __future__ import annotations
 
@@ -19,20 +20,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dazoo import io
+from dazoo.labels import merge_left_right
 from dazoo.metrics import dice_per_label
 
 __all__ = ["merge_left_right", "score_labels", "evaluate_segmentation", "evaluate_registration",
            "summarise"]
-
-
-def merge_left_right(labels: np.ndarray) -> np.ndarray:
-    """FreeSurfer cortical ids: right ``2xxx`` -> left ``1xxx`` (the region keeps its left
-    id, so merged ids never collide with subcortical ids); others unchanged."""
-    labels = np.asarray(labels)
-    merged = labels.copy()
-    right = (labels >= 2000) & (labels < 3000)
-    merged[right] = labels[right] - 1000
-    return merged
 
 
 def score_labels(truth: np.ndarray, prediction: np.ndarray, ids: Sequence[int]) -> dict:
@@ -60,7 +52,7 @@ def evaluate_segmentation(pipeline, subjects, *, log: Callable[[str], None] = pr
 
     Args:
         pipeline: a :class:`dazoo.pipeline.Pipeline`.
-        subjects: :class:`dazoo.data.Subject` items (those without labels are skipped).
+        subjects: :class:`dazoo.training.Subject` items (those without labels are skipped).
 
     Returns:
         one dict per subject: ``name``, ``seconds`` and the fields of :func:`score_labels`.
@@ -85,7 +77,7 @@ def evaluate_registration(pipeline, subjects, *, pairs: Sequence[tuple[int, int]
 
     Args:
         pipeline: a :class:`dazoo.pipeline.Pipeline`.
-        subjects: :class:`dazoo.data.Subject` items with labels.
+        subjects: :class:`dazoo.training.Subject` items with labels.
         pairs: ``(moving index, fixed index)`` into ``subjects``; default every ordered pair.
 
     Returns:

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from dazoo.training.batch import make_batch
+
 __all__ = ["template", "random_smooth_displacement", "make_subject", "make_subjects",
            "pair_batch"]
 
@@ -88,30 +90,14 @@ def make_subjects(count: int, shape: Sequence[int], *, num_classes: int = 4, see
 
 
 def pair_batch(subjects, pairs: Sequence[tuple[int, int]], labelled: Sequence[bool]) -> dict:
-    """A DeepAtlas training batch (see :mod:`dazoo.models.deep_atlas`) from subject pairs.
+    """A DeepAtlas training batch (:mod:`dazoo.training.batch`) from subject pairs.
 
     Args:
         subjects: list of ``(image, labels)``.
         pairs: ``(moving index, fixed index)`` per sample.
         labelled: per subject, whether its label map may be used.
     """
-    moving, fixed = zip(*pairs)
+    def side(i):
+        return subjects[i][0], (subjects[i][1] if labelled[i] else None)
 
-    def stack(indices, item):
-        return np.stack([subjects[i][item] for i in indices])
-
-    def flags(indices):
-        return np.array([float(labelled[i]) for i in indices], np.float32)
-
-    def labels(indices):
-        return np.stack([subjects[i][1] if labelled[i] else np.zeros_like(subjects[i][1])
-                         for i in indices]).astype(np.int32)
-
-    return {
-        "moving": stack(moving, 0)[..., None],
-        "fixed": stack(fixed, 0)[..., None],
-        "moving_labels": labels(moving),
-        "fixed_labels": labels(fixed),
-        "moving_labelled": flags(moving),
-        "fixed_labelled": flags(fixed),
-    }
+    return make_batch([side(m) + side(f) for m, f in pairs])

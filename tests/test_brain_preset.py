@@ -48,7 +48,7 @@ def test_brain_model_runs_on_its_grid():
 def test_brain_preset_on_a_validation_scan():
     """Segmentation and registration of held-out Mindboggle scans, at native 1 mm."""
     import dazoo
-    from dazoo.data import Subject
+    from dazoo.training import Subject
     from dazoo.evaluate import evaluate_registration, evaluate_segmentation
 
     meta = get_preset("brain").metadata

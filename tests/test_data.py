@@ -1,4 +1,4 @@
-"""dazoo.data: manifests, label maps, the preprocessing cache, pair datasets, augmentation."""
+"""dazoo.training data stack: manifests, label maps, the preprocessing cache, pair datasets, augmentation."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from dazoo import data, io
+from dazoo import io
+from dazoo import training as data
 from dazoo import preprocess as pp
 from dazoo.errors import DazooInputError
 

@@ -14,13 +14,10 @@ optimizer, while the other is held fixed:
   labelled: the warped manual labels against the prediction on the other image, or the
   warped prediction against the other image's manual labels.
 
-Training batches are dicts with these keys (see :data:`BATCH_KEYS`):
-
-* ``"moving"``, ``"fixed"``: images ``(batch, D, H, W, 1)``, float32;
-* ``"moving_labels"``, ``"fixed_labels"``: label maps ``(batch, D, H, W)`` of contiguous
-  class indices ``0..K-1`` (anything, e.g. zeros, where unlabelled);
-* ``"moving_labelled"``, ``"fixed_labelled"``: per-sample flags ``(batch,)``, 1 where the
-  label map is a manual one, 0 where it must not be used.
+Training batches follow the contract of :mod:`dazoo.training.batch` (:data:`BATCH_KEYS`):
+images ``"moving"``/``"fixed"`` ``(batch, D, H, W, 1)``, class maps ``"moving_labels"``/
+``"fixed_labels"`` ``(batch, D, H, W)`` and per-sample flags ``"moving_labelled"``/
+``"fixed_labelled"`` (1 where the label map is a manual one).
 """
 from __future__ import annotations
 
@@ -33,11 +30,9 @@ from dazoo import ops as spatial_ops
 from dazoo.layers import SpatialTransformer
 from dazoo.losses import DiceCE, Grad, NCC, SoftDice, dice_from_sums, soft_dice_scores
 
-__all__ = ["DeepAtlas", "BATCH_KEYS", "MODES"]
+from dazoo.training.batch import BATCH_KEYS, MODES, Schedule
 
-BATCH_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_labelled",
-              "fixed_labelled")
-MODES = ("joint", "registration_only", "segmentation_only")
+__all__ = ["DeepAtlas", "BATCH_KEYS", "MODES"]
 
 _REGISTRATION_METRICS = ("reg_loss", "reg_similarity", "reg_smoothness", "reg_anatomy")
 _SEGMENTATION_METRICS = ("seg_loss", "seg_supervised", "seg_anatomy")
@@ -124,7 +119,7 @@ class DeepAtlas(keras.Model):
     onto the fixed image).
 
     ``fit`` takes batches of the dict format described in :mod:`dazoo.models.deep_atlas`
-    (e.g. from :class:`dazoo.data.PairDataset`). Each training step is either a
+    (e.g. from :class:`dazoo.training.PairDataset`). Each training step is either a
     registration step or a segmentation step, on a fixed cycle of ``registration_steps``
     registration steps followed by ``segmentation_steps`` segmentation steps (counted from
     the two optimizers' iterations, so it resumes where it stopped).
@@ -159,10 +154,7 @@ class DeepAtlas(keras.Model):
         name: str = "deep_atlas",
         **kwargs,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if registration_steps < 1 or segmentation_steps < 1:
-            raise ValueError("registration_steps and segmentation_steps must be >= 1")
+        Schedule(mode, registration_steps, segmentation_steps)  # checks the three
         reg_shape = tuple(registration_net.inputs[0].shape[1:-1])
         seg_shape = tuple(segmentation_net.inputs[0].shape[1:-1])
         if reg_shape != seg_shape:
@@ -531,6 +523,12 @@ class DeepAtlas(keras.Model):
              for side in ("moving", "fixed")],
             self.segmentation_net, self.seg_optimizer, after=displacement,
         )
+
+    @property
+    def schedule(self) -> Schedule:
+        """The phase of each step (shared with the datasets, which draw labelled images for
+        segmentation steps)."""
+        return Schedule(self.mode, self.registration_steps, self.segmentation_steps)
 
     def is_registration_turn(self):
         """Whether the next training step is a registration step (a boolean tensor)."""

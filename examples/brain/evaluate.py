@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from dazoo import io
-from dazoo.data import Subject
+from dazoo.training import Subject
 from dazoo.evaluate import evaluate_registration, evaluate_segmentation, score_labels, summarise
 from dazoo.hub import load
 

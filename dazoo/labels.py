@@ -1,0 +1,155 @@
+"""Label tables: label ids <-> contiguous classes, and the one left/right merge rule.
+
+:func:`left_id` / :func:`merge_left_right` are the only place that knows which FreeSurfer /
+DKT ids are the right twin of which left id; :class:`LabelMap` (training) and
+:mod:`dazoo.evaluate` (merged Dice) both use them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from dazoo.errors import DazooInputError
+from dazoo.io import Volume
+
+__all__ = ["LabelMap", "left_id", "merge_left_right"]
+
+#: FreeSurfer subcortical right -> left ids (FreeSurferColorLUT), plus Mindboggle's basal
+#: forebrain (92 -> 91). Cortical parcellations use 2xxx -> 1xxx (DK/DKT) and 12xxx -> 11xxx
+#: (Destrieux).
+_RIGHT_TO_LEFT = {40: 1, 41: 2, 42: 3, 43: 4, 44: 5, 46: 7, 47: 8, 48: 9, 49: 10, 50: 11,
+                  51: 12, 52: 13, 53: 17, 54: 18, 58: 26, 59: 27, 60: 28, 61: 29, 62: 30,
+                  63: 31, 92: 91}
+
+
+def left_id(label: int) -> int:
+    """The left twin of a right-hemisphere id (``2035 -> 1035``, ``53 -> 17``); others unchanged."""
+    label = int(label)
+    if 2000 <= label < 3000 or 12000 <= label < 13000:
+        return label - 1000
+    return _RIGHT_TO_LEFT.get(label, label)
+
+
+def merge_left_right(labels: np.ndarray) -> np.ndarray:
+    """Every right-hemisphere id replaced by its left twin (:func:`left_id`), same shape and
+    dtype. Merged regions keep the left id, so they never collide with other ids."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return labels.copy()
+    ids = np.unique(labels)
+    lefts = np.array([left_id(i) for i in ids], dtype=labels.dtype)
+    return lefts[np.searchsorted(ids, labels)]
+
+
+class LabelMap:
+    """Label ids <-> contiguous classes ``0..K-1`` (class 0 = background = id 0).
+
+    Args:
+        ids: the label ids to keep (0 may be included or not; it is always class 0). Classes
+            follow the sorted ids.
+        names: optional ``{id: name}``.
+        merge_left_right: give left and right structures one class (FreeSurfer/DKT ids:
+            ``2xxx -> 1xxx``, ``12xxx -> 11xxx``, subcortical pairs such as ``53 -> 17``).
+            The class's id is then the left one.
+        unknown: what an id not in ``ids`` does: ``"error"`` (default) or ``"background"``.
+
+    Example:
+
+    >>> lm = LabelMap([1002, 1003, 2002, 2003], merge_left_right=True)
+    >>> lm.num_classes, lm.ids.tolist()
+    (3, [0, 1002, 1003])
+    """
+
+    def __init__(self, ids: Iterable[int], *, names: Mapping[int, str] | None = None,
+                 merge_left_right: bool = False, unknown: str = "error"):
+        if unknown not in ("error", "background"):
+            raise DazooInputError("label map", f"unknown must be 'error' or 'background', "
+                                               f"got {unknown!r}")
+        try:
+            given = sorted({int(i) for i in ids} - {0})
+        except (TypeError, ValueError):
+            raise DazooInputError("label map", "ids must be integers") from None
+        self.merge_left_right = bool(merge_left_right)
+        self.unknown = unknown
+        self.names = {int(k): str(v) for k, v in (names or {}).items()}
+        representative = [left_id(i) if merge_left_right else i for i in given]
+        self._class_ids = np.array([0] + sorted(set(representative)), dtype=np.int64)
+        self._known = np.array([0] + given, dtype=np.int64)
+        self._classes = np.concatenate(
+            [[0], np.searchsorted(self._class_ids, representative)]).astype(np.int32)
+
+    @property
+    def num_classes(self) -> int:
+        """K, background included."""
+        return len(self._class_ids)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The id of each class (``(K,)``; the left id for merged classes)."""
+        return self._class_ids.copy()
+
+    @property
+    def known_ids(self) -> np.ndarray:
+        """Every id the map accepts, 0 included."""
+        return self._known.copy()
+
+    @property
+    def class_names(self) -> list[str]:
+        """A name per class (``"background"``, then the names given, else the ids)."""
+        return ["background"] + [self.names.get(int(i), str(int(i))) for i in self._class_ids[1:]]
+
+    def to_classes(self, labels: np.ndarray, *, source: str | None = None) -> np.ndarray:
+        """Label ids -> int32 classes (same shape).
+
+        Raises:
+            DazooInputError: ids not in the map (when ``unknown="error"``), naming ``source``.
+        """
+        labels = np.asarray(labels)
+        flat = labels.astype(np.int64, copy=False).ravel()
+        position = np.clip(np.searchsorted(self._known, flat), 0, len(self._known) - 1)
+        found = self._known[position] == flat
+        if not found.all():
+            if self.unknown == "error":
+                bad = np.unique(flat[~found])
+                shown = ", ".join(str(int(b)) for b in bad[:10]) + (" ..." if len(bad) > 10 else "")
+                raise DazooInputError(source or "label map", f"unknown label id(s) {shown}")
+            position = np.where(found, position, 0)
+        return self._classes[position].reshape(labels.shape)
+
+    def to_ids(self, classes: np.ndarray) -> np.ndarray:
+        """Classes -> label ids (int32, same shape)."""
+        classes = np.asarray(classes)
+        if classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
+            raise DazooInputError("classes", f"values must be in 0..{self.num_classes - 1}")
+        return self._class_ids.astype(np.int32)[classes]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description (for a preset's ``labels.json``)."""
+        return {"ids": self._known[1:].tolist(),
+                "names": {str(k): v for k, v in self.names.items()},
+                "merge_left_right": self.merge_left_right, "unknown": self.unknown}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LabelMap:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        extra = sorted(set(data) - {"ids", "names", "merge_left_right", "unknown"})
+        if extra:
+            raise DazooInputError("label map", f"unknown key(s) {extra}")
+        names = {int(k): v for k, v in (data.get("names") or {}).items()}
+        return cls(data["ids"], names=names, merge_left_right=data.get("merge_left_right", False),
+                   unknown=data.get("unknown", "error"))
+
+    @classmethod
+    def from_labels(cls, label_maps: Iterable[np.ndarray | Volume], **kwargs) -> LabelMap:
+        """A map of every id found in the given label arrays."""
+        ids = set()
+        for labels in label_maps:
+            array = labels.array if isinstance(labels, Volume) else np.asarray(labels)
+            ids.update(np.unique(array).tolist())
+        return cls(ids, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"LabelMap({self.num_classes} classes, merge_left_right={self.merge_left_right},"
+                f" unknown={self.unknown!r})")

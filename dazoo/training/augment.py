@@ -1,0 +1,94 @@
+"""Random spatial and intensity augmentation of training images (NumPy / SciPy)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from dazoo.errors import DazooInputError
+
+__all__ = ["Augmentation"]
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Augmentation:
+    """Random augmentation of a training image (spatial transforms also apply to its labels).
+
+    Spatial (one resampling; linear for the image, nearest for the labels, 0 outside):
+
+    Args:
+        rotation: float. Maximum rotation about each axis, degrees.
+        scale: float. Maximum relative scaling per axis (0.1 = 0.9..1.1).
+        translation: float. Maximum translation per axis, voxels.
+        elastic: float. Standard deviation of a smooth random displacement, voxels.
+        elastic_spacing: float. Spacing of its control points, voxels (smoothness).
+        gamma: float. Standard deviation of ``log(gamma)``; ``x -> x ** gamma`` on [0, 1].
+        noise: float. Standard deviation of additive Gaussian noise (normalised units).
+    """
+
+    rotation: float = 0.0
+    scale: float = 0.0
+    translation: float = 0.0
+    elastic: float = 0.0
+    elastic_spacing: float = 16.0
+    gamma: float = 0.0
+    noise: float = 0.0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise DazooInputError("augmentation", f"{field.name} must be >= 0, got {value!r}")
+        if self.elastic_spacing < 2 or self.scale >= 1:
+            raise DazooInputError("augmentation", "needs elastic_spacing >= 2 and scale < 1")
+
+    @property
+    def spatial(self) -> bool:
+        return bool(self.rotation or self.scale or self.translation or self.elastic)
+
+    def coordinates(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        """Sampling coordinates ``(3, D, H, W)`` float32: where each output voxel samples."""
+        shape = tuple(int(n) for n in shape)
+        centre = (np.array(shape) - 1) / 2
+        matrix = np.diag(rng.uniform(1 - self.scale, 1 + self.scale, 3))
+        for axis, angle in enumerate(rng.uniform(-self.rotation, self.rotation, 3)):
+            matrix = _axis_rotation(axis, np.deg2rad(angle)) @ matrix
+        shift = rng.uniform(-self.translation, self.translation, 3)
+        offset = centre - matrix @ centre + shift
+        axes = [np.arange(n, dtype=np.float32) for n in shape]
+        coords = np.empty((3,) + shape, dtype=np.float32)
+        for row in range(3):
+            coords[row] = offset[row] + sum(
+                (matrix[row, a] * axes[a]).reshape([-1 if b == a else 1 for b in range(3)])
+                for a in range(3))
+        if self.elastic:
+            coarse = tuple(int(np.ceil(n / self.elastic_spacing)) + 1 for n in shape)
+            for row in range(3):
+                control = rng.normal(0.0, self.elastic, coarse)
+                coords[row] += ndi.zoom(control, [n / c for n, c in zip(shape, coarse)],
+                                        order=3, mode="nearest", grid_mode=True)[
+                                   : shape[0], : shape[1], : shape[2]]
+        return coords
+
+    def __call__(self, image: np.ndarray, labels: np.ndarray | None,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """Augment ``image`` ``(D, H, W)`` and ``labels`` (same spatial transform)."""
+        if self.spatial:
+            coords = self.coordinates(image.shape, rng)
+            image = ndi.map_coordinates(image, coords, order=1, cval=0.0, output=np.float32)
+            if labels is not None:
+                labels = ndi.map_coordinates(labels, coords, order=0, cval=0)
+        if self.gamma:
+            image = np.clip(image, 0, None) ** np.float32(np.exp(rng.normal(0, self.gamma)))
+        if self.noise:
+            image = image + rng.normal(0, self.noise, image.shape).astype(np.float32)
+        return image.astype(np.float32, copy=False), labels
+
+
+def _axis_rotation(axis: int, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+    return matrix

@@ -1,0 +1,234 @@
+"""Pair datasets for DeepAtlas: (moving, fixed) batches mixing labelled and unlabelled images.
+
+:class:`PairDataset` is a ``keras.utils.PyDataset``; every batch follows the contract of
+:mod:`dazoo.training.batch`.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from dazoo.errors import DazooInputError
+from dazoo.labels import LabelMap
+from dazoo.preprocess import Preprocessor
+from dazoo.training.augment import Augmentation
+from dazoo.training.batch import Schedule, make_batch
+from dazoo.training.cache import VolumeCache
+from dazoo.training.subjects import Subject
+
+__all__ = ["PairDataset"]
+
+
+class PairDataset(keras.utils.PyDataset):
+    """Random (moving, fixed) pairs for DeepAtlas, mixing labelled and unlabelled images.
+
+    The images are already on the model grid (see :meth:`from_subjects` to build one from
+    files through a :class:`~dazoo.preprocess.Preprocessor` and a :class:`VolumeCache`).
+    Batch ``i`` of epoch ``e`` is drawn from ``numpy.random.default_rng([seed, 0, e, i])``:
+    the same seed gives the same batches, in any order and with any number of workers.
+
+    With a ``schedule`` (:class:`~dazoo.training.batch.Schedule`, e.g. ``model.schedule``),
+    batch ``i`` of epoch ``e`` is training step ``e * steps_per_epoch + i`` and the sampling
+    follows its phase: a segmentation step draws pairs that hold at least one labelled
+    image (on a random side), so that every segmentation step has a supervised target, and
+    ``augment_phases`` says which phases' images are augmented. To resume training at step
+    ``s`` (a multiple of ``steps_per_epoch``), set ``dataset.epoch = s // steps_per_epoch``.
+
+    Args:
+        images: sequence of ``(D, H, W)`` float arrays (one shape for all).
+        labels: sequence (same length) of ``(D, H, W)`` label-id arrays or None; or None.
+        label_map: LabelMap. Ids -> classes (default: every id found, no merging).
+        labelled: which subjects keep their labels: indices or names (``names``). Default:
+            every subject with a label map (unless ``k`` is given).
+        k: how many subjects keep their labels, chosen reproducibly (from ``seed``) among
+            those with a label map; ``k=1`` is the one-shot setting.
+        names: sequence of subject names (for ``labelled`` and messages).
+        batch_size: pairs per batch.
+        steps_per_epoch: batches per epoch (``len(dataset)``).
+        seed: int. Seed of the choice of ``k`` labelled subjects and of the pair sampling.
+        labelled_fraction: float or None. Probability that each image of a pair is drawn
+            from the labelled subjects (None: uniform over all subjects).
+        augment: Augmentation or None, applied independently to each image of a pair.
+        schedule: Schedule or None. The model's phase schedule (see above).
+        augment_phases: the phases whose batches are augmented (default both; needs a
+            ``schedule`` to tell the phases apart).
+        **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of PyDataset.
+
+    Example:
+
+    >>> data = PairDataset(images, labels, k=1, batch_size=2, steps_per_epoch=50)  # doctest: +SKIP
+    >>> batch = data[0]; sorted(batch)                                             # doctest: +SKIP
+    """
+
+    def __init__(self, images: Sequence[np.ndarray],
+                 labels: Sequence[np.ndarray | None] | None = None, *,
+                 label_map: LabelMap | None = None,
+                 labelled: Sequence[int | str] | None = None, k: int | None = None,
+                 names: Sequence[str] | None = None, batch_size: int = 1,
+                 steps_per_epoch: int = 100, seed: int = 0,
+                 labelled_fraction: float | None = None,
+                 augment: Augmentation | None = None, schedule: Schedule | None = None,
+                 augment_phases: Sequence[str] = ("registration", "segmentation"), **kwargs):
+        super().__init__(**kwargs)
+        self.images = [np.ascontiguousarray(i, dtype=np.float32) for i in images]
+        count = len(self.images)
+        if count < 2:
+            raise DazooInputError("dataset", "needs at least 2 images to make pairs")
+        shape = self.images[0].shape
+        if len(shape) != 3 or any(i.shape != shape for i in self.images):
+            raise DazooInputError("dataset", "images must all be 3D arrays of one shape")
+        self.names = [str(n) for n in (names if names is not None else range(count))]
+        if len(self.names) != count:
+            raise DazooInputError("dataset", "names must have one entry per image")
+        raw = list(labels) if labels is not None else [None] * count
+        if len(raw) != count:
+            raise DazooInputError("dataset", "labels must have one entry (or None) per image")
+        for name, item in zip(self.names, raw):
+            if item is not None and np.shape(item) != shape:
+                raise DazooInputError(name, f"label map shape {np.shape(item)} is not {shape}")
+        self.label_map = label_map or LabelMap.from_labels([r for r in raw if r is not None])
+        self.seed = int(seed)
+        self.labelled = _choose_labelled([r is not None for r in raw], self.names, labelled, k,
+                                         self.seed)
+        self.classes = [
+            self._classes(raw[i], self.names[i]) if i in self.labelled else None
+            for i in range(count)
+        ]
+        self.batch_size = _positive(batch_size, "batch_size")
+        self.steps_per_epoch = _positive(steps_per_epoch, "steps_per_epoch")
+        if labelled_fraction is not None and not 0 <= labelled_fraction <= 1:
+            raise DazooInputError("dataset", "labelled_fraction must be in [0, 1]")
+        self.labelled_fraction = labelled_fraction
+        self.augment = augment
+        self.schedule = schedule
+        unknown = sorted(set(augment_phases) - {"registration", "segmentation"})
+        if unknown:
+            raise DazooInputError("dataset", f"unknown augment_phases {unknown}")
+        if schedule is None and set(augment_phases) != {"registration", "segmentation"}:
+            raise DazooInputError("dataset", "augment_phases needs a schedule")
+        self.augment_phases = tuple(augment_phases)
+        self.epoch = 0
+
+    def _classes(self, labels, name):
+        classes = self.label_map.to_classes(labels, source=name)
+        dtype = np.uint8 if self.label_map.num_classes <= 256 else np.int32
+        return classes.astype(dtype)
+
+    @classmethod
+    def from_subjects(cls, subjects: Sequence[Subject], preprocessor: Preprocessor, *,
+                      cache: VolumeCache | None = None,
+                      cache_folder: str | os.PathLike | None = None,
+                      **kwargs) -> PairDataset:
+        """Preprocess (once, through the cache) and build the dataset.
+
+        Label maps are read only for the subjects that keep them (``labelled``/``k``
+        are applied to the subjects with a label file, before any is read).
+        """
+        cache = cache or VolumeCache(preprocessor, folder=cache_folder)
+        names = [s.name for s in subjects]
+        keep = set(_choose_labelled([s.labels is not None for s in subjects], names,
+                                    kwargs.pop("labelled", None), kwargs.pop("k", None),
+                                    int(kwargs.get("seed", 0))))
+        entries = [cache.get(s, with_labels=i in keep) for i, s in enumerate(subjects)]
+        images = [e.preprocessed.array for e in entries]
+        labels = [e.labels if i in keep else None for i, e in enumerate(entries)]
+        return cls(images, labels, names=names, labelled=sorted(keep), **kwargs)
+
+    # ------------------------------------------------------------------ PyDataset
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+    def step(self, index: int, epoch: int | None = None) -> int:
+        """The training step that batch ``index`` of ``epoch`` (default: the current) is."""
+        return (self.epoch if epoch is None else epoch) * self.steps_per_epoch + int(index)
+
+    def phase(self, index: int, epoch: int | None = None) -> str | None:
+        """The phase of batch ``index`` (None without a schedule)."""
+        return None if self.schedule is None else self.schedule.phase(self.step(index, epoch))
+
+    def pairs(self, index: int, epoch: int | None = None) -> list[tuple[int, int]]:
+        """The ``(moving, fixed)`` subject indices of batch ``index``."""
+        rng = self._rng(index, epoch)
+        phase = self.phase(index, epoch)
+        return [self._pair(rng, phase) for _ in range(self.batch_size)]
+
+    def _rng(self, index, epoch):
+        return np.random.default_rng([self.seed, 0, self.epoch if epoch is None else epoch, index])
+
+    def _pair(self, rng, phase=None) -> tuple[int, int]:
+        everyone = list(range(len(self.images)))
+        if phase == "segmentation" and self.labelled and len(self.labelled) < len(everyone):
+            # Every segmentation step gets a supervised target: a labelled anchor, on either
+            # side, with any other image.
+            anchor = int(rng.choice(self.labelled))
+            other = int(rng.choice([i for i in everyone if i != anchor]))
+            return (anchor, other) if rng.random() < 0.5 else (other, anchor)
+        moving = self._draw(rng, everyone)
+        others = [i for i in everyone if i != moving]
+        return moving, self._draw(rng, others)
+
+    def _draw(self, rng, pool) -> int:
+        if self.labelled_fraction is not None:
+            labelled = [i for i in pool if i in self.labelled]
+            unlabelled = [i for i in pool if i not in self.labelled]
+            if labelled and unlabelled:
+                pool = labelled if rng.random() < self.labelled_fraction else unlabelled
+        return int(rng.choice(pool))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
+        rng = self._rng(index, None)
+        phase = self.phase(index)
+        augment = self.augment if phase is None or phase in self.augment_phases else None
+        samples = []
+        for moving, fixed in [self._pair(rng, phase) for _ in range(self.batch_size)]:
+            samples.append(self._sample(moving, rng, augment) + self._sample(fixed, rng, augment))
+        return make_batch(samples)
+
+    def _sample(self, subject, rng, augment):
+        image, classes = self.images[subject], self.classes[subject]
+        if augment is not None:
+            image, classes = augment(image, classes, rng)
+        return image, classes
+
+
+def _choose_labelled(has_labels: list[bool], names: list[str], labelled, k, seed) -> list[int]:
+    """Indices of the subjects that keep their labels (see :class:`PairDataset`)."""
+    available = [i for i, has in enumerate(has_labels) if has]
+    if labelled is not None and k is not None:
+        raise DazooInputError("dataset", "give either labelled= or k=, not both")
+    if labelled is not None:
+        chosen = sorted({_subject_index(item, names) for item in labelled})
+        missing = [names[i] for i in chosen if not has_labels[i]]
+        if missing:
+            raise DazooInputError("dataset", f"subject(s) {missing} have no label map")
+        return chosen
+    if k is None:
+        return available
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= len(available):
+        raise DazooInputError(
+            "dataset", f"k must be an int in 0..{len(available)} (subjects with labels)")
+    rng = np.random.default_rng([seed, 1])
+    return sorted(int(i) for i in rng.choice(available, size=int(k), replace=False))
+
+
+def _subject_index(item, names) -> int:
+    if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+        if 0 <= item < len(names):
+            return int(item)
+    elif item in names:
+        return names.index(item)
+    raise DazooInputError("dataset", f"labelled subject {item!r} is not in the dataset")
+
+
+def _positive(value, name) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DazooInputError("dataset", f"{name} must be a positive int, got {value!r}")
+    return int(value)

@@ -1,0 +1,173 @@
+"""Training subjects: a CSV manifest or a folder -> :class:`Subject` items.
+
+Manifests (lists of :class:`Subject`) come from either
+
+* a CSV file with a header and the columns ``image`` (required), ``labels`` (optional; an
+  empty cell means "no label map") and ``name`` (optional; defaults to the image path as
+  written, without its file ending). Relative paths are relative to the CSV file's folder::
+
+      image,labels
+      scans/s01.nii.gz,segs/s01.nii.gz
+      scans/s02.mgz,
+
+* or a folder, in one of two layouts (see :func:`find_subjects`):
+
+  - ``images/<name>.nii.gz`` with optional ``labels/<name>.nii.gz`` (any of ``.nii``,
+    ``.nii.gz``, ``.mgz``), the nnU-Net-like layout;
+  - one subfolder per subject, ``<name>/<image pattern>`` with an optional
+    ``<name>/<labels pattern>`` (glob patterns, e.g. Mindboggle:
+    ``image="t1weighted_brain.nii.gz", labels="labels.DKT31.manual.nii.gz"``).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import os
+
+from dazoo.errors import DazooInputError
+from dazoo.io import WRITABLE, stem
+
+__all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects"]
+
+# ----------------------------------------------------------------------------- manifests
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """One training image and its optional label map.
+
+    Args:
+        image: str. Path of the image.
+        labels: str or None. Path of the label map (same grid as the image), if any.
+        name: str. A short unique name.
+    """
+
+    image: str
+    labels: str | None
+    name: str
+
+
+def _default_name(path: str) -> str:
+    """The manifest's path without its file ending, e.g. ``"s01/t1"`` for ``s01/t1.nii.gz``."""
+    return os.path.join(os.path.dirname(path), stem(path)).replace(os.sep, "/")
+
+
+def read_manifest(path: str | os.PathLike) -> list[Subject]:
+    """Subjects from a CSV manifest (columns ``image``, optional ``labels`` and ``name``).
+
+    Raises:
+        DazooInputError: unreadable file, no ``image`` column, a missing file, duplicate names.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+            columns = set(rows[0]) if rows else set()
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DazooInputError(path, f"cannot be read as CSV ({err})") from None
+    if not rows:
+        raise DazooInputError(path, "has no subjects")
+    if "image" not in columns:
+        raise DazooInputError(path, "needs an 'image' column (and optionally 'labels', 'name')")
+    unknown = sorted(columns - {"image", "labels", "name"} - {None})
+    if unknown:
+        raise DazooInputError(path, f"unknown column(s) {unknown}")
+    subjects = []
+    for line, row in enumerate(rows, start=2):
+        image = _resolve(row.get("image"), folder, path, line, "image")
+        if image is None:
+            raise DazooInputError(path, f"line {line}: empty image path")
+        labels = _resolve(row.get("labels"), folder, path, line, "labels")
+        name = (row.get("name") or "").strip() or _default_name(row["image"].strip())
+        subjects.append(Subject(image, labels, name))
+    _check_unique(subjects, path)
+    return subjects
+
+
+def _resolve(value, folder, manifest, line, column) -> str | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    resolved = value if os.path.isabs(value) else os.path.join(folder, value)
+    if not os.path.isfile(resolved):
+        raise DazooInputError(manifest, f"line {line}: {column} file {value} does not exist")
+    return resolved
+
+
+def _check_unique(subjects, source):
+    names = [s.name for s in subjects]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DazooInputError(source, f"duplicate subject name(s) {duplicates}")
+
+
+def find_subjects(
+    folder: str | os.PathLike,
+    *,
+    image: str = "image.*",
+    labels: str | None = "labels.*",
+) -> list[Subject]:
+    """Subjects from a folder (see the module docstring for the two layouts).
+
+    Args:
+        folder: the data folder.
+        image: glob pattern of the image inside each subject folder (subfolder layout).
+        labels: glob pattern of the label map inside each subject folder, or None.
+
+    Returns:
+        Subjects sorted by name.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise DazooInputError(folder, "is not a folder")
+    if os.path.isdir(os.path.join(folder, "images")):
+        subjects = _images_layout(folder)
+    else:
+        subjects = _subfolder_layout(folder, image, labels)
+    if not subjects:
+        raise DazooInputError(
+            folder, f"no subjects found (expected images/<name>.nii.gz or <name>/{image})"
+        )
+    return sorted(subjects, key=lambda s: s.name)
+
+
+def _images_layout(folder):
+    subjects = []
+    for path in sorted(os.listdir(os.path.join(folder, "images"))):
+        if not path.endswith(WRITABLE):
+            continue
+        name = stem(path)
+        candidates = [os.path.join(folder, "labels", name + e) for e in WRITABLE]
+        found = [c for c in candidates if os.path.isfile(c)]
+        subjects.append(Subject(os.path.join(folder, "images", path), found[0] if found else None,
+                                name))
+    _check_unique(subjects, os.path.join(folder, "images"))
+    return subjects
+
+
+def _subfolder_layout(folder, image, labels):
+    subjects = []
+    for name in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, name)
+        if not os.path.isdir(sub):
+            continue
+        images = sorted(glob.glob(os.path.join(glob.escape(sub), image)))
+        if labels is not None:
+            label_files = sorted(glob.glob(os.path.join(glob.escape(sub), labels)))
+            images = [p for p in images if p not in label_files]
+        else:
+            label_files = []
+        if not images:
+            continue
+        if len(images) > 1 or len(label_files) > 1:
+            raise DazooInputError(sub, f"several files match {image!r} or {labels!r}")
+        subjects.append(Subject(images[0], label_files[0] if label_files else None, name))
+    return subjects
+
+
+def load_subjects(source: str | os.PathLike, **kwargs) -> list[Subject]:
+    """A CSV manifest (``*.csv``) or a folder (keyword arguments of :func:`find_subjects`)."""
+    source = os.fspath(source)
+    if source.lower().endswith(".csv"):
+        return read_manifest(source)
+    return find_subjects(source, **kwargs)
