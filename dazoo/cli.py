@@ -248,8 +248,118 @@ def _add_list(sub) -> None:
     p.set_defaults(run=_list)
 
 
+# --------------------------------------------------------------------------- train
+def _command_line() -> str:
+    import shlex
+
+    return "dazoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dazoo.training.engine import train
+
+    if args.resume:
+        if args.recipe is not None or args.output is not None:
+            raise DazooInputError("--resume", "give only the run folder: dazoo train --resume RUN/")
+        run = train(None, args.resume, resume=True, log=_log)
+    else:
+        if args.recipe is None or args.output is None:
+            raise DazooInputError("train", "needs RECIPE.json and -o RUN/ (or --resume RUN/)")
+        if args.data is not None:
+            from dazoo.training.recipe import Recipe
+
+            recipe = Recipe.load(args.recipe)
+            recipe.config["data"]["train"] = os.path.abspath(args.data)
+        else:
+            recipe = args.recipe
+        run = train(recipe, args.output, command=_command_line(), log=_log)
+    print(f"{run.folder}: {run.steps} steps")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a DeepAtlas from a JSON recipe into a run folder",
+        description="Trains the model a recipe declares (data, labels, preprocessing, "
+                    "networks, losses, schedule, optimizers, augmentation; see "
+                    "dazoo.training.recipe). The run folder gets checkpoints (resumable "
+                    "exactly after a kill), CSV / TensorBoard logs and the validation scores; "
+                    "`dazoo export RUN/ -o PRESET/` turns it into a preset.")
+    p.add_argument("recipe", nargs="?", help="recipe file (JSON)")
+    p.add_argument("-o", "--output", metavar="RUN", help="run folder (new)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+    p.add_argument("--data", help="training data (CSV manifest or folder) instead of the "
+                                  "recipe's data.train")
+    p.set_defaults(run=_train)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dazoo.training.engine import export
+
+    preset = export(args.run_folder, args.output, checkpoint=args.checkpoint,
+                    command=_command_line(), log=_log)
+    print(f"preset {preset.name}: {preset.path}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a preset folder from a training run",
+                       description="Writes a preset (config, weights with sha256, "
+                                   "preprocessing, template, labels, recipe, model card) from "
+                                   "a run folder's best (or last) checkpoint and its record.")
+    p.add_argument("run_folder", metavar="RUN", help="run folder of dazoo train / finetune")
+    p.add_argument("-o", "--output", required=True, metavar="PRESET", help="preset folder")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="best validation score (default) or the last checkpoint")
+    p.set_defaults(run=_export)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from dazoo.training.engine import finetune
+
+    for path in [args.data] + ([args.validation] if args.validation else []):
+        if not os.path.exists(path):
+            raise DazooInputError(path, "no such file or folder")
+    preset = finetune(args.parent, args.data, args.output, steps=args.steps,
+                      validation=args.validation, labels_from_data=args.labels_from_data,
+                      freeze=args.freeze or (), learning_rate=args.lr, seed=args.seed,
+                      run=args.run_dir, resume=args.resume, command=_command_line(), log=_log)
+    print(f"preset {preset.name}: {preset.path}")
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a preset on your own scans (labelled and unlabelled)",
+        description="Fine-tunes a preset (architecture, weights, preprocessing and training "
+                    "options of the parent) on a cohort: a CSV manifest image,labels (an "
+                    "empty labels cell for an unlabelled image) or a data folder. Labelled "
+                    "and unlabelled images are both used. The result is a preset folder for "
+                    "dazoo segment/register --preset and dazoo.load().")
+    p.add_argument("--from", dest="parent", default="brain",
+                   help="parent preset name or folder (default: brain)")
+    p.add_argument("--data", required=True, help="cohort: CSV manifest or data folder")
+    p.add_argument("-o", "--output", required=True, metavar="PRESET", help="new preset folder")
+    p.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
+    p.add_argument("--validation", help="CSV manifest of labelled validation scans: scored at "
+                                        "native resolution, the best checkpoint is exported")
+    p.add_argument("--labels-from-data", action="store_true",
+                   help="the cohort's own label ids as the label table (re-initialises the "
+                        "segmenter's last layer); default: the parent's, unknown ids -> "
+                        "background")
+    p.add_argument("--freeze", action="append", choices=("registration", "segmentation"),
+                   help="keep this network fixed (train only the other)")
+    p.add_argument("--lr", type=float, help="learning rate of both optimizers (default: the "
+                                            "parent recipe's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--run", dest="run_dir", help="run folder for checkpoints and logs (default: PRESET.run)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning")
+    p.set_defaults(run=_finetune)
+
+
 # --------------------------------------------------------------------------- main
-_VERBS: list[Callable] = [_add_segment, _add_register, _add_evaluate, _add_list, _add_demo]
+_VERBS: list[Callable] = [_add_segment, _add_register, _add_evaluate, _add_train, _add_finetune,
+                          _add_export, _add_list, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

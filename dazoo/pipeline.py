@@ -105,28 +105,45 @@ class Pipeline:
 
     def __init__(self, preset: Preset):
         from dazoo.models.deep_atlas import DeepAtlas
-        from dazoo.preprocess import Preprocessor
 
-        preset.verify()
+        model = DeepAtlas.from_preset(preset)  # verifies the weights' sha256
+        self._setup(model, model.preprocessor, model.label_table, preset.name)
         self.preset = preset
-        config = preset.read_json("config.json")
-        self.model = DeepAtlas.from_config(config["model"])
-        self.model.load_weights(preset.file("model.weights.h5"))
-        self.preprocessor = Preprocessor(preset.read_json("preprocess.json"), root=preset.path)
-        classes = sorted(preset.read_json("labels.json")["classes"], key=lambda c: c["class"])
-        if [c["class"] for c in classes] != list(range(self.model.num_classes)):
-            raise DazooInputError(preset.file("labels.json"),
-                                  f"classes must be 0..{self.model.num_classes - 1}, one "
-                                  f"entry each, for this model's {self.model.num_classes} outputs")
+
+    @classmethod
+    def from_model(cls, model, preprocessor, label_table: list[dict], *,
+                   name: str = "in-memory") -> Pipeline:
+        """A pipeline over a model in memory (e.g. during training, for validation).
+
+        Args:
+            model: a :class:`dazoo.DeepAtlas`.
+            preprocessor: its :class:`dazoo.preprocess.Preprocessor`.
+            label_table: ``[{"class": k, "id": label id, "name": str}, ...]``.
+        """
+        pipeline = cls.__new__(cls)
+        pipeline._setup(model, preprocessor, label_table, name)
+        pipeline.preset = None
+        return pipeline
+
+    def _setup(self, model, preprocessor, label_table, name):
+        self.model = model
+        self.preprocessor = preprocessor
+        self._name = name
+        classes = sorted(label_table, key=lambda c: c["class"])
+        if [c["class"] for c in classes] != list(range(model.num_classes)):
+            raise DazooInputError(name, f"label table classes must be 0..{model.num_classes - 1},"
+                                        f" one entry each, for this model's "
+                                        f"{model.num_classes} outputs")
         self.class_ids = np.array([c["id"] for c in classes], dtype=np.int32)
         self.label_names = {int(c["id"]): c["name"] for c in classes}
 
     @property
     def name(self) -> str:
-        return self.preset.name
+        return self._name
 
     def __repr__(self) -> str:
-        return f"Pipeline({self.preset.name!r}, {self.preset.path})"
+        where = self.preset.path if self.preset is not None else "in memory"
+        return f"Pipeline({self.name!r}, {where})"
 
     # ----------------------------------------------------------------- helpers
     def preprocess(self, image: Source):
@@ -140,14 +157,17 @@ class Pipeline:
         Args:
             image: a path (NIfTI or MGZ), nibabel image, or ``(array, affine)``.
         """
+        start = time.perf_counter()
+        labels = self.segment_preprocessed(self.preprocess(image))
+        return Segmentation(labels=labels, seconds=time.perf_counter() - start)
+
+    def segment_preprocessed(self, pre) -> Volume:
+        """The label map (ids) on the native grid of an image already preprocessed."""
         from dazoo.postprocess import labels_to_native
 
-        start = time.perf_counter()
-        pre = self.preprocess(image)
         probabilities = self.model.segmentation_net.predict_on_batch(pre.array[None, ..., None])
         classes = labels_to_native(np.asarray(probabilities)[0], pre)
-        labels = Volume(self.class_ids[classes], pre.native_affine, None)
-        return Segmentation(labels=labels, seconds=time.perf_counter() - start)
+        return Volume(self.class_ids[classes], pre.native_affine, None)
 
     def segment_many(self, images: Iterable[Source]) -> Iterator[Segmentation]:
         """Segments each image in turn (the model stays loaded)."""
@@ -164,33 +184,41 @@ class Pipeline:
             fixed: the reference image.
             moving_labels: optional label map of ``moving`` (same grid) to carry along.
         """
-        from dazoo.metrics import jacobian_determinant
-        from dazoo.postprocess import displacement_to_world, warp_native
-
         start = time.perf_counter()
         moving_volume = io.read_image(moving)
         fixed_volume = io.read_image(fixed)
         labels_volume = None
         if moving_labels is not None:
             labels_volume = io.read_labels(moving_labels, like=moving_volume)
-        moving_pre = self.preprocess(moving_volume)
-        fixed_pre = self.preprocess(fixed_volume)
+        result = self.register_preprocessed(moving_volume, self.preprocess(moving_volume),
+                                            fixed_volume.affine, self.preprocess(fixed_volume),
+                                            moving_labels=labels_volume)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def register_preprocessed(self, moving_volume: Volume, moving_pre, fixed_affine: np.ndarray,
+                              fixed_pre, *, moving_labels: Volume | None = None) -> Registration:
+        """:meth:`register` on images already preprocessed (``moving_volume``: the native
+        moving image; ``fixed_affine``: the fixed image's native affine)."""
+        from dazoo.metrics import jacobian_determinant
+        from dazoo.postprocess import displacement_to_world, warp_native
+
+        labels_volume = moving_labels
         out = self.model.registration_net.predict_on_batch(
             [moving_pre.array[None, ..., None], fixed_pre.array[None, ..., None]])
         u = np.asarray(out["displacement"])[0]
         field = displacement_to_world(u, fixed_pre, moving_pre)
-        moved = warp_native(moving_volume, field, fixed_volume.affine, order=1)
+        moved = warp_native(moving_volume, field, fixed_affine, order=1)
         moved_labels = None
         if labels_volume is not None:
-            moved_labels = Volume(warp_native(labels_volume, field, fixed_volume.affine, order=0),
-                                  fixed_volume.affine, None)
+            moved_labels = Volume(warp_native(labels_volume, field, fixed_affine, order=0),
+                                  fixed_affine, None)
         det = jacobian_determinant(u)
         return Registration(
-            moved=Volume(moved, fixed_volume.affine, None),
-            displacement=Volume(field, fixed_volume.affine, None),
+            moved=Volume(moved, fixed_affine, None),
+            displacement=Volume(field, fixed_affine, None),
             moved_labels=moved_labels,
             folding_fraction=float(np.mean(det <= 0)),
             jacobian={"min": float(det.min()), "max": float(det.max()),
                       "mean": float(det.mean()), "std": float(det.std())},
-            seconds=time.perf_counter() - start,
         )

@@ -25,7 +25,8 @@ import pathlib
 
 from dazoo.errors import DazooInputError
 
-__all__ = ["Preset", "preset_root", "list_presets", "get_preset", "sha256", "save_preset"]
+__all__ = ["Preset", "preset_root", "list_presets", "get_preset", "sha256", "save_preset",
+           "render_card"]
 
 REQUIRED_FILES = ("metadata.json", "config.json", "model.weights.h5", "preprocess.json",
                   "labels.json")
@@ -187,3 +188,103 @@ def save_preset(
         if folder.exists():
             shutil.rmtree(folder)
     return _read(final)
+
+
+# ----------------------------------------------------------------------------- model card
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def render_card(meta: dict) -> str:
+    """A preset's model card (README.md) rendered from its metadata alone.
+
+    Generic: every number and name comes from ``meta`` (as :func:`dazoo.training.export`
+    writes it); prose specific to a preset lives in its metadata (``description``,
+    ``license_note``, ``notes``), not in code.
+    """
+    name = meta.get("name", "preset")
+    training = meta.get("training", {})
+    data = meta.get("data", {})
+    grid = meta.get("input", {}).get("model_grid", {})
+    lines = [f"# {name}", "", meta.get("description", ""), ""]
+    lines += [f"**License of the weights and template: {meta.get('license', 'unspecified')}.** "
+              + (meta.get("license_note") or ""), ""]
+    lines += ["## Use", "", "```python", "import dazoo",
+              f"model = dazoo.load({name!r})          # or the preset folder's path"]
+    if "segmentation" in meta.get("task", []):
+        lines.append("model.segment('scan.nii.gz').save('scan_seg.nii.gz')")
+    if "registration" in meta.get("task", []):
+        lines.append("model.register('moving.nii.gz', 'fixed.nii.gz').save(moved='moved.nii.gz', "
+                     "warp='warp.nii.gz')")
+    lines += ["```", "", f"From the shell: `dazoo segment scan.nii.gz -o seg.nii.gz --preset "
+              f"{name}`; fine-tune it further with `dazoo finetune --from {name} ...`.", ""]
+    if grid:
+        template = "an affine pre-alignment to the shipped template, " if grid.get(
+            "template") else ""
+        lines += ["## Input", "",
+                  f"Any orientation and voxel size: {template}one resampling onto the model grid "
+                  f"({grid.get('orientation')}, {' x '.join(str(v) for v in grid.get('voxel_size', []))}"
+                  f" mm, {' x '.join(str(v) for v in grid.get('shape', []))} voxels), intensity "
+                  f"normalisation {json.dumps(grid.get('intensity'))}. Outputs are resampled back "
+                  "onto the input's own grid and affine.", ""]
+    lines += [f"Labels: {meta.get('labels', {}).get('regions', '?')} regions "
+              "(`labels.json`).", ""]
+    validation = meta.get("validation") or {}
+    scores = validation.get("scores")
+    lines += ["## Measured", ""]
+    if scores:
+        lines += [f"Validation at step {validation['at_step']} on {len(data.get('validation', []))}"
+                  f" held-out subjects ({', '.join(data.get('validation', []))}), mean Dice over "
+                  "the label table's regions (`dazoo.training.callbacks.Validator`):", "",
+                  "| score | value |", "|---|---|"]
+        for key, text in (("native_seg_dice", "segmentation, native resolution"),
+                          ("native_reg_dice", "registration (ordered pairs), native resolution"),
+                          ("seg_dice", "segmentation, model grid"),
+                          ("warped_dice", "registration, model grid")):
+            if key in scores:
+                lines.append(f"| {text} | {_score(scores[key])} |")
+        lines.append("")
+        history = validation.get("history", [])
+        if len(history) > 1:
+            keys = [k for k in ("native_seg_dice", "native_reg_dice", "seg_dice", "warped_dice")
+                    if k in history[0]]
+            lines += ["Validation history:", "", "| step | " + " | ".join(keys) + " |",
+                      "|---|" + "---|" * len(keys)]
+            lines += [f"| {h['step']} | " + " | ".join(_score(h.get(k)) for k in keys) + " |"
+                      for h in history]
+            lines.append("")
+    else:
+        lines += ["No validation subjects: nothing was measured on held-out data.", ""]
+    for section in meta.get("evaluations", []):  # added later, e.g. by dazoo evaluate
+        lines += [f"### {section.get('title', 'Evaluation')}", "", section.get("text", ""), ""]
+    lines += ["## Training", ""]
+    parent = training.get("parent")
+    if parent:
+        lines.append(f"- Fine-tuned from `{parent['name']}` (version {parent.get('version')}, "
+                     f"weights sha256 {str(parent.get('weights_sha256'))[:12]}...).")
+    lines += [
+        f"- Data: {data.get('name', '?')}; {len(data.get('train', []))} training subjects "
+        f"({len(data.get('labelled', []))} labelled: {', '.join(data.get('labelled', [])) or 'none'}"
+        f"; unlabelled: {', '.join(data.get('unlabelled', [])) or 'none'}); validation: "
+        f"{', '.join(data.get('validation', [])) or 'none'}.",
+        f"- Mode {training.get('mode')}, seed {training.get('seed')}, precision "
+        f"{training.get('precision')}; {training.get('steps_completed')} of "
+        f"{training.get('steps_planned')} planned steps (checkpoint `{training.get('checkpoint')}`),"
+        f" {training.get('seconds', 0) / 60:.0f} min of training.",
+        "- The full recipe is `recipe.json` in this folder.",
+    ]
+    if training.get("command"):
+        lines += ["", "```bash", training["command"]]
+        if training.get("export_command"):
+            lines.append(training["export_command"])
+        lines += ["```"]
+    lines.append("")
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    framework = meta.get("framework")
+    if framework:
+        lines += [f"Saved with Keras {framework.get('keras')} ({framework.get('backend')} "
+                  f"backend), Python {framework.get('python')}.", ""]
+    if meta.get("citations"):
+        lines += ["## Citation", ""] + [f"- {c}" for c in meta["citations"]] + [""]
+    return "\n".join(lines)

@@ -216,6 +216,40 @@ class DeepAtlas(keras.Model):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
 
+    @classmethod
+    def from_preset(cls, preset, **kwargs) -> DeepAtlas:
+        """The joint model of a preset, with its weights, ready to ``compile`` and ``fit``.
+
+        keras-hub style: ``preset`` is a shipped preset's name (``"brain"``) or a preset
+        folder (e.g. one written by ``dazoo export`` / ``dazoo finetune``). The weights are
+        checked against the model card's sha256. The preset's preprocessing and label table
+        come with the model as attributes: ``model.preset`` (:class:`dazoo.presets.Preset`),
+        ``model.preprocessor`` (:class:`dazoo.preprocess.Preprocessor`, its template
+        included) and ``model.label_table`` (``[{"class", "id", "name"}, ...]``).
+
+        Args:
+            preset: str, path or :class:`dazoo.presets.Preset`.
+            **kwargs: overrides of the saved config (e.g. ``mode="segmentation_only"``).
+
+        Example:
+        >>> model = DeepAtlas.from_preset("brain")
+        >>> model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
+        ...               seg_optimizer=keras.optimizers.Adam(1e-4))
+        """
+        from dazoo.preprocess import Preprocessor
+        from dazoo.presets import Preset, get_preset
+
+        preset = preset if isinstance(preset, Preset) else get_preset(preset)
+        preset.verify()
+        config = dict(preset.read_json("config.json")["model"], **kwargs)
+        model = cls.from_config(config)
+        model.load_weights(preset.file("model.weights.h5"))
+        model.preset = preset
+        model.preprocessor = Preprocessor(preset.read_json("preprocess.json"), root=preset.path)
+        model.label_table = sorted(preset.read_json("labels.json")["classes"],
+                                   key=lambda c: c["class"])
+        return model
+
     # ------------------------------------------------------------------ compile
     def compile(
         self,

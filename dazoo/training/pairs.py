@@ -184,8 +184,25 @@ class PairDataset(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
-        rng = self._rng(index, None)
-        phase = self.phase(index)
+        return self._batch(index, self.epoch)
+
+    def at_step(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of training step ``step``: batch ``step % steps_per_epoch`` of epoch
+        ``step // steps_per_epoch``, whatever the current epoch."""
+        epoch, index = divmod(int(step), self.steps_per_epoch)
+        return self._batch(index, epoch)
+
+    def steps(self, start: int, stop: int) -> keras.utils.PyDataset:
+        """The batches of training steps ``start..stop-1`` as one PyDataset (item ``i`` is
+        step ``start + i``), for ``fit(..., steps_per_epoch=n, shuffle=False)``: Keras then
+        keeps one iterator across its epochs, so no epoch counter (nor its timing relative
+        to prefetching) decides which batch a step gets; a resumed run at ``start`` sees the
+        same batches as an uninterrupted one."""
+        return _Steps(self, int(start), int(stop))
+
+    def _batch(self, index: int, epoch: int) -> dict[str, np.ndarray]:
+        rng = self._rng(index, epoch)
+        phase = self.phase(index, epoch)
         augment = self.augment if phase is None or phase in self.augment_phases else None
         samples = []
         for moving, fixed in [self._pair(rng, phase) for _ in range(self.batch_size)]:
@@ -197,6 +214,24 @@ class PairDataset(keras.utils.PyDataset):
         if augment is not None:
             image, classes = augment(image, classes, rng)
         return image, classes
+
+
+class _Steps(keras.utils.PyDataset):
+    """Training steps ``start..stop-1`` of a :class:`PairDataset` (see ``PairDataset.steps``)."""
+
+    def __init__(self, dataset: PairDataset, start: int, stop: int):
+        super().__init__()
+        if not 0 <= start < stop:
+            raise DazooInputError("dataset", f"needs 0 <= start < stop, got {start}, {stop}")
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"step index {index} out of range (0..{len(self) - 1})")
+        return self.dataset.at_step(self.start + index)
 
 
 def _choose_labelled(has_labels: list[bool], names: list[str], labelled, k, seed) -> list[int]:

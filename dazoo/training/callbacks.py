@@ -1,0 +1,217 @@
+"""Keras callbacks of a training run: exact-resume checkpoints and native-resolution validation.
+
+A run trains through ``model.fit`` with one Keras "epoch" per checkpoint interval, so that
+every epoch end is a step count the run can resume from exactly: the ``.keras`` checkpoint
+holds the weights and both optimizers' state (their iteration counts are the schedule's
+position), and batch ``i`` of epoch ``e`` is drawn from a seed of ``(e, i)`` alone
+(:class:`~dazoo.training.pairs.PairDataset`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from dazoo import io
+from dazoo.labels import LabelMap
+from dazoo.training.batch import make_batch
+
+__all__ = ["RunCheckpoint", "Validation", "Validator", "save_atomic", "steps_done"]
+
+
+def steps_done(model) -> int:
+    """Training steps a DeepAtlas has made: the sum of its two optimizers' iterations."""
+    return int(model.reg_optimizer.iterations) + int(model.seg_optimizer.iterations)
+
+
+def save_atomic(model, path: str | os.PathLike) -> None:
+    """``model.save(path)`` through a temporary file and a rename: a kill never leaves a
+    truncated checkpoint."""
+    path = os.fspath(path)
+    tmp = f"{path[:-len('.keras')]}.tmp-{os.getpid()}.keras"
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Saves ``RUN/checkpoint.keras`` at the end of every epoch (= checkpoint interval).
+
+    Args:
+        path: the checkpoint file.
+        log: function receiving one line per checkpoint.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, log: Callable[[str], None] | None = None):
+        super().__init__()
+        self.path = os.fspath(path)
+        self.log = log
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_atomic(self.model, self.path)
+        if self.log is not None:
+            self.log(f"step {steps_done(self.model)}: checkpoint {self.path}")
+
+
+class Validator:
+    """Scores a DeepAtlas on validation subjects, on the model grid and at native resolution.
+
+    * On the model grid (cheap; the numbers ``DeepAtlas.test_step`` reports): ``seg_dice``,
+      the segmenter's hard-label Dice on each labelled image, and ``warped_dice``, the Dice of
+      the moving labels warped onto the fixed image, over ordered pairs.
+    * At native resolution (the scans' own grids, as ``dazoo evaluate`` scores a preset):
+      ``native_seg_dice``, each prediction resampled onto its scan's grid against the scan's
+      label map, and ``native_reg_dice``, the moving label map carried onto the fixed scan's
+      grid. Both are means over the label table's regions (:func:`dazoo.evaluate.score_labels`)
+      with the native labels mapped through the run's :class:`~dazoo.labels.LabelMap` (ids it
+      maps to background count as background). ``native_dice`` is the mean of the two
+      (or the one the mode trains).
+
+    Args:
+        subjects: validation :class:`~dazoo.training.subjects.Subject` items with labels.
+        cache: the run's :class:`~dazoo.training.cache.VolumeCache`.
+        label_map: the run's label map.
+        max_pairs: at most this many ordered pairs are registered (the first ones).
+    """
+
+    def __init__(self, subjects, cache, label_map: LabelMap, *, max_pairs: int = 6):
+        self.subjects = [s for s in subjects if s.labels is not None]
+        self.label_map = label_map
+        self.entries = [cache.get(s) for s in self.subjects]
+        self.classes = [label_map.to_classes(e.labels, source=s.labels)
+                        for s, e in zip(self.subjects, self.entries)]
+        self.native = []
+        for subject in self.subjects:
+            image = io.read_image(subject.image)
+            truth = io.read_labels(subject.labels, like=image)
+            ids = label_map.to_ids(label_map.to_classes(truth.array, source=subject.labels))
+            self.native.append((image, io.Volume(ids, truth.affine, None)))
+        count = len(self.subjects)
+        self.pairs = [(i, j) for i in range(count) for j in range(count) if i != j][:max_pairs]
+
+    def __bool__(self) -> bool:
+        return bool(self.subjects)
+
+    def __call__(self, model, preprocessor) -> dict[str, float]:
+        from dazoo.evaluate import score_labels
+        from dazoo.pipeline import Pipeline
+
+        table = [{"class": k, "id": int(i), "name": n} for k, (i, n) in
+                 enumerate(zip(self.label_map.ids, self.label_map.class_names))]
+        pipeline = Pipeline.from_model(model, preprocessor, table, name="validation")
+        ids = [int(i) for i in self.label_map.ids[1:]]
+        scores: dict[str, float] = {}
+        registration = model.mode != "segmentation_only"
+        segmentation = model.mode != "registration_only"
+        if self.pairs:  # model grid, through DeepAtlas.test_step
+            samples = [(self.entries[i].preprocessed.array, self.classes[i],
+                        self.entries[j].preprocessed.array, self.classes[j])
+                       for i, j in self.pairs]
+            grid = model.evaluate(make_batch(samples), batch_size=1, verbose=0,
+                                  return_dict=True)
+            for key in ("seg_dice", "warped_dice"):
+                if key in grid:
+                    scores[key] = float(grid[key])
+        if segmentation:
+            per = [score_labels(truth.array,
+                                pipeline.segment_preprocessed(entry.preprocessed).array,
+                                ids)["mean_dice"]
+                   for entry, (_, truth) in zip(self.entries, self.native)]
+            scores["native_seg_dice"] = float(np.mean(per))
+        if registration and self.pairs:
+            per = []
+            for i, j in self.pairs:
+                (moving_image, moving_truth), (_, fixed_truth) = self.native[i], self.native[j]
+                result = pipeline.register_preprocessed(
+                    moving_image, self.entries[i].preprocessed, fixed_truth.affine,
+                    self.entries[j].preprocessed, moving_labels=moving_truth)
+                per.append(score_labels(fixed_truth.array, result.moved_labels.array,
+                                        ids)["mean_dice"])
+            scores["native_reg_dice"] = float(np.mean(per))
+        natives = [scores[k] for k in ("native_seg_dice", "native_reg_dice") if k in scores]
+        if natives:
+            scores["native_dice"] = float(np.mean(natives))
+        return scores
+
+
+class Validation(keras.callbacks.Callback):
+    """Every ``every`` steps (and at the last step): scores the model with a
+    :class:`Validator`, appends the scores to ``RUN/validation.jsonl``, adds them to the
+    epoch's logs (CSV, TensorBoard) and keeps the best checkpoint (``RUN/best.keras``) by
+    ``monitor`` (higher is better). The best score survives a resume (read back from the
+    jsonl file).
+
+    Args:
+        validator: a :class:`Validator`.
+        preprocessor: the run's preprocessor.
+        folder: the run folder.
+        every: validation interval, steps.
+        last_step: the run's final step (always validated).
+        monitor: the score that picks the best checkpoint.
+        log: function receiving one line per validation.
+    """
+
+    def __init__(self, validator: Validator, preprocessor, folder: str | os.PathLike, *,
+                 every: int, last_step: int, monitor: str = "native_dice",
+                 log: Callable[[str], None] | None = None):
+        super().__init__()
+        self.validator = validator
+        self.preprocessor = preprocessor
+        self.folder = os.fspath(folder)
+        self.every = int(every)
+        self.last_step = int(last_step)
+        self.monitor = monitor
+        self.log = log
+        self.history = read_validation(self.folder)
+        values = [h[monitor] for h in self.history if monitor in h]
+        self.best = max(values) if values else -np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = steps_done(self.model)
+        if step % self.every and step != self.last_step:
+            return
+        started = time.perf_counter()
+        scores = self.validator(self.model, self.preprocessor)
+        scores = {"step": step, **scores, "seconds": round(time.perf_counter() - started, 1)}
+        with open(os.path.join(self.folder, "validation.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(scores) + "\n")
+        self.history.append(scores)
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in scores.items() if k not in ("step",
+                                                                               "seconds")})
+        value = scores.get(self.monitor, scores.get("native_dice"))
+        improved = value is not None and value > self.best
+        if improved:
+            self.best = value
+            save_atomic(self.model, os.path.join(self.folder, "best.keras"))
+        if self.log is not None:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in scores.items()
+                             if k not in ("step", "seconds"))
+            self.log(f"step {step}: validation {shown} ({scores['seconds']:.0f} s)"
+                     + (" - best so far, saved best.keras" if improved else ""))
+
+
+def read_validation(folder: str | os.PathLike) -> list[dict]:
+    """The scores a run has recorded in ``validation.jsonl`` (empty if none)."""
+    path = os.path.join(os.fspath(folder), "validation.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def keep_steps_up_to(folder: str | os.PathLike, step: int) -> None:
+    """Drops validation records after ``step`` (written after the checkpoint a resumed run
+    restarts from, so they would otherwise appear twice)."""
+    path = os.path.join(os.fspath(folder), "validation.jsonl")
+    records = [r for r in read_validation(folder) if r["step"] <= step]
+    if os.path.isfile(path):
+        io.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+

@@ -1,0 +1,285 @@
+"""Recipes: one JSON file declaring everything a training run needs.
+
+A recipe has these sections (every key is checked; an unknown key is an error, a missing
+one takes the default shown by ``Recipe.defaults()``)::
+
+    {
+      "name": "brain", "description": "...",
+      "seed": 0,
+      "data": {"train": "data/",              CSV manifest (image,labels) or folder
+               "image": "t1.nii.gz", "labels": "labels.nii.gz",   folder patterns
+               "validation": ["s12", "s13"],  names in "train", a CSV manifest, or
+                                               {"count": 3, "seed": 0}: a seeded split
+               "labelled": "all",             "all", k (seeded choice), or names
+               "cache": null},                 folder of preprocessed volumes (default RUN/cache)
+      "labels": {"ids": [...], "names": {"1002": "..."}, "merge_left_right": false,
+                 "unknown": "background"},    or {"from_data": true}: every id in the train labels
+      "preprocess": {... dazoo.preprocess.PreprocessConfig ...,
+                     "template": "template.nii.gz" | {"build": {"iterations": 2}} | null},
+      "model": {"mode": "joint", "registration_steps": 1, "segmentation_steps": 1,
+                "registration": {RegistrationNet options}, "segmentation": {SegmentationNet options}},
+      "losses": {"similarity": "ncc", "ncc_window": 9, "smoothness_weight": 1.0,
+                 "anatomy_weight": 1.0, "supervised_weight": 1.0,
+                 "segmentation_anatomy_weight": 1.0},
+      "optimizers": {"registration": {"name": "adam", "learning_rate": 3e-4, "decay": "constant"},
+                     "segmentation": {"name": "adam", "learning_rate": 1e-3, "decay": "constant"}},
+      "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100,
+                   "validate_every": 500, "validation_pairs": 6, "monitor": "native_dice",
+                   "labelled_fraction": null},
+      "augmentation": {"rotation": 0, "scale": 0, "translation": 0, "elastic": 0,
+                       "elastic_spacing": 16, "gamma": 0, "noise": 0,
+                       "phases": ["registration", "segmentation"]},
+      "precision": "float32",                  or "mixed_bfloat16" (the segmenter's arithmetic)
+      "init": null,                            or {"preset": "brain", "labels_from_data": false}
+      "card": {"license": ..., "license_note": ..., "citations": [...], "notes": [...],
+               "data_name": ...}                model-card prose, copied into the exported preset
+    }
+
+Paths are relative to the recipe file's folder. :meth:`Recipe.load` resolves them, so the
+copy a run keeps (``RUN/recipe.json``) holds absolute paths and resumes from anywhere.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from dazoo.errors import DazooInputError
+
+__all__ = ["Recipe", "DEFAULTS"]
+
+#: Every key a recipe may hold, with its default (None: no default, or "not set").
+DEFAULTS: dict[str, Any] = {
+    "name": "model",
+    "description": "",
+    "seed": 0,
+    "data": {"train": None, "image": "image.*", "labels": "labels.*", "validation": None,
+             "labelled": "all", "cache": None},
+    "labels": {"from_data": False, "ids": None, "names": {}, "merge_left_right": False,
+               "unknown": "background"},
+    "preprocess": {"voxel_size": [2.0, 2.0, 2.0], "shape": [80, 96, 80], "orientation": "RAS",
+                   "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5,
+                                 "nonzero": True},
+                   "template": None, "alignment": "affine", "metric": "correlation",
+                   "centre": "mass", "levels": 4},
+    "model": {"mode": "joint", "registration_steps": 1, "segmentation_steps": 1,
+              "registration": {}, "segmentation": {}},
+    "losses": {"similarity": "ncc", "ncc_window": 9, "smoothness_weight": 1.0,
+               "anatomy_weight": 1.0, "supervised_weight": 1.0,
+               "segmentation_anatomy_weight": 1.0},
+    "optimizers": {
+        "registration": {"name": "adam", "learning_rate": 3e-4, "decay": "constant"},
+        "segmentation": {"name": "adam", "learning_rate": 1e-3, "decay": "constant"},
+    },
+    "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100, "validate_every": 500,
+                 "validation_pairs": 6, "monitor": "native_dice", "labelled_fraction": None},
+    "augmentation": {"rotation": 0.0, "scale": 0.0, "translation": 0.0, "elastic": 0.0,
+                     "elastic_spacing": 16.0, "gamma": 0.0, "noise": 0.0,
+                     "phases": ["registration", "segmentation"]},
+    "precision": "float32",
+    "init": None,
+    "card": {"license": None, "license_note": None, "citations": [], "notes": [],
+             "data_name": None},
+}
+# Sections whose content is free-form (checked by the classes they configure).
+_OPEN = {("model", "registration"), ("model", "segmentation"), ("labels", "names")}
+_INIT_KEYS = {"preset", "labels_from_data"}
+PRECISIONS = ("float32", "mixed_bfloat16")
+MONITORS = ("native_dice", "native_seg_dice", "native_reg_dice", "seg_dice", "warped_dice")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+DECAYS = ("constant", "cosine")
+
+
+def _merge(defaults: Any, given: Any, where: str, source: str, path=()) -> Any:
+    """``given`` over ``defaults``, refusing keys the defaults do not have."""
+    if not isinstance(defaults, dict) or path in _OPEN:
+        return copy.deepcopy(given)
+    if not isinstance(given, Mapping):
+        raise DazooInputError(source, f"{where or 'the recipe'} must be a JSON object")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise DazooInputError(source, f"unknown key(s) {unknown} in {where or 'the recipe'}")
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if key == "init" and not path:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(defaults.get(key), dict) and value is not None:
+            out[key] = _merge(defaults[key], value, f"{where}.{key}".strip("."), source,
+                              path + (key,))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A validated recipe (see the module docstring).
+
+    Attributes:
+        config: the full recipe, defaults filled in, paths absolute.
+        source: where it was read from (for messages), or ``"<recipe>"``.
+    """
+
+    config: dict
+    source: str = "<recipe>"
+
+    @staticmethod
+    def defaults() -> dict:
+        return copy.deepcopy(DEFAULTS)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], *, root: str | os.PathLike | None = None,
+                  source: str = "<recipe>") -> Recipe:
+        """Fills in defaults, checks every key and value, resolves paths against ``root``."""
+        full = _merge(DEFAULTS, config, "", source)
+        recipe = cls(full, source)
+        recipe._resolve(os.fspath(root) if root is not None else os.getcwd())
+        recipe.check()
+        return recipe
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        """Reads a recipe file (paths in it are relative to its folder)."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except FileNotFoundError:
+            raise DazooInputError(path, "no such recipe file") from None
+        except (OSError, ValueError) as err:
+            raise DazooInputError(path, f"is not a readable JSON recipe ({err})") from None
+        return cls.from_dict(config, root=os.path.dirname(os.path.abspath(path)), source=path)
+
+    def to_json(self) -> str:
+        return json.dumps(self.config, indent=1)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.config[key]
+
+    # ------------------------------------------------------------------ checks
+    def _resolve(self, root: str) -> None:
+        def absolute(value):
+            return value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value))
+
+        data = self.config["data"]
+        for key in ("train", "cache"):
+            if isinstance(data[key], str):
+                data[key] = absolute(data[key])
+        if isinstance(data["validation"], str):
+            data["validation"] = absolute(data["validation"])
+        template = self.config["preprocess"]["template"]
+        if isinstance(template, str):
+            self.config["preprocess"]["template"] = absolute(template)
+        init = self.config["init"]
+        if isinstance(init, dict) and isinstance(init.get("preset"), str):
+            candidate = absolute(init["preset"])
+            if os.path.isdir(candidate):  # a folder; else a shipped preset's name
+                init["preset"] = candidate
+
+    def _fail(self, message: str):
+        raise DazooInputError(self.source, message)
+
+    def check(self) -> None:
+        """Raises :class:`DazooInputError` (naming the recipe) for a bad value."""
+        c = self.config
+        if not isinstance(c["seed"], int) or isinstance(c["seed"], bool):
+            self._fail(f"seed must be an integer, got {c['seed']!r}")
+        data = c["data"]
+        if not isinstance(data["train"], str):
+            self._fail("data.train must name a CSV manifest or a data folder")
+        validation = data["validation"]
+        if not (validation is None or isinstance(validation, (str, list))
+                or (isinstance(validation, dict) and set(validation) <= {"count", "seed"}
+                    and isinstance(validation.get("count"), int))):
+            self._fail("data.validation must be null, a list of names, a CSV manifest or "
+                       "{\"count\": n, \"seed\": s}")
+        labelled = data["labelled"]
+        if not (labelled == "all" or isinstance(labelled, list)
+                or (isinstance(labelled, int) and not isinstance(labelled, bool)
+                    and labelled >= 0)):
+            self._fail(f"data.labelled must be \"all\", a count or a list of names, "
+                       f"got {labelled!r}")
+        labels = c["labels"]
+        if not labels["from_data"] and not labels["ids"] and not c["init"]:
+            self._fail("labels needs \"ids\" (or \"from_data\": true)")
+        if labels["unknown"] not in ("error", "background"):
+            self._fail("labels.unknown must be \"error\" or \"background\"")
+        model = c["model"]
+        from dazoo.training.batch import MODES
+
+        if model["mode"] not in MODES:
+            self._fail(f"model.mode must be one of {list(MODES)}, got {model['mode']!r}")
+        for key in ("registration_steps", "segmentation_steps"):
+            if not isinstance(model[key], int) or model[key] < 1:
+                self._fail(f"model.{key} must be an integer >= 1")
+        if c["losses"]["similarity"] not in ("ncc", "mse"):
+            self._fail("losses.similarity must be \"ncc\" or \"mse\"")
+        for network in ("registration", "segmentation"):
+            opt = c["optimizers"][network]
+            if set(opt) - {"name", "learning_rate", "decay"}:
+                self._fail(f"optimizers.{network} has unknown key(s) "
+                           f"{sorted(set(opt) - {'name', 'learning_rate', 'decay'})}")
+            if opt.get("name", "adam") not in OPTIMIZERS:
+                self._fail(f"optimizers.{network}.name must be one of {list(OPTIMIZERS)}")
+            if opt.get("decay", "constant") not in DECAYS:
+                self._fail(f"optimizers.{network}.decay must be one of {list(DECAYS)}")
+            rate = opt.get("learning_rate")
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
+                self._fail(f"optimizers.{network}.learning_rate must be a number > 0")
+        t = c["training"]
+        for key in ("steps", "batch_size", "checkpoint_every", "validate_every"):
+            if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
+                self._fail(f"training.{key} must be an integer >= 1, got {t[key]!r}")
+        if t["steps"] % t["checkpoint_every"]:
+            self._fail(f"training.steps ({t['steps']}) must be a multiple of "
+                       f"training.checkpoint_every ({t['checkpoint_every']})")
+        if t["validate_every"] % t["checkpoint_every"]:
+            self._fail(f"training.validate_every ({t['validate_every']}) must be a multiple of "
+                       f"training.checkpoint_every ({t['checkpoint_every']})")
+        if t["monitor"] not in MONITORS:
+            self._fail(f"training.monitor must be one of {list(MONITORS)}")
+        phases = c["augmentation"]["phases"]
+        if not isinstance(phases, list) or set(phases) - {"registration", "segmentation"}:
+            self._fail("augmentation.phases must be a list of \"registration\", \"segmentation\"")
+        self.augmentation()  # checks the values
+        if c["precision"] not in PRECISIONS:
+            self._fail(f"precision must be one of {list(PRECISIONS)}, got {c['precision']!r}")
+        init = c["init"]
+        if init is not None:
+            if not isinstance(init, dict) or "preset" not in init or set(init) - _INIT_KEYS:
+                self._fail("init must be {\"preset\": name or folder, \"labels_from_data\": "
+                           "false}")
+        self.preprocess_config("template.nii.gz" if self.builds_template else None)  # checks
+
+    # ------------------------------------------------------------------ builders
+    def preprocess_config(self, template: str | None = None):
+        """The :class:`~dazoo.preprocess.PreprocessConfig` (``template``: its path, when the
+        recipe builds it)."""
+        from dazoo.preprocess import PreprocessConfig
+
+        config = dict(self.config["preprocess"])
+        if isinstance(config["template"], dict):
+            if set(config["template"]) != {"build"} or not isinstance(
+                    config["template"]["build"], dict):
+                self._fail("preprocess.template must be a path, null or {\"build\": {...}}")
+            config["template"] = template
+        try:
+            return PreprocessConfig.from_dict(config, source=self.source)
+        except (TypeError, ValueError) as err:
+            self._fail(f"preprocess: {err}")
+
+    @property
+    def builds_template(self) -> bool:
+        return isinstance(self.config["preprocess"]["template"], dict)
+
+    def augmentation(self):
+        """The :class:`~dazoo.training.augment.Augmentation` (None when every value is 0)."""
+        from dazoo.training.augment import Augmentation
+
+        values = {k: v for k, v in self.config["augmentation"].items() if k != "phases"}
+        augment = Augmentation(**values)
+        active = augment.spatial or augment.gamma or augment.noise
+        return augment if active else None
