@@ -50,7 +50,7 @@ def _measure(shape, classes, steps, jit, precision, inference_only):
         "fixed_labelled": np.zeros(1, np.float32),
     }
     reg = RegistrationNet(shape)
-    seg = SegmentationNet(shape, classes, compute_dtype="mixed_bfloat16"
+    seg = SegmentationNet(shape, classes, dtype="mixed_bfloat16"
                           if precision == "seg_bfloat16" else None)
     result = {"shape": "x".join(map(str, shape)), "classes": classes, "jit": jit,
               "precision": precision}

@@ -256,23 +256,43 @@ def _command_line() -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dazoo.training.engine import train
+    from dazoo.training.engine import make_strategy, train
 
+    strategy = make_strategy(args.strategy) if args.strategy else None  # before any TF op
     if args.resume:
         if args.recipe is not None or args.output is not None:
             raise DazooInputError("--resume", "give only the run folder: dazoo train --resume RUN/")
-        run = train(None, args.resume, resume=True, log=_log)
+        run = train(None, args.resume, resume=True, strategy=strategy, log=_log)
     else:
         if args.recipe is None or args.output is None:
             raise DazooInputError("train", "needs RECIPE.json and -o RUN/ (or --resume RUN/)")
-        if args.data is not None:
-            from dazoo.training.recipe import Recipe
+        from dazoo.training.recipe import Recipe
 
-            recipe = Recipe.load(args.recipe)
-            recipe.config["data"]["train"] = os.path.abspath(args.data)
-        else:
-            recipe = args.recipe
-        run = train(recipe, args.output, command=_command_line(), log=_log)
+        recipe = Recipe.load(args.recipe)
+        if args.data is not None or args.set:
+            import json
+
+            config = recipe.config
+            if args.data is not None:
+                config["data"]["train"] = os.path.abspath(args.data)
+            for item in args.set or ():
+                key, _, text = item.partition("=")
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    value = text
+                *parents, leaf = key.split(".")
+                section = config
+                for name in parents:
+                    if not isinstance(section.get(name), dict):
+                        raise DazooInputError("--set", f"{key}: no section {name!r} in the recipe")
+                    section = section[name]
+                if not _ or leaf not in section:
+                    raise DazooInputError("--set", f"{item!r}: expected KEY=VALUE with a recipe "
+                                                   "key such as training.steps")
+                section[leaf] = value
+            recipe = Recipe.from_dict(config, source=recipe.source)
+        run = train(recipe, args.output, command=_command_line(), strategy=strategy, log=_log)
     print(f"{run.folder}: {run.steps} steps")
     return 0
 
@@ -290,6 +310,12 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--data", help="training data (CSV manifest or folder) instead of the "
                                   "recipe's data.train")
+    p.add_argument("--strategy", choices=("mirrored", "multi_worker"),
+                   help="tf.distribute: all local GPUs (mirrored) or several machines "
+                        "(multi_worker, cluster in TF_CONFIG); batch_size is the global batch")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set training.steps=300 (JSON values; "
+                        "repeatable)")
     p.set_defaults(run=_train)
 
 
@@ -315,15 +341,17 @@ def _add_export(sub) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from dazoo.training.engine import finetune
+    from dazoo.training.engine import finetune, make_strategy
 
+    strategy = make_strategy(args.strategy) if args.strategy else None  # before any TF op
     for path in [args.data] + ([args.validation] if args.validation else []):
         if not os.path.exists(path):
             raise DazooInputError(path, "no such file or folder")
     preset = finetune(args.parent, args.data, args.output, steps=args.steps,
                       validation=args.validation, labels_from_data=args.labels_from_data,
                       freeze=args.freeze or (), learning_rate=args.lr, seed=args.seed,
-                      run=args.run_dir, resume=args.resume, command=_command_line(), log=_log)
+                      run=args.run_dir, resume=args.resume, strategy=strategy,
+                      command=_command_line(), log=_log)
     print(f"preset {preset.name}: {preset.path}")
     return 0
 
@@ -354,6 +382,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--run", dest="run_dir", help="run folder for checkpoints and logs (default: PRESET.run)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning")
+    p.add_argument("--strategy", choices=("mirrored", "multi_worker"),
+                   help="tf.distribute, as for dazoo train")
     p.set_defaults(run=_finetune)
 
 

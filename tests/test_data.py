@@ -300,3 +300,83 @@ def test_dataset_with_augmentation_is_reproducible():
     two = data.PairDataset(images, labels, augment=augment, batch_size=2, seed=2)
     np.testing.assert_array_equal(one[1]["moving"], two[1]["moving"])
     np.testing.assert_array_equal(one[1]["fixed_labels"], two[1]["fixed_labels"])
+
+
+# ----------------------------------------------------------------------------- phases
+def test_schedule_phases():
+    from dazoo.training.batch import Schedule
+
+    assert [Schedule("joint", 2, 1).phase(s) for s in range(6)] == [
+        "registration", "registration", "segmentation"] * 2
+    assert {Schedule("registration_only").phase(s) for s in range(4)} == {"registration"}
+    assert {Schedule("segmentation_only").phase(s) for s in range(4)} == {"segmentation"}
+    with pytest.raises(ValueError):
+        Schedule("joint", 0, 1)
+
+
+def test_segmentation_steps_draw_a_labelled_image_on_either_side():
+    from dazoo.training.batch import Schedule
+
+    images, labels = _arrays(count=5)
+    dataset = data.PairDataset(images, labels, labelled=[2], batch_size=2, steps_per_epoch=40,
+                               seed=0, schedule=Schedule("joint", 1, 1))
+    sides = set()
+    for index in range(40):
+        pairs = dataset.pairs(index)
+        if dataset.phase(index) == "segmentation":
+            assert all(2 in pair for pair in pairs)
+            sides.update(pair.index(2) for pair in pairs)
+            batch = dataset[index]
+            assert np.all(batch["moving_labelled"] + batch["fixed_labelled"] >= 1)
+    assert sides == {0, 1}  # the labelled image is moving in some pairs, fixed in others
+    registration = [p for i in range(0, 40, 2) for p in dataset.pairs(i)]
+    assert any(2 not in pair for pair in registration)  # registration pairs are unrestricted
+
+
+def test_batch_of_a_step_is_the_batch_of_its_epoch():
+    from dazoo.training.batch import Schedule
+
+    images, labels = _arrays()
+    dataset = data.PairDataset(images, labels, labelled=[0], steps_per_epoch=3, seed=4,
+                               schedule=Schedule("joint", 2, 1),
+                               augment=data.Augmentation(rotation=10, gamma=0.2),
+                               augment_phases=["segmentation"])
+    steps = dataset.steps(4, 9)
+    assert len(steps) == 5
+    for item in range(5):
+        epoch, index = divmod(4 + item, 3)
+        dataset.epoch = epoch
+        expected = dataset[index]
+        got = steps[item]
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_augmentation_only_in_the_phases_asked():
+    from dazoo.training.batch import Schedule
+
+    images, labels = _arrays()
+    dataset = data.PairDataset(images, labels, steps_per_epoch=6, seed=1,
+                               schedule=Schedule("joint", 1, 1),
+                               augment=data.Augmentation(rotation=20, noise=0.1),
+                               augment_phases=["segmentation"])
+    for index in range(6):
+        (moving, _), = dataset.pairs(index)
+        same = np.array_equal(dataset[index]["moving"][0, ..., 0], images[moving])
+        assert same == (dataset.phase(index) == "registration")
+    with pytest.raises(DazooInputError, match="needs a schedule"):
+        data.PairDataset(images, labels, augment_phases=["segmentation"])
+
+
+# ----------------------------------------------------------------------------- left/right
+def test_one_left_right_rule_for_label_maps_and_evaluation():
+    from dazoo import evaluate, labels
+
+    ids = np.array([[0, 1002, 2002, 2035], [17, 53, 41, 2], [12035, 11035, 7, 92]])
+    expected = np.array([[0, 1002, 1002, 1035], [17, 17, 2, 2], [11035, 11035, 7, 91]])
+    np.testing.assert_array_equal(labels.merge_left_right(ids), expected)
+    assert evaluate.merge_left_right is labels.merge_left_right
+    label_map = labels.LabelMap(np.unique(ids), merge_left_right=True)
+    classes = label_map.to_classes(ids)
+    # Two ids share a class exactly when the rule merges them, and the class keeps the left id.
+    np.testing.assert_array_equal(label_map.to_ids(classes), expected)

@@ -76,7 +76,7 @@ def test_keras_save_load_gives_identical_outputs(tmp_path, net):
 
 
 def test_segmentation_in_mixed_bfloat16_matches_float32_weights(tmp_path):
-    mixed = SegmentationNet(SHAPE, 3, compute_dtype="mixed_bfloat16")
+    mixed = SegmentationNet(SHAPE, 3, dtype="mixed_bfloat16")  # the standard Keras argument
     assert mixed.get_layer("unet_enc_conv_0_0").compute_dtype == "bfloat16"
     assert all(w.dtype == "float32" for w in mixed.weights)
     image = _images(1)[0]
@@ -88,7 +88,24 @@ def test_segmentation_in_mixed_bfloat16_matches_float32_weights(tmp_path):
     np.testing.assert_allclose(plain.predict(image, verbose=0), probs, atol=0.05)
     mixed.save(tmp_path / "mixed.keras")
     loaded = keras.saving.load_model(tmp_path / "mixed.keras")
-    assert loaded.get_config()["compute_dtype"] == "mixed_bfloat16"
+    assert loaded.get_config()["dtype"]["config"]["name"] == "mixed_bfloat16"
+    assert loaded.get_layer("logits").compute_dtype == "bfloat16"
+    # Float32 inference from the same config: only the standard dtype argument changes.
+    again = SegmentationNet.from_config(dict(loaded.get_config(), dtype="float32"))
+    again.set_weights(loaded.get_weights())
+    assert again.get_layer("unet_enc_conv_0_0").compute_dtype == "float32"
+    np.testing.assert_array_equal(again.predict(image, verbose=0),
+                                  plain.predict(image, verbose=0))
+
+
+def test_configs_chain_keras_and_read_earlier_versions():
+    net = SegmentationNet(SHAPE, 3)
+    config = net.get_config()
+    assert {"name", "trainable", "dtype"} <= set(config)  # from keras.Model.get_config
+    assert "dtype" in RegistrationNet(SHAPE).get_config()
+    old = {k: v for k, v in config.items() if k != "dtype"}
+    old["compute_dtype"] = "mixed_bfloat16"  # a dazoo 0.1 config
+    assert SegmentationNet.from_config(old).get_layer("logits").compute_dtype == "bfloat16"
 
 
 def test_bad_shapes_are_rejected():

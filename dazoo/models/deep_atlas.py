@@ -39,14 +39,40 @@ _SEGMENTATION_METRICS = ("seg_loss", "seg_supervised", "seg_anatomy")
 _VALIDATION_METRICS = ("warped_dice", "seg_dice")
 
 
+def _replicas() -> int:
+    """Replicas training in sync (``tf.distribute``), 1 outside a replica context."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else int(context.num_replicas_in_sync)
+
+
+def _global_count(values):
+    """``max(sum(values), 1)`` over the whole global batch: all-reduced across the replicas of
+    a ``tf.distribute`` strategy, so that each replica's loss is its share of the global
+    batch's mean and the optimizers' summed gradients are those of one device with the whole
+    batch. Must be called the same number of times on every replica (never inside a branch
+    of a ``cond``)."""
+    count = ops.stop_gradient(ops.sum(ops.cast(values, "float32")))
+    if _replicas() > 1:
+        import tensorflow as tf
+
+        count = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                               count)
+    return ops.maximum(count, 1.0)
+
+
 def _masked_mean(per_sample, mask):
-    """Mean of per-sample values where ``mask`` is 1; 0 when the mask is empty.
+    """Mean of per-sample values where ``mask`` is 1 (over the global batch); 0 when the
+    mask is empty.
 
     ``per_sample`` may carry extra axes (e.g. a Keras loss that keeps voxels); they are
     averaged first.
     """
     mask = ops.cast(mask, "float32")
-    return _weighted_sum(per_sample, mask, ops.maximum(ops.sum(mask), 1.0))
+    return _weighted_sum(per_sample, mask, _global_count(mask))
 
 
 def _no_grad():
@@ -84,7 +110,8 @@ def _sum_parts(parts):
 
 def _masked_mean_if_any(per_sample_fn, mask):
     """``_masked_mean(per_sample_fn(), mask)``, without computing it when the mask is empty."""
-    return ops.cond(ops.any(mask > 0), lambda: _masked_mean(per_sample_fn(), mask),
+    count = _global_count(mask)  # outside the cond: every replica all-reduces
+    return ops.cond(ops.any(mask > 0), lambda: _weighted_sum(per_sample_fn(), mask, count),
                     lambda: ops.zeros((), dtype="float32"))
 
 
@@ -200,8 +227,7 @@ class DeepAtlas(keras.Model):
     # ------------------------------------------------------------------ config
     def get_config(self):
         return {
-            "name": self.name,
-            "trainable": self.trainable,
+            **super().get_config(),  # name, trainable, dtype
             "registration_net": keras.saving.serialize_keras_object(self.registration_net),
             "segmentation_net": keras.saving.serialize_keras_object(self.segmentation_net),
             "mode": self.mode,
@@ -288,10 +314,12 @@ class DeepAtlas(keras.Model):
             jit_compile: XLA compilation of the train step (TensorFlow).
             steps_per_execution: training steps per compiled call.
         """
-        if keras.config.dtype_policy().name == "mixed_float16":
+        if "mixed_float16" in (keras.config.dtype_policy().name,
+                               self.segmentation_net.dtype_policy.name,
+                               self.registration_net.dtype_policy.name):
             raise ValueError(
-                "DeepAtlas does not scale losses for float16; use 'mixed_bfloat16' (or "
-                "SegmentationNet(compute_dtype='mixed_bfloat16')) instead of 'mixed_float16'")
+                "DeepAtlas does not scale losses for float16; use 'mixed_bfloat16' (e.g. "
+                "SegmentationNet(..., dtype='mixed_bfloat16')) instead of 'mixed_float16'")
         super().compile(optimizer=None, jit_compile=jit_compile,
                         steps_per_execution=steps_per_execution)
         self.reg_optimizer = keras.optimizers.get(reg_optimizer)
@@ -464,8 +492,8 @@ class DeepAtlas(keras.Model):
         other = "fixed" if side == "moving" else "moving"
         flags = batch[f"{side}_labelled"]
         prediction = self.segmentation_net(batch[side], training=training)
-        labelled_count = ops.maximum(
-            ops.sum(batch["moving_labelled"]) + ops.sum(batch["fixed_labelled"]), 1.0)
+        labelled_count = _global_count(
+            ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
         supervised = _weighted_sum(self.segmentation_loss.call(batch[f"{side}_labels"],
                                                                prediction),
                                    flags, labelled_count)
@@ -483,7 +511,7 @@ class DeepAtlas(keras.Model):
                 # constant); the label-overlap form would differentiate into K dense copies.
                 def per_sample():
                     return self._anatomy(batch["moving_labels"], prediction, displacement)
-            pairs_count = ops.maximum(ops.sum(_exactly_one(batch)), 1.0)
+            pairs_count = _global_count(_exactly_one(batch))
             anatomy = ops.cond(
                 ops.any(mask > 0),
                 lambda: _weighted_sum(per_sample(), mask, pairs_count),
@@ -663,12 +691,18 @@ class DeepAtlas(keras.Model):
         return terms
 
     def _update_trackers(self, terms):
-        """Adds values to the running means; a ``(values, weights)`` pair is weighted."""
+        """Adds values to the running means; a ``(values, weights)`` pair is weighted.
+
+        Under a ``tf.distribute`` strategy each replica's loss is its share of the global
+        batch's value (see ``_global_count``); the trackers average over replicas, so the
+        shares are scaled by the replica count to log the global value.
+        """
+        replicas = _replicas()
         for name, value in terms.items():
             if isinstance(value, tuple):
                 self._trackers[name].update_state(value[0], sample_weight=value[1])
             else:
-                self._trackers[name].update_state(value)
+                self._trackers[name].update_state(value * replicas if replicas > 1 else value)
 
     def _logs(self, names):
         return {name: self._trackers[name].result() for name in names}

@@ -128,8 +128,7 @@ class RegistrationNet(keras.Model):
 
     def get_config(self):
         return {
-            "name": self.name,
-            "trainable": self.trainable,
+            **super().get_config(),  # name, trainable, dtype
             "inshape": list(self.inshape),
             "features": [list(f) for f in self.features],
             "conv_per_level": self.conv_per_level,

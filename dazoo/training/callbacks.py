@@ -23,9 +23,14 @@ from dazoo.training.batch import make_batch
 __all__ = ["RunCheckpoint", "Validation", "Validator", "save_atomic", "steps_done"]
 
 
+def _count(variable) -> int:
+    value = variable.value
+    return int(value.numpy() if hasattr(value, "numpy") else value)  # tf.distribute's too
+
+
 def steps_done(model) -> int:
     """Training steps a DeepAtlas has made: the sum of its two optimizers' iterations."""
-    return int(model.reg_optimizer.iterations) + int(model.seg_optimizer.iterations)
+    return _count(model.reg_optimizer.iterations) + _count(model.seg_optimizer.iterations)
 
 
 def save_atomic(model, path: str | os.PathLike) -> None:

@@ -172,9 +172,9 @@ def _preprocessing(recipe: Recipe, folder: pathlib.Path, train, parent, log):
 
 
 def _segmentation_config(config: dict, num_classes: int, precision: str) -> dict:
-    config = dict(config, num_classes=int(num_classes))
-    config["compute_dtype"] = "mixed_bfloat16" if precision == "mixed_bfloat16" else None
-    return config
+    config = {k: v for k, v in config.items() if k != "compute_dtype"}
+    return dict(config, num_classes=int(num_classes),
+                dtype="mixed_bfloat16" if precision == "mixed_bfloat16" else "float32")
 
 
 def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
@@ -187,8 +187,8 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
     if parent is None:
         shape = tuple(recipe["preprocess"]["shape"])
         seg_options = dict(spec["segmentation"])
-        seg_options["compute_dtype"] = ("mixed_bfloat16"
-                                        if recipe["precision"] == "mixed_bfloat16" else None)
+        seg_options["dtype"] = ("mixed_bfloat16" if recipe["precision"] == "mixed_bfloat16"
+                                else "float32")
         try:
             registration = RegistrationNet(shape, **spec["registration"])
             segmentation = SegmentationNet(shape, num_classes, **seg_options)
@@ -253,6 +253,44 @@ def _labelled_options(labelled) -> dict:
     return {"labelled": list(labelled)}
 
 
+# ----------------------------------------------------------------------------- strategies
+STRATEGIES = ("mirrored", "multi_worker")
+
+
+def make_strategy(name: str):
+    """A ``tf.distribute`` strategy by name; create it before anything else touches TensorFlow.
+
+    * ``"mirrored"``: every local GPU (``tf.distribute.MirroredStrategy``);
+    * ``"multi_worker"``: several machines, each with its local devices
+      (``tf.distribute.MultiWorkerMirroredStrategy``; the cluster comes from ``TF_CONFIG``).
+    """
+    import keras
+
+    if name not in STRATEGIES:
+        raise DazooInputError("--strategy", f"must be one of {list(STRATEGIES)}, got {name!r}")
+    if keras.backend.backend() != "tensorflow":
+        raise DazooInputError("--strategy", "tf.distribute needs KERAS_BACKEND=tensorflow")
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if "TF_CONFIG" not in os.environ:
+        raise DazooInputError("--strategy", "multi_worker needs the cluster in TF_CONFIG")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def _worker(strategy) -> tuple[bool, int, int]:
+    """``(is chief, task index, workers)`` of a strategy (a single process: the chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True, 0, 1
+    spec = resolver.cluster_spec().as_dict()
+    workers = sum(len(v) for k, v in spec.items() if k in ("chief", "worker"))
+    kind, index = resolver.task_type, int(resolver.task_id or 0)
+    chief = kind == "chief" or (kind == "worker" and index == 0 and "chief" not in spec)
+    return chief, index, workers
+
+
 # ----------------------------------------------------------------------------- train
 def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
           resume: bool = False, callbacks: Sequence = (), verbose: int | None = None,
@@ -271,8 +309,13 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         verbose: Keras's ``fit`` verbosity (default: progress bar on a terminal, one line
             per checkpoint interval otherwise).
         command: the command line to record in ``run.json`` (and the model card).
-        strategy: a ``tf.distribute`` strategy: the model is built and compiled under its
-            scope.
+        strategy: a ``tf.distribute`` strategy (see :func:`make_strategy`): the model is
+            built and compiled under its scope, ``training.batch_size`` is the global batch
+            (split across the replicas; a multiple of their number), and each phase's
+            gradients are all-reduced so the result equals one device with the whole batch.
+            Under ``multi_worker`` every worker runs this function with the same ``out``: the
+            chief writes ``out``, worker ``i`` its own copy in ``out/.worker-i`` (so a shared
+            file system is not needed, and each can resume from its own checkpoint).
         log: receives the run's messages (also written to ``RUN/train.log``).
 
     Returns:
@@ -290,6 +333,9 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
     from dazoo.training.subjects import load_subjects
 
     folder = pathlib.Path(out)
+    chief, task, workers = _worker(strategy) if strategy is not None else (True, 0, 1)
+    if not chief:
+        folder = folder / f".worker-{task}"
     if resume:
         if not (folder / "run.json").is_file():
             raise DazooInputError(folder, "is not a run folder (no run.json) to resume")
@@ -379,6 +425,9 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                     "weights_sha256": parent.metadata.get("weights_sha256"),
                     "version": parent.metadata.get("version")},
                 "sessions": [],
+                "strategy": None if strategy is None else {
+                    "name": type(strategy).__name__,
+                    "replicas": int(strategy.num_replicas_in_sync), "workers": workers},
             }
         say(f"{len(train_subjects)} training images ({len(labelled)} labelled), "
             f"{len(val_subjects)} validation; {label_map.num_classes} classes; steps "
@@ -419,14 +468,16 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
 
 # ----------------------------------------------------------------------------- export
 def _float32(model):
-    """The same DeepAtlas computing in float32 everywhere (weights copied)."""
-    from dazoo.models import DeepAtlas
+    """The same DeepAtlas computing in float32 everywhere (weights copied): the segmenter
+    rebuilt with the standard ``dtype="float32"`` policy."""
+    from dazoo.models import DeepAtlas, SegmentationNet
 
-    config = model.get_config()
-    seg = dict(config["segmentation_net"])
-    seg["config"] = dict(seg["config"], compute_dtype=None)
-    plain = DeepAtlas.from_config(dict(config, segmentation_net=seg))
-    plain.set_weights(model.get_weights())
+    seg = model.segmentation_net
+    plain_seg = SegmentationNet.from_config(dict(seg.get_config(), dtype="float32"))
+    plain = DeepAtlas(model.registration_net, plain_seg, mode=model.mode,
+                      registration_steps=model.registration_steps,
+                      segmentation_steps=model.segmentation_steps)
+    plain_seg.set_weights(seg.get_weights())
     return plain
 
 
@@ -537,7 +588,7 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
              run: str | os.PathLike | None = None, resume: bool = False,
              checkpoint_every: int | None = None, validate_every: int | None = None,
              notes: Sequence[str] = (), callbacks: Sequence = (), command: str | None = None,
-             verbose: int | None = None, log: Callable[[str], None] = _stderr):
+             strategy=None, verbose: int | None = None, log: Callable[[str], None] = _stderr):
     """Fine-tunes a preset on a cohort and writes the result as a preset (``dazoo finetune``).
 
     The parent's architecture, weights, preprocessing (template included) and training
@@ -603,13 +654,12 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         card={"license": preset.metadata.get("license"),
               "license_note": preset.metadata.get("license_note"),
               "citations": [c for c in base.get("card", {}).get("citations", [])],
-              "notes": [f"Fine-tuned from the `{preset.name}` preset (version "
-                        f"{preset.metadata.get('version', '?')}, weights sha256 "
-                        f"{str(preset.metadata.get('weights_sha256'))[:12]}...) on "
-                        f"{os.path.basename(os.path.abspath(data))}."] + list(notes),
+              "notes": list(notes),
               "data_name": os.path.basename(os.path.abspath(data))},
     )
     recipe = Recipe.from_dict(config, source=os.fspath(data))
     train(None if resume else recipe, run, resume=resume, callbacks=callbacks, verbose=verbose,
-          command=command, log=log)
+          command=command, strategy=strategy, log=log)
+    if strategy is not None and not _worker(strategy)[0]:
+        return None  # only the chief exports
     return export(run, out, checkpoint="best", command=None, log=log)

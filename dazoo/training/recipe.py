@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "preprocess": {"voxel_size": [2.0, 2.0, 2.0], "shape": [80, 96, 80], "orientation": "RAS",
                    "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5,
                                  "nonzero": True},
-                   "template": None, "alignment": "affine", "metric": "correlation",
+                   "template": None, "alignment": "none", "metric": "correlation",
                    "centre": "mass", "levels": 4},
     "model": {"mode": "joint", "registration_steps": 1, "segmentation_steps": 1,
               "registration": {}, "segmentation": {}},
@@ -252,7 +252,8 @@ class Recipe:
             if not isinstance(init, dict) or "preset" not in init or set(init) - _INIT_KEYS:
                 self._fail("init must be {\"preset\": name or folder, \"labels_from_data\": "
                            "false}")
-        self.preprocess_config("template.nii.gz" if self.builds_template else None)  # checks
+        if init is None:  # with a parent preset, its preprocessing is used
+            self.preprocess_config("template.nii.gz" if self.builds_template else None)
 
     # ------------------------------------------------------------------ builders
     def preprocess_config(self, template: str | None = None):
@@ -268,6 +269,8 @@ class Recipe:
             config["template"] = template
         try:
             return PreprocessConfig.from_dict(config, source=self.source)
+        except DazooInputError as err:
+            self._fail(f"preprocess: {err.problem}")
         except (TypeError, ValueError) as err:
             self._fail(f"preprocess: {err}")
 

@@ -1,0 +1,277 @@
+"""dazoo.training engine: recipes, dazoo train / --resume (after a real kill) / export /
+finetune, DeepAtlas.from_preset, and the new preset used by dazoo segment."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from dazoo import io
+from dazoo.errors import DazooInputError
+from dazoo.synthetic import make_subjects
+from dazoo.training.recipe import Recipe
+
+SHAPE = (32, 32, 32)
+IDS = (10, 20, 30)
+SMALL = [[8, 16, 16], [16, 16, 16, 8]]
+
+
+def _cohort(folder: pathlib.Path, count=5, unlabelled=(3,), extra_id=None) -> pathlib.Path:
+    """``count`` synthetic subjects as NIfTI (2 mm, RAS), labels with ids 10/20/30 (and
+    ``extra_id`` in subject 0), a manifest ``train.csv`` of all but the last and
+    ``val.csv`` of the last."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -31.0
+    rows = []
+    for i, (image, labels) in enumerate(make_subjects(count, SHAPE, num_classes=4, seed=0)):
+        ids = np.where(labels > 0, np.array((0,) + IDS)[labels], 0).astype(np.int16)
+        if extra_id is not None and i == 0:
+            ids[ids == IDS[-1]] = extra_id
+        io.write_image((image * 100.0, affine), folder / f"s{i}.nii.gz")
+        io.write_labels((ids, affine), folder / f"s{i}_seg.nii.gz")
+        rows.append(f"s{i}.nii.gz," + ("" if i in unlabelled else f"s{i}_seg.nii.gz"))
+    (folder / "train.csv").write_text("image,labels\n" + "\n".join(rows[:-1]) + "\n")
+    (folder / "val.csv").write_text(f"image,labels\ns{count - 1}.nii.gz,s{count - 1}_seg.nii.gz\n")
+    return folder
+
+
+def _recipe(folder: pathlib.Path, **training) -> pathlib.Path:
+    recipe = {
+        "name": "tiny", "seed": 0,
+        "data": {"train": "train.csv", "validation": "val.csv"},
+        "labels": {"ids": list(IDS), "names": {"10": "ten", "20": "twenty", "30": "thirty"}},
+        "preprocess": {"voxel_size": [2, 2, 2], "shape": list(SHAPE), "levels": 3,
+                       "template": None, "alignment": "none"},
+        "model": {"registration": {"int_steps": 0, "features": SMALL},
+                  "segmentation": {"features": SMALL}},
+        "training": {"steps": 8, "checkpoint_every": 2, "validate_every": 4, **training},
+        "augmentation": {"rotation": 5, "gamma": 0.1, "phases": ["segmentation"]},
+        "card": {"license": "CC0-1.0", "notes": ["synthetic test data"]},
+    }
+    path = folder / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dazoo", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _dazoo_lines(stderr: str) -> list[str]:
+    """stderr without TensorFlow's own log lines (before it is imported they cannot be
+    silenced here)."""
+    return [line for line in stderr.splitlines() if line.startswith("dazoo")]
+
+
+def _state(path):
+    import dazoo.models  # noqa: F401
+
+    model = keras.saving.load_model(path)
+    optimizers = model.reg_optimizer.variables + model.seg_optimizer.variables
+    return model.get_weights(), [np.asarray(v) for v in optimizers]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A cohort, its recipe and one uninterrupted 8-step run."""
+    from dazoo.training import train
+
+    folder = _cohort(tmp_path_factory.mktemp("cohort"))
+    recipe = _recipe(folder)
+    run = train(recipe, folder / "run", verbose=0, log=lambda m: None,
+                command="dazoo train recipe.json -o run")
+    return folder, recipe, run
+
+
+# ----------------------------------------------------------------------------- recipes
+def test_recipe_defaults_paths_and_strict_keys(tmp_path):
+    recipe = Recipe.from_dict({"data": {"train": "d.csv"}, "labels": {"ids": [1]}},
+                              root=tmp_path)
+    assert recipe["data"]["train"] == str(tmp_path / "d.csv")
+    assert recipe["training"]["checkpoint_every"] == 100 and recipe["seed"] == 0
+    for bad, words in [
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]}, "optimiser": {}},
+         "unknown key(s) ['optimiser']"),
+        ({"data": {"train": "d.csv", "valid": []}, "labels": {"ids": [1]}},
+         "unknown key(s) ['valid'] in data"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+          "training": {"steps": 150, "checkpoint_every": 100}}, "multiple of"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]}, "precision": "mixed_float16"},
+         "precision must be one of"),
+        ({"data": {"train": "d.csv"}}, "labels needs"),
+    ]:
+        with pytest.raises(DazooInputError, match=None) as info:
+            Recipe.from_dict(bad, root=tmp_path, source="r.json")
+        assert str(info.value).startswith("r.json") and words in str(info.value), info.value
+
+
+def test_shipped_brain_recipe_is_valid():
+    from dazoo.presets import get_preset
+
+    recipe = Recipe.load(get_preset("brain").file("recipe.json"))
+    assert recipe["data"]["validation"] == ["OASIS-TRT-20-12", "OASIS-TRT-20-13",
+                                            "OASIS-TRT-20-4"]
+    labels = json.loads(get_preset("brain").file("labels.json").read_text())["classes"]
+    assert recipe["labels"]["ids"] == [c["id"] for c in labels[1:]]
+    assert recipe.builds_template and recipe["precision"] == "mixed_bfloat16"
+
+
+# ----------------------------------------------------------------------------- train
+def test_run_folder_record_and_logs(trained):
+    folder, _, run = trained
+    out = run.folder
+    assert run.steps == 8
+    record = json.loads((out / "run.json").read_text())
+    assert record["train"] == ["s0", "s1", "s2", "s3"] and record["validation"] == ["s4"]
+    assert record["labelled"] == ["s0", "s1", "s2"] and record["unlabelled"] == ["s3"]
+    assert record["steps_completed"] == 8 and record["command"].startswith("dazoo train")
+    steps = [v["step"] for v in run.validation]
+    assert steps == [4, 8]
+    assert all(0 <= v["native_seg_dice"] <= 1 for v in run.validation)
+    assert (out / "best.keras").is_file() and (out / "checkpoint.keras").is_file()
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) == 1 + 4  # one row per interval
+    assert any(p.name.startswith("events.out") for p in (out / "tensorboard").rglob("*"))
+    labels = json.loads((out / "labels.json").read_text())["classes"]
+    assert [c["id"] for c in labels] == [0, *IDS] and labels[1]["name"] == "ten"
+
+
+def test_a_killed_run_resumes_exactly(trained, tmp_path):
+    folder, recipe, run = trained
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, keras
+        from dazoo.training import train
+
+        class Kill(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch == 1:  # step 4, after its validation and checkpoint
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        train({str(recipe)!r}, {str(killed)!r}, callbacks=[Kill()], verbose=0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert [v["step"] for v in map(json.loads, (killed / "validation.jsonl").open())] == [4]
+    result = _cli("train", "--resume", killed)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed" in result.stderr and "at step 4" in result.stderr
+    weights, optimizers = _state(killed / "checkpoint.keras")
+    expected_weights, expected_optimizers = _state(run.folder / "checkpoint.keras")
+    for got, expected in zip(weights + optimizers, expected_weights + expected_optimizers):
+        np.testing.assert_array_equal(got, expected)
+    history = [json.loads(line) for line in (killed / "validation.jsonl").open()]
+    assert [h["step"] for h in history] == [4, 8]
+    assert history[-1]["native_seg_dice"] == run.validation[-1]["native_seg_dice"]
+
+
+def test_cli_refuses_bad_runs_in_one_line(trained, tmp_path):
+    folder, recipe, run = trained
+    result = _cli("train", recipe, "-o", run.folder)
+    assert result.returncode == 2 and "holds a run already" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": {"train": "x.csv"}, "labels": {"ids": [1]},
+                               "model": {"mode": "both"}}))
+    result = _cli("train", bad, "-o", tmp_path / "r")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1  # before any TF import
+    assert str(bad) in result.stderr and "model.mode" in result.stderr
+    (tmp_path / "one.csv").write_text(f"image,labels\n{folder / 's0.nii.gz'},"
+                                      f"{folder / 's0_seg.nii.gz'}\n")
+    result = _cli("finetune", "--from", "brain", "--data", tmp_path / "one.csv", "-o",
+                  tmp_path / "p")
+    assert result.returncode == 2 and "at least 2 images" in result.stderr
+    assert len(_dazoo_lines(result.stderr)) == 1 and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def exported(trained):
+    from dazoo.training import export
+
+    folder, _, run = trained
+    return export(run.folder, folder / "tinypreset", log=lambda m: None)
+
+
+def test_export_writes_a_verified_preset_from_the_run_record(trained, exported):
+    from dazoo.models import DeepAtlas
+
+    folder, _, run = trained
+    exported.verify()
+    meta = exported.metadata
+    best = max(run.validation, key=lambda v: v["native_dice"])
+    assert meta["validation"]["at_step"] == best["step"]
+    assert meta["validation"]["scores"]["native_seg_dice"] == best["native_seg_dice"]
+    assert meta["data"]["labelled"] == ["s0", "s1", "s2"] and meta["license"] == "CC0-1.0"
+    assert meta["training"]["command"] == "dazoo train recipe.json -o run"
+    card = exported.file("README.md").read_text()
+    assert f"{best['native_seg_dice']:.3f}" in card and "synthetic test data" in card
+    assert exported.file("recipe.json").is_file()
+    model = DeepAtlas.from_preset(exported.path)
+    weights, _ = _state(run.folder / "best.keras")
+    for got, expected in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(got, expected)
+    assert [c["id"] for c in model.label_table] == [0, *IDS]
+    assert model.preprocessor.config.shape == SHAPE
+
+
+def test_segment_with_the_exported_preset(trained, exported, tmp_path):
+    folder, _, _ = trained
+    out = tmp_path / "seg.nii.gz"
+    result = _cli("segment", folder / "s4.nii.gz", "-o", out, "--preset", exported.path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seg, image = io.read_labels(out), io.read_image(folder / "s4.nii.gz")
+    assert seg.shape == image.shape and np.allclose(seg.affine, image.affine)
+    assert set(np.unique(seg.array)) <= {0, *IDS}
+
+
+# ----------------------------------------------------------------------------- finetune
+def test_finetune_keeps_the_parent_table_or_learns_the_cohorts(trained, exported, tmp_path):
+    from dazoo.models import DeepAtlas
+    from dazoo.training import finetune
+
+    cohort = _cohort(tmp_path / "cohort", count=4, unlabelled=(), extra_id=40)
+    parent = DeepAtlas.from_preset(exported.path)
+    quiet = dict(steps=2, verbose=0, log=lambda m: None)
+    same = finetune(exported.path, cohort / "train.csv", tmp_path / "same", **quiet)
+    assert [c["id"] for c in same.read_json("labels.json")["classes"]] == [0, *IDS]  # 40 -> bg
+    assert same.metadata["training"]["parent"]["name"] == "tinypreset"
+    grown = finetune(exported.path, cohort / "train.csv", tmp_path / "grown",
+                     labels_from_data=True, freeze=["registration"], **quiet)
+    ids = [c["id"] for c in grown.read_json("labels.json")["classes"]]
+    assert ids == [0, 10, 20, 30, 40]
+    model = DeepAtlas.from_preset(grown.path)
+    assert model.num_classes == 5 and model.mode == "segmentation_only"
+    # Only the segmenter trained: the registration network is the parent's.
+    for got, expected in zip(model.registration_net.get_weights(),
+                             parent.registration_net.get_weights()):
+        np.testing.assert_array_equal(got, expected)
+    result = _cli("segment", cohort / "s0.nii.gz", "-o", tmp_path / "s.nii.gz", "--preset",
+                  grown.path)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_finetune_example_script(trained, exported, tmp_path):
+    folder, _, _ = trained
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / \
+        "finetune_on_your_cohort.py"
+    help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True,
+                               text=True, timeout=300)
+    assert help_text.returncode == 0 and "--preset" in help_text.stdout
+    result = subprocess.run([sys.executable, script, "--preset", exported.path, "--data",
+                             folder / "train.csv", "--steps", "2", "-o", tmp_path / "mine"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from dazoo.presets import get_preset
+
+    get_preset(tmp_path / "mine").verify()
+    assert os.path.isfile(tmp_path / "mine" / "README.md")
