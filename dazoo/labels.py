@@ -142,6 +142,21 @@ class LabelMap:
                    unknown=data.get("unknown", "error"))
 
     @classmethod
+    def from_table(cls, table, *, unknown: str = "background") -> LabelMap:
+        """The map of a preset's label table (``labels.json``'s ``[{"class", "id", "name"}]``,
+        e.g. ``DeepAtlas.from_preset(...).label_table``); its classes are the table's.
+
+        Raises:
+            DazooInputError: the table's classes are not its ids in sorted order.
+        """
+        rows = sorted(table, key=lambda c: c["class"])
+        label_map = cls([c["id"] for c in rows[1:]],
+                        names={c["id"]: c["name"] for c in rows[1:]}, unknown=unknown)
+        if label_map.ids.tolist() != [c["id"] for c in rows]:
+            raise DazooInputError("label table", "classes must follow the sorted label ids")
+        return label_map
+
+    @classmethod
     def from_labels(cls, label_maps: Iterable[np.ndarray | Volume], **kwargs) -> LabelMap:
         """A map of every id found in the given label arrays."""
         ids = set()

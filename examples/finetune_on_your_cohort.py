@@ -43,9 +43,7 @@ def main(argv=None) -> int:
         # 1. The preset's joint model, its preprocessing and its label table.
         model = DeepAtlas.from_preset(args.preset)
         table = model.label_table
-        label_map = LabelMap([c["id"] for c in table[1:]],
-                             names={c["id"]: c["name"] for c in table[1:]},
-                             unknown="background")
+        label_map = LabelMap.from_table(table)  # unknown ids -> background
         # 2. The cohort on the model grid (aligned to the preset's template), as phase-aware
         #    pairs: batch i is training step i.
         subjects = load_subjects(args.data)

@@ -380,3 +380,14 @@ def test_one_left_right_rule_for_label_maps_and_evaluation():
     classes = label_map.to_classes(ids)
     # Two ids share a class exactly when the rule merges them, and the class keeps the left id.
     np.testing.assert_array_equal(label_map.to_ids(classes), expected)
+
+
+def test_label_map_from_a_preset_table():
+    table = [{"class": 0, "id": 0, "name": "background"}, {"class": 1, "id": 1002, "name": "a"},
+             {"class": 2, "id": 2002, "name": "b"}]
+    label_map = data.LabelMap.from_table(table)
+    assert label_map.ids.tolist() == [0, 1002, 2002] and label_map.class_names[1] == "a"
+    # ids the table does not know (FreeSurfer's subcortical ones, say) become background
+    assert label_map.to_classes(np.array([2002, 17, 1002])).tolist() == [2, 0, 1]
+    with pytest.raises(DazooInputError, match="sorted"):
+        data.LabelMap.from_table([table[0], {**table[1], "class": 2}, {**table[2], "class": 1}])

@@ -74,7 +74,9 @@ class Validator:
     * At native resolution (the scans' own grids, as ``dazoo evaluate`` scores a preset):
       ``native_seg_dice``, each prediction resampled onto its scan's grid against the scan's
       label map, and ``native_reg_dice``, the moving label map carried onto the fixed scan's
-      grid. Both are means over the label table's regions (:func:`dazoo.evaluate.score_labels`)
+      grid (with ``folding_fraction``, the mean share of voxels with det(J) <= 0). Both are
+      means over the label table's regions (:func:`dazoo.evaluate.score_labels`; also
+      ``*_merged_dice``, left and right merged, and the values per subject / pair)
       with the native labels mapped through the run's :class:`~dazoo.labels.LabelMap` (ids it
       maps to background count as background). ``native_dice`` is the mean of the two
       (or the one the mode trains).
@@ -125,21 +127,29 @@ class Validator:
                 if key in grid:
                     scores[key] = float(grid[key])
         if segmentation:
-            per = [score_labels(truth.array,
-                                pipeline.segment_preprocessed(entry.preprocessed).array,
-                                ids)["mean_dice"]
-                   for entry, (_, truth) in zip(self.entries, self.native)]
-            scores["native_seg_dice"] = float(np.mean(per))
+            per = {}
+            for subject, entry, (_, truth) in zip(self.subjects, self.entries, self.native):
+                predicted = pipeline.segment_preprocessed(entry.preprocessed).array
+                per[subject.name] = score_labels(truth.array, predicted, ids)
+            scores["native_seg_dice"] = float(np.mean([r["mean_dice"] for r in per.values()]))
+            scores["native_seg_merged_dice"] = float(np.mean(
+                [r["mean_merged_dice"] for r in per.values()]))
+            scores["native_seg_per_subject"] = {k: r["mean_dice"] for k, r in per.items()}
         if registration and self.pairs:
-            per = []
+            per, folding = {}, []
             for i, j in self.pairs:
                 (moving_image, moving_truth), (_, fixed_truth) = self.native[i], self.native[j]
                 result = pipeline.register_preprocessed(
                     moving_image, self.entries[i].preprocessed, fixed_truth.affine,
                     self.entries[j].preprocessed, moving_labels=moving_truth)
-                per.append(score_labels(fixed_truth.array, result.moved_labels.array,
-                                        ids)["mean_dice"])
-            scores["native_reg_dice"] = float(np.mean(per))
+                name = f"{self.subjects[i].name} -> {self.subjects[j].name}"
+                per[name] = score_labels(fixed_truth.array, result.moved_labels.array, ids)
+                folding.append(result.folding_fraction)
+            scores["native_reg_dice"] = float(np.mean([r["mean_dice"] for r in per.values()]))
+            scores["native_reg_merged_dice"] = float(np.mean(
+                [r["mean_merged_dice"] for r in per.values()]))
+            scores["native_reg_per_pair"] = {k: r["mean_dice"] for k, r in per.items()}
+            scores["folding_fraction"] = float(np.mean(folding))
         natives = [scores[k] for k in ("native_seg_dice", "native_reg_dice") if k in scores]
         if natives:
             scores["native_dice"] = float(np.mean(natives))
@@ -189,8 +199,8 @@ class Validation(keras.callbacks.Callback):
             f.write(json.dumps(scores) + "\n")
         self.history.append(scores)
         if logs is not None:
-            logs.update({f"val_{k}": v for k, v in scores.items() if k not in ("step",
-                                                                               "seconds")})
+            logs.update({f"val_{k}": v for k, v in scores.items()
+                         if k not in ("step", "seconds") and not isinstance(v, dict)})
         value = scores.get(self.monitor, scores.get("native_dice"))
         improved = value is not None and value > self.best
         if improved:
@@ -198,7 +208,7 @@ class Validation(keras.callbacks.Callback):
             save_atomic(self.model, os.path.join(self.folder, "best.keras"))
         if self.log is not None:
             shown = " ".join(f"{k} {v:.4f}" for k, v in scores.items()
-                             if k not in ("step", "seconds"))
+                             if k not in ("step", "seconds") and not isinstance(v, dict))
             self.log(f"step {step}: validation {shown} ({scores['seconds']:.0f} s)"
                      + (" - best so far, saved best.keras" if improved else ""))
 

@@ -120,9 +120,7 @@ def _label_map(recipe: Recipe, train, parent) -> LabelMap:
         return LabelMap(ids, names={i: names[i] for i in ids if i in names},
                         merge_left_right=spec["merge_left_right"], unknown="background")
     if spec["ids"] is None and parent is not None:
-        classes = sorted(parent.read_json("labels.json")["classes"], key=lambda c: c["class"])
-        return LabelMap([c["id"] for c in classes[1:]],
-                        names={c["id"]: c["name"] for c in classes[1:]}, unknown="background")
+        return LabelMap.from_table(parent.read_json("labels.json")["classes"])
     return LabelMap(spec["ids"], names={int(k): v for k, v in spec["names"].items()},
                     merge_left_right=spec["merge_left_right"], unknown=spec["unknown"])
 
@@ -194,7 +192,9 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
             segmentation = SegmentationNet(shape, num_classes, **seg_options)
         except (TypeError, ValueError) as err:
             raise DazooInputError(recipe.source, f"model: {err}") from None
-        return DeepAtlas(registration, segmentation, **options)
+        model = DeepAtlas(registration, segmentation, **options)
+        _init_networks(model, recipe["init"] or {}, log)
+        return model
     trained = DeepAtlas.from_preset(parent)
     config = parent.read_json("config.json")["model"]
     registration = RegistrationNet.from_config(config["registration_net"]["config"])
@@ -209,6 +209,27 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
         log(f"segmenter's last layer re-initialised: {trained.num_classes} -> {num_classes} "
             "classes")
     return DeepAtlas(registration, segmentation, **options)
+
+
+def _init_networks(model, init: dict, log) -> None:
+    """Copies one network's weights from another run (``init.registration_from`` /
+    ``init.segmentation_from``: a run folder (its last checkpoint) or a ``.keras`` file)."""
+    import keras
+
+    import dazoo.models  # noqa: F401  (registers dazoo's classes)
+
+    for network in ("registration", "segmentation"):
+        source = init.get(f"{network}_from")
+        if not source:
+            continue
+        path = pathlib.Path(source)
+        path = path / "checkpoint.keras" if path.is_dir() else path
+        if not path.is_file():
+            raise DazooInputError(source, f"no checkpoint to initialise the {network} network")
+        trained = keras.saving.load_model(path, compile=False)
+        getattr(model, f"{network}_net").set_weights(
+            getattr(trained, f"{network}_net").get_weights())
+        log(f"{network} network initialised from {path}")
 
 
 def _optimizer(spec: dict, steps: int):
@@ -372,7 +393,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         if unlabelled_val:
             raise DazooInputError(recipe.source, f"validation subject(s) {unlabelled_val} "
                                                  "have no label map")
-        parent = get_preset(c["init"]["preset"]) if c["init"] else None
+        parent = get_preset(c["init"]["preset"]) if (c["init"] or {}).get("preset") else None
         label_map = _label_map(recipe, train_subjects, parent)
         table = label_table(label_map)
         _write_json(folder / "labels.json", {"classes": table})

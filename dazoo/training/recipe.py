@@ -31,6 +31,7 @@ one takes the default shown by ``Recipe.defaults()``)::
                        "phases": ["registration", "segmentation"]},
       "precision": "float32",                  or "mixed_bfloat16" (the segmenter's arithmetic)
       "init": null,                            or {"preset": "brain", "labels_from_data": false}
+                                               or {"registration_from": RUN, "segmentation_from": RUN}
       "card": {"license": ..., "license_note": ..., "citations": [...], "notes": [...],
                "data_name": ...}                model-card prose, copied into the exported preset
     }
@@ -86,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
 }
 # Sections whose content is free-form (checked by the classes they configure).
 _OPEN = {("model", "registration"), ("model", "segmentation"), ("labels", "names")}
-_INIT_KEYS = {"preset", "labels_from_data"}
+_INIT_KEYS = {"preset", "labels_from_data", "registration_from", "segmentation_from"}
 PRECISIONS = ("float32", "mixed_bfloat16")
 MONITORS = ("native_dice", "native_seg_dice", "native_reg_dice", "seg_dice", "warped_dice")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -178,6 +179,10 @@ class Recipe:
             candidate = absolute(init["preset"])
             if os.path.isdir(candidate):  # a folder; else a shipped preset's name
                 init["preset"] = candidate
+        if isinstance(init, dict):
+            for key in ("registration_from", "segmentation_from"):
+                if isinstance(init.get(key), str):
+                    init[key] = absolute(init[key])
 
     def _fail(self, message: str):
         raise DazooInputError(self.source, message)
@@ -203,7 +208,7 @@ class Recipe:
             self._fail(f"data.labelled must be \"all\", a count or a list of names, "
                        f"got {labelled!r}")
         labels = c["labels"]
-        if not labels["from_data"] and not labels["ids"] and not c["init"]:
+        if not labels["from_data"] and not labels["ids"] and not (c["init"] or {}).get("preset"):
             self._fail("labels needs \"ids\" (or \"from_data\": true)")
         if labels["unknown"] not in ("error", "background"):
             self._fail("labels.unknown must be \"error\" or \"background\"")
@@ -249,10 +254,11 @@ class Recipe:
             self._fail(f"precision must be one of {list(PRECISIONS)}, got {c['precision']!r}")
         init = c["init"]
         if init is not None:
-            if not isinstance(init, dict) or "preset" not in init or set(init) - _INIT_KEYS:
-                self._fail("init must be {\"preset\": name or folder, \"labels_from_data\": "
-                           "false}")
-        if init is None:  # with a parent preset, its preprocessing is used
+            if not isinstance(init, dict) or not init or set(init) - _INIT_KEYS:
+                self._fail(f"init must be an object with keys among {sorted(_INIT_KEYS)}")
+            if "preset" in init and ({"registration_from", "segmentation_from"} & set(init)):
+                self._fail("init: give a preset, or networks from runs, not both")
+        if not (init or {}).get("preset"):  # with a parent preset, its preprocessing is used
             self.preprocess_config("template.nii.gz" if self.builds_template else None)
 
     # ------------------------------------------------------------------ builders
