@@ -269,29 +269,11 @@ def _train(args: argparse.Namespace) -> int:
         from dazoo.training.recipe import Recipe
 
         recipe = Recipe.load(args.recipe)
-        if args.data is not None or args.set:
-            import json
-
-            config = recipe.config
-            if args.data is not None:
-                config["data"]["train"] = os.path.abspath(args.data)
-            for item in args.set or ():
-                key, _, text = item.partition("=")
-                try:
-                    value = json.loads(text)
-                except ValueError:
-                    value = text
-                *parents, leaf = key.split(".")
-                section = config
-                for name in parents:
-                    if not isinstance(section.get(name), dict):
-                        raise DazooInputError("--set", f"{key}: no section {name!r} in the recipe")
-                    section = section[name]
-                if not _ or leaf not in section:
-                    raise DazooInputError("--set", f"{item!r}: expected KEY=VALUE with a recipe "
-                                                   "key such as training.steps")
-                section[leaf] = value
-            recipe = Recipe.from_dict(config, source=recipe.source)
+        overrides = list(args.set or ())
+        if args.data is not None:
+            overrides.append(f"data.train={os.path.abspath(args.data)}")
+        if overrides:
+            recipe = recipe.with_overrides(overrides)
         run = train(recipe, args.output, command=_command_line(), strategy=strategy, log=_log)
     print(f"{run.folder}: {run.steps} steps")
     return 0

@@ -113,6 +113,21 @@ def test_recipe_defaults_paths_and_strict_keys(tmp_path):
         assert str(info.value).startswith("r.json") and words in str(info.value), info.value
 
 
+def test_recipe_overrides(tmp_path):
+    recipe = Recipe.from_dict({"data": {"train": "d.csv"}, "labels": {"ids": [1]}},
+                              root=tmp_path)
+    changed = recipe.with_overrides(["training.steps=300", "model.mode=registration_only",
+                                     "augmentation.phases=[\"segmentation\"]"])
+    assert changed["training"]["steps"] == 300 and changed["model"]["mode"] == "registration_only"
+    assert changed["augmentation"]["phases"] == ["segmentation"]
+    assert recipe["training"]["steps"] == 6000  # the original is unchanged
+    for bad in ("training.stpes=3", "training.steps", "nothing.steps=3"):
+        with pytest.raises(DazooInputError, match="expected KEY=VALUE"):
+            recipe.with_overrides([bad])
+    with pytest.raises(DazooInputError, match="multiple of"):
+        recipe.with_overrides(["training.steps=150"])
+
+
 def test_shipped_brain_recipe_is_valid():
     from dazoo.presets import get_preset
 

@@ -154,6 +154,26 @@ class Recipe:
             raise DazooInputError(path, f"is not a readable JSON recipe ({err})") from None
         return cls.from_dict(config, root=os.path.dirname(os.path.abspath(path)), source=path)
 
+    def with_overrides(self, items) -> Recipe:
+        """A new recipe with ``KEY=VALUE`` overrides (``dazoo train --set``): dotted keys
+        (``training.steps=300``), values parsed as JSON where they parse, else strings; the
+        result is checked as a whole."""
+        config = copy.deepcopy(self.config)
+        for item in items:
+            key, sign, text = str(item).partition("=")
+            *parents, leaf = key.split(".")
+            section = config
+            for name in parents:
+                section = section.get(name) if isinstance(section, dict) else None
+            if not sign or not isinstance(section, dict) or leaf not in section:
+                raise DazooInputError("--set", f"{item!r}: expected KEY=VALUE with a recipe key "
+                                               "such as training.steps")
+            try:
+                section[leaf] = json.loads(text)
+            except ValueError:
+                section[leaf] = text
+        return Recipe.from_dict(config, source=self.source)
+
     def to_json(self) -> str:
         return json.dumps(self.config, indent=1)
 
