@@ -664,11 +664,19 @@ class Preprocessor:
         return self._template
 
     def fingerprint(self) -> str:
-        """A hash of the config and the template file's identity (for cache keys)."""
+        """A hash of the config and the template's contents (for cache keys): a copy of the
+        same template elsewhere (each training run keeps its own) gives the same key."""
         parts = [self.config.to_json()]
         if self.template_path is not None:
             stat = os.stat(self.template_path)
-            parts += [os.path.abspath(self.template_path), str(stat.st_size), str(stat.st_mtime_ns)]
+            identity = (os.path.abspath(self.template_path), stat.st_size, stat.st_mtime_ns)
+            if getattr(self, "_template_digest", (None,))[0] != identity:
+                digest = hashlib.sha256()
+                with open(self.template_path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                self._template_digest = (identity, digest.hexdigest())
+            parts.append(self._template_digest[1])
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def model_grid(self, volume: Volume) -> np.ndarray:

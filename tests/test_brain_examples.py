@@ -1,12 +1,21 @@
-"""The brain example scripts' own logic: label mapping, pair sampling, one-shot table."""
+"""The brain example scripts' own logic: the one-shot runs' recipes and table, evaluate's
+validation subjects. Light: subject folders with empty files, no image read, no training."""
 import importlib.util
+import json
 import pathlib
 import sys
 
 import numpy as np
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples" / "brain"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "brain"
+BRAIN = ROOT / "pretrained" / "brain"
+BRAIN_RECIPE = json.loads((BRAIN / "recipe.json").read_text())
+DATA = (BRAIN / BRAIN_RECIPE["data"]["train"]).resolve()  # the Mindboggle scans, if present
+VALIDATION = BRAIN_RECIPE["data"]["validation"]
+TRAINING = sorted(["OASIS-TRT-20-3", "OASIS-TRT-20-7", "OASIS-TRT-20-10", "OASIS-TRT-20-11",
+                   "OASIS-TRT-20-9"])
 
 
 def _load(name):
@@ -21,36 +30,89 @@ def _load(name):
 
 
 @pytest.fixture(scope="module")
-def train():
-    return _load("train")
-
-
-@pytest.fixture(scope="module")
 def one_shot():
     return _load("one_shot")
 
 
-def test_dkt31_classes(train):
-    assert len(train.DKT31_IDS) == 62 and train.NUM_CLASSES == 63
-    ids = np.array([0, 1002, 1035, 2002, 2035, 1032, 2033, 1004, 24, 5000])
-    classes = train.id_to_class(ids)
-    assert classes.tolist() == [0, 1, 31, 32, 62, 0, 0, 0, 0, 0]
-    # every DKT31 id maps to a distinct class 1..62, in sorted order
-    assert train.id_to_class(np.array(train.DKT31_IDS)).tolist() == list(range(1, 63))
+@pytest.fixture
+def fake_data(tmp_path):
+    """A Mindboggle-like folder: one subfolder per subject with empty image / label files."""
+    data = tmp_path / "data"
+    spec = BRAIN_RECIPE["data"]
+    for name in TRAINING + VALIDATION:
+        (data / name).mkdir(parents=True)
+        (data / name / spec["image"]).write_bytes(b"")
+        (data / name / spec["labels"]).write_bytes(b"")
+    (data / "LICENSE-README.txt").write_text("not a subject")
+    (data / "no-image").mkdir()  # a folder without the image pattern is no subject
+    return data
 
 
-def test_segmentation_pairs_always_hold_the_labelled_image(train):
-    labelled = [True] + [False] * 11
-    sides = set()
-    for step in range(200):
-        rng = np.random.default_rng([0, step])
-        moving, fixed = train.sample_pair(rng, labelled, registration_turn=False)
-        assert moving != fixed and 0 in (moving, fixed)
-        sides.add(0 if moving == 0 else 1)
-    assert sides == {0, 1}  # the labelled image appears as moving and as fixed
-    rng = np.random.default_rng(0)
-    pairs = {train.sample_pair(rng, labelled, registration_turn=True) for _ in range(200)}
-    assert any(0 not in pair for pair in pairs)  # registration pairs ignore the labels
+def test_one_shot_recipes(one_shot, fake_data, tmp_path):
+    from dazoo.training.recipe import Recipe
+
+    work = tmp_path / "work"
+    args = one_shot.parse_args(["--work", str(work), "--data", str(fake_data),
+                                "--pretrain", "30", "--pretrain-segmentation", "70",
+                                "--steps", "250"])
+    recipes = one_shot.run_recipes(args)
+    assert list(recipes) == ["pretrain_registration", "pretrain_segmentation",
+                             "registration_only", "segmentation_only", "joint"]
+    root = work.resolve() / "one_shot"
+    expected = {"pretrain_registration": ("registration_only", 30),
+                "pretrain_segmentation": ("segmentation_only", 70),
+                "registration_only": ("registration_only", 250),
+                "segmentation_only": ("segmentation_only", 250),
+                "joint": ("joint", 500)}
+    # sorted() order of the names, not numeric: "OASIS-TRT-20-10" comes first
+    assert TRAINING[0] == "OASIS-TRT-20-10"
+    init = {"registration_from": str(root / "pretrain_registration"),
+            "segmentation_from": str(root / "pretrain_segmentation")}
+    for name, (recipe, folder) in recipes.items():
+        assert isinstance(recipe, Recipe)
+        assert folder == root / name
+        c = recipe.config
+        mode, steps = expected[name]
+        assert c["model"]["mode"] == mode
+        t = c["training"]
+        assert t["steps"] == steps and t["validate_every"] == steps  # validated once, at the end
+        assert t["checkpoint_every"] <= 100 and steps % t["checkpoint_every"] == 0
+        assert c["data"]["train"] == str(fake_data.resolve())
+        assert c["data"]["labelled"] == [TRAINING[0]]
+        assert c["data"]["validation"] == VALIDATION
+        assert c["data"]["cache"] == str(root / "cache")  # one cache for all runs
+        assert c["init"] == (None if name.startswith("pretrain_") else init)
+        if name == "pretrain_registration":
+            assert recipe.builds_template
+        else:  # the first run's template, copied
+            assert c["preprocess"]["template"] == str(root / "pretrain_registration"
+                                                      / "template.nii.gz")
+        # everything else is the shipped recipe's
+        for key in ("losses", "optimizers", "augmentation", "precision", "seed", "labels"):
+            assert c[key] == Recipe.from_dict(BRAIN_RECIPE, root=BRAIN)[key]
+        Recipe.from_dict(json.loads(recipe.to_json()))  # what the run folder keeps is valid
+    assert recipes["joint"][0]["training"]["checkpoint_every"] == 100
+    assert recipes["pretrain_segmentation"][0]["training"]["checkpoint_every"] == 70
+
+
+def test_one_shot_keeps_its_cli(one_shot):
+    args = one_shot.parse_args(["--pretrain", "300"])
+    assert (args.pretrain, args.pretrain_segmentation, args.steps) == (300, 300, 500)
+    with pytest.raises(SystemExit):
+        one_shot.parse_args(["--validate-every", "300"])
+
+
+def test_one_shot_scores_are_the_last_validation(one_shot, tmp_path):
+    records = [{"step": 100, "native_reg_dice": 0.1},
+               {"step": 200, "native_reg_dice": 0.4, "native_reg_merged_dice": 0.41,
+                "native_reg_per_pair": {"a -> b": 0.4}, "folding_fraction": 0.0,
+                "native_dice": 0.4, "seconds": 3.0}]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert one_shot.scores(tmp_path, 200) == {
+        "registration_dice": 0.4, "registration_merged_dice": 0.41, "folding_fraction": 0.0,
+        "registration_per_pair": {"a -> b": 0.4}}
+    with pytest.raises(SystemExit):
+        one_shot.scores(tmp_path, 300)  # the run did not reach its last validation
 
 
 def _result(reg, seg):
@@ -79,39 +141,38 @@ def test_one_shot_table_reports_paired_changes(one_shot):
     assert "starting point" not in table  # rows appear only for runs that were evaluated
 
 
-def test_card_only_update_adds_one_shot_and_keeps_weights(tmp_path):
-    import json
+def test_evaluate_validates_on_the_recipes_subjects(fake_data):
+    evaluate = _load("evaluate")
+    subjects = evaluate.validation_subjects(fake_data, BRAIN)
+    assert sorted(s.name for s in subjects) == sorted(VALIDATION)
+    spec = BRAIN_RECIPE["data"]
+    for s in subjects:
+        assert s.image == str(fake_data / s.name / spec["image"])
+        assert s.labels == str(fake_data / s.name / spec["labels"])
+    ids = evaluate.label_ids(BRAIN)
+    assert ids == BRAIN_RECIPE["labels"]["ids"] and len(ids) == 62
+
+
+def test_evaluate_uses_an_exported_presets_own_recipe(fake_data, tmp_path):
     import shutil
 
-    from dazoo.presets import get_preset, sha256
+    evaluate = _load("evaluate")
+    preset = tmp_path / "preset"  # what validation_subjects reads of a preset
+    preset.mkdir()
+    for name in ("metadata.json", "labels.json", "recipe.json"):
+        shutil.copyfile(BRAIN / name, preset / name)
+    recipe = json.loads((preset / "recipe.json").read_text())
+    recipe["data"]["validation"] = VALIDATION[:2]
+    (preset / "recipe.json").write_text(json.dumps(recipe))
+    names = [s.name for s in evaluate.validation_subjects(fake_data, preset)]
+    assert sorted(names) == sorted(VALIDATION[:2])
+    (preset / "recipe.json").unlink()  # no recipe of its own: the brain recipe's subjects
+    names = [s.name for s in evaluate.validation_subjects(fake_data, preset)]
+    assert sorted(names) == sorted(VALIDATION)
 
-    package = _load("package")
-    shipped = pathlib.Path(__file__).resolve().parents[1] / "pretrained" / "brain"
-    folder = tmp_path / "brain"
-    shutil.copytree(shipped, folder)
-    weights_before = sha256(folder / "model.weights.h5")
-    meta_before = json.loads((folder / "metadata.json").read_text())
-    meta_before.pop("one_shot", None)
-    results = {
-        "labelled_subject": "subject-A", "unlabelled": 11,
-        "pretrain_registration_steps": 7, "pretrain_segmentation_steps": 9,
-        "steps_per_network": 5, "command": "python examples/brain/one_shot.py --steps 5",
-        "registration_only": _result({"a -> b": 0.40, "b -> a": 0.50}, {"a": 0.2}),
-        "segmentation_only": _result({"a -> b": 0.1, "b -> a": 0.1}, {"a": 0.30}),
-        "joint": _result({"a -> b": 0.43, "b -> a": 0.49}, {"a": 0.35}),
-    }
-    (tmp_path / "results.json").write_text(json.dumps(results))
 
-    package.main(["--card-only", "--out", str(folder),
-                  "--one-shot", str(tmp_path / "results.json")])
-
-    assert sha256(folder / "model.weights.h5") == weights_before
-    get_preset(folder).verify()
-    meta = json.loads((folder / "metadata.json").read_text())
-    assert meta.pop("one_shot") == results
-    assert meta == meta_before  # nothing else in the metadata changed
-    card = (folder / "README.md").read_text()
-    assert "## The paper's one-shot experiment" in card
-    assert "1 training subject (subject-A) keeps its labels" in card
-    assert "registration: +1.0 Dice points, 1 of 2 improved" in card
-    assert "--one-shot work_cache/brain/one_shot/results.json" in card
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs the Mindboggle data")
+def test_one_shot_labels_the_first_real_training_subject(one_shot, tmp_path):
+    args = one_shot.parse_args(["--work", str(tmp_path), "--data", str(DATA)])
+    recipes = one_shot.run_recipes(args)
+    assert recipes["joint"][0]["data"]["labelled"] == ["OASIS-TRT-20-10"]  # as in the card

@@ -329,3 +329,20 @@ def test_real_alignment_every_subject(data_root):
     before, after = np.array(results).T
     assert np.all(after > 1.2 * before), results
     assert after.mean() > before.mean() + 0.12, results
+
+
+def test_fingerprint_follows_the_template_contents_not_its_path(tmp_path):
+    import shutil
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    template = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    io.write_image((template, affine), tmp_path / "a" / "template.nii.gz")
+    (tmp_path / "b").mkdir()
+    shutil.copyfile(tmp_path / "a" / "template.nii.gz", tmp_path / "b" / "template.nii.gz")
+    config = pp.PreprocessConfig(voxel_size=(2, 2, 2), shape=(16, 16, 16), levels=2,
+                                 template="template.nii.gz", alignment="affine")
+    first = pp.Preprocessor(config, root=tmp_path / "a")
+    copy = pp.Preprocessor(config, root=tmp_path / "b")
+    assert first.fingerprint() == copy.fingerprint()  # each run's copy reuses the cache
+    io.write_image((template + 0.1, affine), tmp_path / "b" / "template.nii.gz")
+    assert pp.Preprocessor(config, root=tmp_path / "b").fingerprint() != first.fingerprint()

@@ -597,7 +597,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
 
 
 # ----------------------------------------------------------------------------- finetune
-def _interval(steps: int, at_most: int = 100) -> int:
+def checkpoint_interval(steps: int, at_most: int = 100) -> int:
     """The largest divisor of ``steps`` that is <= ``at_most``."""
     return max(d for d in range(1, min(steps, at_most) + 1) if steps % d == 0)
 
@@ -662,7 +662,7 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         config["optimizers"] = {
             net: dict(config.get("optimizers", {}).get(net, {}), learning_rate=learning_rate)
             for net in ("registration", "segmentation")}
-    every = checkpoint_every or _interval(int(steps))
+    every = checkpoint_every or checkpoint_interval(int(steps))
     config.update(
         name=pathlib.Path(out).name,
         description="",

@@ -1,8 +1,13 @@
-"""Stage 4 of the `brain` preset: evaluation on the validation subjects, at native 1 mm.
+"""Evaluation of a brain preset on its validation subjects, at native 1 mm.
 
     python examples/brain/evaluate.py --preset pretrained/brain \
-        --data ../shared/data/mindboggle-oasis-trt20 --work work_cache/brain \
+        --data ../shared/data/mindboggle-oasis-trt20 \
         --out work_cache/brain/evaluation.json [--ants]
+
+The validation subjects are the ``data.validation`` of the preset's own ``recipe.json``
+(written by ``dazoo export``; the shipped ``pretrained/brain`` has one too) or, for a preset
+without one, of ``pretrained/brain/recipe.json``; they are found in ``--data`` with that
+recipe's image and label patterns. The label ids scored are the preset's ``labels.json``.
 
 * segmentation Dice per region (62 lateralised DKT31 regions) and left/right merged (31), per
   validation subject, against the manual labels on the scan's own grid;
@@ -32,16 +37,45 @@ import numpy as np
 from scipy import ndimage
 
 from dazoo import io
-from dazoo.training import Subject
 from dazoo.evaluate import evaluate_registration, evaluate_segmentation, score_labels, summarise
 from dazoo.hub import load
+from dazoo.presets import get_preset
+from dazoo.training.engine import split_subjects
+from dazoo.training.recipe import Recipe
+from dazoo.training.subjects import Subject, load_subjects
 
 
-def validation_subjects(data: pathlib.Path, work: pathlib.Path) -> list[Subject]:
-    split = json.loads((work / "split.json").read_text())
-    return [Subject(str(data / n / "t1weighted_brain.nii.gz"),
-                    str(data / n / "labels.DKT31.manual.nii.gz"), n)
-            for n in split["validation"]]
+HERE = pathlib.Path(__file__).resolve().parent
+BRAIN_RECIPE = HERE.parents[1] / "pretrained" / "brain" / "recipe.json"
+
+
+def preset_recipe(preset: str | os.PathLike) -> pathlib.Path:
+    """The preset's own ``recipe.json``, else the shipped ``pretrained/brain/recipe.json``."""
+    own = get_preset(preset).file("recipe.json")
+    return own if own.is_file() else BRAIN_RECIPE
+
+
+def validation_subjects(data: str | os.PathLike,
+                        preset: str | os.PathLike = "pretrained/brain") -> list[Subject]:
+    """The recipe's validation subjects (see :func:`preset_recipe`), found in ``data`` with
+    the recipe's image / label patterns (file names only: no image is read)."""
+    recipe = Recipe.load(preset_recipe(preset))
+    spec = recipe["data"]
+    if spec["validation"] is None:
+        raise SystemExit(f"{recipe.source}: no data.validation")
+    subjects = load_subjects(data, image=spec["image"], labels=spec["labels"])
+    _, held = split_subjects(subjects, spec["validation"], source=recipe.source,
+                             seed=recipe["seed"])
+    unlabelled = [s.name for s in held if s.labels is None]
+    if unlabelled:
+        raise SystemExit(f"{data}: validation subject(s) {unlabelled} have no label map")
+    return held
+
+
+def label_ids(preset: str | os.PathLike) -> list[int]:
+    """The preset's region ids (``labels.json``, background left out)."""
+    return [int(c["id"]) for c in get_preset(preset).read_json("labels.json")["classes"]
+            if int(c["id"]) != 0]
 
 
 def ants_baseline(subjects, ids, kind):
@@ -104,10 +138,9 @@ def world_agreement(reference: io.Volume, other: io.Volume, ids) -> dict:
             "voxel_agreement": float(np.mean(on_reference[inside] == reference.array[inside]))}
 
 
-def consistency(pipeline, subjects, tmp):
+def consistency(pipeline, subjects, ids, tmp):
     """Segmentation and registration of rewritten scans agree with the originals in world
-    space (compared on the original grids, nearest-neighbour)."""
-    ids = [int(i) for i in pipeline.class_ids if i]
+    space (compared on the original grids, nearest-neighbour; ``ids``: the regions scored)."""
     moving, fixed = subjects[0], subjects[1]
     original = pipeline.segment(moving.image).labels
     report = {}
@@ -148,17 +181,19 @@ def speed(preset, subjects, tmp):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="pretrained/brain")
-    parser.add_argument("--data", default="../shared/data/mindboggle-oasis-trt20")
-    parser.add_argument("--work", default="work_cache/brain")
-    parser.add_argument("--out", default="work_cache/brain/evaluation.json")
+    parser.add_argument("--preset", default="pretrained/brain",
+                        help="preset name or folder (e.g. one written by dazoo export)")
+    parser.add_argument("--data", default="../shared/data/mindboggle-oasis-trt20",
+                        help="the Mindboggle OASIS-TRT-20 folder (one subfolder per subject)")
+    parser.add_argument("--out", default="work_cache/brain/evaluation.json",
+                        help="the report (JSON)")
     parser.add_argument("--ants", action="store_true", help="also run the ANTs baselines")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=("segmentation", "registration", "consistency", "speed"))
     args = parser.parse_args(argv)
-    subjects = validation_subjects(pathlib.Path(args.data), pathlib.Path(args.work))
+    subjects = validation_subjects(args.data, args.preset)
     pipeline = load(args.preset)
-    ids = [int(i) for i in pipeline.class_ids if i]
+    ids = label_ids(args.preset)
     report = {"preset": args.preset, "validation": [s.name for s in subjects]}
     if "segmentation" not in args.skip:
         per = evaluate_segmentation(pipeline, subjects)
@@ -183,7 +218,7 @@ def main(argv=None):
         report["ants_version"] = getattr(ants, "__version__", "unknown")
     with tempfile.TemporaryDirectory() as tmp:
         if "consistency" not in args.skip:
-            report["consistency"] = consistency(pipeline, subjects, tmp)
+            report["consistency"] = consistency(pipeline, subjects, ids, tmp)
         if "speed" not in args.skip:
             report["speed"] = speed(args.preset, subjects, tmp)
             print(f"speed: {report['speed']}", flush=True)

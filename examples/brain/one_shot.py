@@ -1,88 +1,163 @@
 """The DeepAtlas paper's one-shot experiment on the Mindboggle brains, as a table.
 
-One training subject keeps its labels (the first in sorted order); the other 11 are
-unlabelled. All runs use the preset's architecture, grid, losses and seed:
+Every run is a ``dazoo.training.engine.train`` run of the `brain` preset's recipe
+(``pretrained/brain/recipe.json``: architecture, grid, losses, optimizers, augmentation, seed
+and the 3 validation subjects), with these changes:
+
+* one training subject keeps its labels (the first in sorted order; training subjects are
+  the data folder's subjects minus the recipe's validation subjects); the other 11 are
+  unlabelled;
+* each run validates once, at its last step (``training.validate_every`` = its steps): the
+  validation never chooses a checkpoint;
+* all runs share one affine template (built by the first run, copied by the others) and one
+  cache folder (``<work>/one_shot/cache``).
+
+The runs:
 
 1. pretraining from the same random initialisation: a registration-only run (unsupervised:
    with one labelled image no pair has two label maps) of ``--pretrain`` steps and a
    segmentation-only run (supervised on the one image, augmented) of
    ``--pretrain-segmentation`` steps (default ``--pretrain``);
-2. from those two starting points, three continuations with the same budget per network:
-   registration-only (``--steps`` registration steps), segmentation-only (``--steps``
-   segmentation steps) and DeepAtlas joint (``--steps`` of each, alternating 1:1);
-3. the starting points and each continuation are packaged as temporary presets and
-   evaluated on the 3 validation subjects at native 1 mm: registration Dice over the 6
-   ordered pairs and segmentation Dice per subject.
+2. from those two starting points (``init``: the registration network from the first run's
+   last checkpoint, the segmentation network from the second's), three continuations with the
+   same budget per network: registration-only (``--steps`` registration steps),
+   segmentation-only (``--steps`` segmentation steps) and DeepAtlas joint (``2 * --steps``
+   steps, alternating 1:1, so ``--steps`` for each network);
+3. each run's scores are its last validation (``RUN/validation.jsonl``): at native 1 mm on the
+   3 validation subjects, registration Dice over the 6 ordered pairs (and folding) for the
+   runs that train registration, segmentation Dice per subject for those that train
+   segmentation.
 
     python examples/brain/one_shot.py --work work_cache/brain --pretrain 300 \
         --pretrain-segmentation 700 --steps 300
 
-Runs are resumable (each in its own folder under <work>/one_shot/); the table is printed and
-written to <work>/one_shot/results.md, the numbers to <work>/one_shot/results.json.
+Each run has its own folder, ``<work>/one_shot/<run>/``: a finished run is kept, an unfinished
+one resumed (exactly, from its last checkpoint). The table is printed and written to
+``<work>/one_shot/results.md``, the numbers to ``<work>/one_shot/results.json``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import pathlib
-import subprocess
 import sys
 
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parent
+RECIPE = HERE.parents[1] / "pretrained" / "brain" / "recipe.json"
+
+#: run name -> model mode, in the order the runs are trained.
+RUNS = {"pretrain_registration": "registration_only",
+        "pretrain_segmentation": "segmentation_only",
+        "registration_only": "registration_only",
+        "segmentation_only": "segmentation_only",
+        "joint": "joint"}
+
+#: results.json key -> validation.jsonl key.
+SCORES = {"registration_dice": "native_reg_dice",
+          "registration_merged_dice": "native_reg_merged_dice",
+          "folding_fraction": "folding_fraction",
+          "registration_per_pair": "native_reg_per_pair",
+          "segmentation_dice": "native_seg_dice",
+          "segmentation_merged_dice": "native_seg_merged_dice",
+          "segmentation_per_subject": "native_seg_per_subject"}
 
 
-def train(out: pathlib.Path, steps: int, mode: str, extra=()):
-    cmd = [sys.executable, str(HERE / "train.py"), "--work", str(ARGS.work), "--out", str(out),
-           "--steps", str(steps), "--mode", mode, "--labelled", "1",
-           "--validate-every", str(ARGS.validate_every or 10**9), *extra]
-    done = out / "train.log"
-    if done.exists() and done.read_text().rstrip().endswith("done"):
+def training_subjects(config: dict, data: pathlib.Path) -> list[str]:
+    """Sorted names of the subjects in ``data`` (the recipe's image pattern) that are not
+    among the recipe's validation subjects."""
+    from dazoo.training.subjects import find_subjects
+
+    spec = config["data"]
+    found = find_subjects(data, image=spec["image"], labels=spec["labels"])
+    names = [s.name for s in found]
+    missing = sorted(set(spec["validation"]) - set(names))
+    if missing:
+        raise SystemExit(f"{data}: validation subject(s) {missing} of {RECIPE} are missing")
+    return sorted(n for n in names if n not in set(spec["validation"]))
+
+
+def planned_steps(args) -> dict[str, int]:
+    """Training steps of each run (joint: both networks, ``--steps`` each)."""
+    return {"pretrain_registration": args.pretrain,
+            "pretrain_segmentation": args.pretrain_segmentation,
+            "registration_only": args.steps, "segmentation_only": args.steps,
+            "joint": 2 * args.steps}
+
+
+def run_recipes(args) -> dict[str, tuple]:
+    """``{run name: (Recipe, run folder)}`` of the five runs, in training order.
+
+    Lists the data folder's subjects (file names only, no image is read) to choose the
+    labelled one.
+    """
+    from dazoo.training.engine import checkpoint_interval
+    from dazoo.training.recipe import Recipe
+
+    base = json.loads(RECIPE.read_text())
+    data = pathlib.Path(args.data).resolve()
+    root = pathlib.Path(args.work).resolve() / "one_shot"
+    train_names = training_subjects(base, data)
+    steps = planned_steps(args)
+    folders = {name: root / name for name in RUNS}
+    template = folders["pretrain_registration"] / "template.nii.gz"
+    init = {"registration_from": str(folders["pretrain_registration"]),
+            "segmentation_from": str(folders["pretrain_segmentation"])}
+    recipes = {}
+    for name, mode in RUNS.items():
+        config = copy.deepcopy(base)
+        config["name"] = f"brain_one_shot_{name}"
+        config["description"] = (f"The DeepAtlas one-shot experiment, run {name} "
+                                 "(examples/brain/one_shot.py).")
+        config["data"].update(train=str(data), labelled=[train_names[0]],
+                              cache=str(root / "cache"))
+        config["model"]["mode"] = mode
+        config["training"].update(steps=steps[name],
+                                  checkpoint_every=checkpoint_interval(steps[name]),
+                                  validate_every=steps[name])
+        if name != "pretrain_registration":  # the first run builds the template
+            config["preprocess"]["template"] = str(template)
+        if not name.startswith("pretrain_"):
+            config["init"] = dict(init)
+        recipes[name] = (Recipe.from_dict(config, root=RECIPE.parent, source=f"{RECIPE} ({name})"),
+                         folders[name])
+    return recipes
+
+
+def _record(folder: pathlib.Path) -> dict | None:
+    path = folder / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run(recipe, folder: pathlib.Path, command: str) -> None:
+    """Trains one run: skipped when finished, resumed when started."""
+    from dazoo.training.engine import train
+
+    planned = recipe["training"]["steps"]
+    record = _record(folder)
+    if record is None:
+        print(f"training {folder} ({planned} steps, {recipe['model']['mode']})", flush=True)
+        train(recipe, folder, command=command)
         return
-    print("running:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if record["steps_planned"] != planned:
+        raise SystemExit(f"{folder} holds a run of {record['steps_planned']} steps, not "
+                         f"{planned}: remove it or choose another --work")
+    if record.get("steps_completed") == planned:
+        print(f"{folder}: finished ({planned} steps), kept", flush=True)
+        return
+    print(f"resuming {folder}", flush=True)
+    train(None, folder, resume=True)
 
 
-def evaluate(run: pathlib.Path, tasks=("segmentation", "registration")) -> dict:
-    """Native-resolution Dice of a run's checkpoint on the validation subjects: the means and
-    each subject's (segmentation) or each ordered pair's (registration) mean Dice."""
-    import keras
+def scores(folder: pathlib.Path, steps: int) -> dict:
+    """A run's last validation, under results.json's keys."""
+    from dazoo.training.callbacks import read_validation
 
-    import dazoo.models  # noqa: F401  (registers dazoo's classes for load_model)
-    from dazoo.evaluate import evaluate_registration, evaluate_segmentation, summarise
-    from dazoo.pipeline import Pipeline
-
-    sys.path.insert(0, str(HERE))
-    from evaluate import validation_subjects  # noqa: E402
-    from package import for_float32_inference, label_table  # noqa: E402
-    from train import DKT31_IDS  # noqa: E402
-
-    from dazoo.presets import save_preset
-
-    work = pathlib.Path(ARGS.work)
-    model = for_float32_inference(keras.saving.load_model(run / "checkpoint.keras"))
-    preset = save_preset(run / "preset", model=model,
-                         preprocess=json.loads((work / "preprocess.json").read_text()),
-                         labels=label_table(DKT31_IDS),
-                         metadata={"description": f"one-shot experiment run {run.name}"},
-                         files={"template.nii.gz": work / "template.nii.gz"})
-    pipeline = Pipeline(preset)
-    subjects = validation_subjects(pathlib.Path(ARGS.data), work)
-    out = {}
-    if "segmentation" in tasks:
-        items = evaluate_segmentation(pipeline, subjects)
-        seg = summarise(items)
-        out.update(segmentation_dice=seg["mean_dice"],
-                   segmentation_merged_dice=seg["mean_merged_dice"],
-                   segmentation_per_subject={r["name"]: r["mean_dice"] for r in items})
-    if "registration" in tasks:
-        items = evaluate_registration(pipeline, subjects)
-        reg = summarise(items)
-        out.update(registration_dice=reg["mean_dice"],
-                   registration_merged_dice=reg["mean_merged_dice"],
-                   folding_fraction=reg["folding_fraction"],
-                   registration_per_pair={f"{r['moving']} -> {r['fixed']}": r["mean_dice"]
-                                          for r in items})
-    return out
+    history = read_validation(folder)
+    if not history or history[-1]["step"] != steps:
+        raise SystemExit(f"{folder}: no validation at step {steps} in validation.jsonl")
+    last = history[-1]
+    return {key: last[source] for key, source in SCORES.items() if source in last}
 
 
 def _cell(result: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
@@ -124,56 +199,47 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    global ARGS
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="work_cache/brain")
-    parser.add_argument("--data", default="../shared/data/mindboggle-oasis-trt20")
+    parser.add_argument("--work", default="work_cache/brain",
+                        help="work folder; the runs go to <work>/one_shot/<run>/")
+    parser.add_argument("--data", default="../shared/data/mindboggle-oasis-trt20",
+                        help="the Mindboggle OASIS-TRT-20 folder (one subfolder per subject)")
     parser.add_argument("--pretrain", type=int, default=500,
                         help="registration-only pretraining steps")
     parser.add_argument("--pretrain-segmentation", type=int, default=None,
                         help="segmentation-only pretraining steps (default: --pretrain)")
     parser.add_argument("--steps", type=int, default=500,
                         help="steps per network in each continuation")
-    parser.add_argument("--validate-every", type=int, default=0,
-                        help="log model-grid validation Dice every N steps (0: never); "
-                             "for watching only, never used to select a checkpoint")
-    ARGS = parser.parse_args(argv)
-    if ARGS.pretrain_segmentation is None:
-        ARGS.pretrain_segmentation = ARGS.pretrain
-    root = pathlib.Path(ARGS.work) / "one_shot"
-    pre_reg, pre_seg = root / "pretrain_registration", root / "pretrain_segmentation"
-    train(pre_reg, ARGS.pretrain, "registration_only")
-    train(pre_seg, ARGS.pretrain_segmentation, "segmentation_only")
-    init = ["--init-registration", str(pre_reg / "checkpoint.keras"),
-            "--init-segmentation", str(pre_seg / "checkpoint.keras")]
-    runs = {
-        "registration_only": (root / "registration_only", ARGS.steps),
-        "segmentation_only": (root / "segmentation_only", ARGS.steps),
-        "joint": (root / "joint", 2 * ARGS.steps),
-    }
-    for mode, (out, steps) in runs.items():
-        train(out, steps, mode, init)
+    args = parser.parse_args(argv)
+    if args.pretrain_segmentation is None:
+        args.pretrain_segmentation = args.pretrain
+    return args
 
-    # train.py labels the first --labelled names of split.json's training list
-    train_names = json.loads((pathlib.Path(ARGS.work) / "split.json").read_text())["train"]
-    results = {"pretrain_registration_steps": ARGS.pretrain,
-               "pretrain_segmentation_steps": ARGS.pretrain_segmentation,
-               "steps_per_network": ARGS.steps, "labelled": 1, "unlabelled": len(train_names) - 1,
-               "labelled_subject": train_names[0],
-               "command": "python examples/brain/one_shot.py " + " ".join(argv or sys.argv[1:])}
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python examples/brain/one_shot.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    recipes = run_recipes(args)
+    for recipe, folder in recipes.values():
+        run(recipe, folder, command)
+
+    first = recipes["pretrain_registration"][0]
+    labelled = first["data"]["labelled"]
+    train_names = training_subjects(first.config, pathlib.Path(first["data"]["train"]))
+    results = {"pretrain_registration_steps": args.pretrain,
+               "pretrain_segmentation_steps": args.pretrain_segmentation,
+               "steps_per_network": args.steps, "labelled": 1,
+               "unlabelled": len(train_names) - 1, "labelled_subject": labelled[0],
+               "command": command}
+    for name, (recipe, folder) in recipes.items():
+        record = _record(folder)
+        if record["labelled"] != labelled:  # the engine's record of the run
+            raise SystemExit(f"{folder}: labelled {record['labelled']}, expected {labelled}")
+        results[name] = scores(folder, recipe["training"]["steps"])
+    root = pathlib.Path(args.work) / "one_shot"
     results_path = root / "results.json"
-    if results_path.exists():
-        results.update(json.loads(results_path.read_text()))
-    evaluations = {"pretrain_registration": (pre_reg, ("registration",)),
-                   "pretrain_segmentation": (pre_seg, ("segmentation",)),
-                   **{name: (folder, ("segmentation", "registration"))
-                      for name, (folder, _) in runs.items()}}
-    for name, (folder, tasks) in evaluations.items():
-        if name not in results:
-            print(f"evaluating {name}", flush=True)
-            results[name] = evaluate(folder, tasks)
-            results_path.write_text(json.dumps(results, indent=1))
     results_path.write_text(json.dumps(results, indent=1))
     table = markdown(results)
     (root / "results.md").write_text(table + "\n")
