@@ -102,7 +102,6 @@ def _free_ports(count):
     return ports
 
 
-@pytest.mark.slow
 def test_two_workers_on_localhost_complete_a_few_steps(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     from test_training import _cohort, _recipe

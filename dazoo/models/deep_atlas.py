@@ -64,6 +64,16 @@ def _global_count(values):
     return ops.maximum(count, 1.0)
 
 
+def _multi_worker(model) -> bool:
+    """Whether ``model`` runs under a ``tf.distribute.MultiWorkerMirroredStrategy``."""
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None:
+        return False
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def _masked_mean(per_sample, mask):
     """Mean of per-sample values where ``mask`` is 1 (over the global batch); 0 when the
     mask is empty.
@@ -601,6 +611,16 @@ class DeepAtlas(keras.Model):
         cycle = self.registration_steps + self.segmentation_steps
         return ops.less(ops.mod(done, cycle), self.registration_steps)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Under ``tf.distribute``, Keras (TF trainer) builds the model symbolically from a
+        first batch that it reduces across replicas; ``MultiWorkerMirroredStrategy`` cannot
+        reduce a dict batch (its cross-device reduce takes tensors only). DeepAtlas is built
+        at construction and both optimizers in ``compile``, so there is nothing to build:
+        skipped under that strategy, Keras's path everywhere else."""
+        if _multi_worker(self) and self.built and getattr(self, "compiled", False):
+            return
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def make_train_function(self, force=False):
         """TensorFlow, joint mode: one compiled function per phase, chosen in Python.
 
@@ -705,4 +725,9 @@ class DeepAtlas(keras.Model):
                 self._trackers[name].update_state(value * replicas if replicas > 1 else value)
 
     def _logs(self, names):
-        return {name: self._trackers[name].result() for name in names}
+        logs = {name: self._trackers[name].result() for name in names}
+        if _multi_worker(self):
+            # Keras reduces a step's outputs across workers with a MEAN over axis 0, which a
+            # scalar does not have (keras 3.15): give each value that axis.
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs
