@@ -141,6 +141,12 @@ class LabelMap:
         return cls(data["ids"], names=names, merge_left_right=data.get("merge_left_right", False),
                    unknown=data.get("unknown", "error"))
 
+    def to_table(self) -> list[dict]:
+        """The preset label table ``[{"class", "id", "name"}, ...]`` (inverse of
+        :meth:`from_table`)."""
+        return [{"class": k, "id": int(i), "name": n}
+                for k, (i, n) in enumerate(zip(self._class_ids, self.class_names))]
+
     @classmethod
     def from_table(cls, table, *, unknown: str = "background") -> LabelMap:
         """The map of a preset's label table (``labels.json``'s ``[{"class", "id", "name"}]``,

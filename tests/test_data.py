@@ -387,6 +387,7 @@ def test_label_map_from_a_preset_table():
              {"class": 2, "id": 2002, "name": "b"}]
     label_map = data.LabelMap.from_table(table)
     assert label_map.ids.tolist() == [0, 1002, 2002] and label_map.class_names[1] == "a"
+    assert label_map.to_table() == table
     # ids the table does not know (FreeSurfer's subcortical ones, say) become background
     assert label_map.to_classes(np.array([2002, 17, 1002])).tolist() == [2, 0, 1]
     with pytest.raises(DazooInputError, match="sorted"):

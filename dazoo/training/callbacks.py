@@ -110,9 +110,8 @@ class Validator:
         from dazoo.evaluate import score_labels
         from dazoo.pipeline import Pipeline
 
-        table = [{"class": k, "id": int(i), "name": n} for k, (i, n) in
-                 enumerate(zip(self.label_map.ids, self.label_map.class_names))]
-        pipeline = Pipeline.from_model(model, preprocessor, table, name="validation")
+        pipeline = Pipeline.from_model(model, preprocessor, self.label_map.to_table(),
+                                       name="validation")
         ids = [int(i) for i in self.label_map.ids[1:]]
         scores: dict[str, float] = {}
         registration = model.mode != "segmentation_only"

@@ -125,12 +125,6 @@ def _label_map(recipe: Recipe, train, parent) -> LabelMap:
                     merge_left_right=spec["merge_left_right"], unknown=spec["unknown"])
 
 
-def label_table(label_map: LabelMap) -> list[dict]:
-    """``[{"class", "id", "name"}, ...]`` of a label map (a preset's ``labels.json``)."""
-    return [{"class": k, "id": int(i), "name": n}
-            for k, (i, n) in enumerate(zip(label_map.ids, label_map.class_names))]
-
-
 def _preprocessing(recipe: Recipe, folder: pathlib.Path, train, parent, log):
     """Writes RUN/preprocess.json (and RUN/template.nii.gz); returns the Preprocessor."""
     from dazoo.preprocess import PreprocessConfig, Preprocessor, build_affine_template
@@ -395,7 +389,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                                                  "have no label map")
         parent = get_preset(c["init"]["preset"]) if (c["init"] or {}).get("preset") else None
         label_map = _label_map(recipe, train_subjects, parent)
-        table = label_table(label_map)
+        table = label_map.to_table()
         _write_json(folder / "labels.json", {"classes": table})
         preprocessor = _preprocessing(recipe, folder, train_subjects, parent, say)
         cache = VolumeCache(preprocessor, folder=data["cache"] or folder / "cache")
