@@ -1,22 +1,35 @@
-"""Speed and memory of DeepAtlas training and inference (a benchmark script, not a test).
+"""Speed and memory of DeepAtlas training and inference, beside VoxelMorph's own TF step
+(a benchmark script, not a test).
 
-For each configuration, a fresh process builds a DeepAtlas (VoxelMorph's default VxmDense,
-diffeomorphic with 7 integration steps at half resolution, and the default SegmentationNet)
-and times, after warm-up:
+For each configuration a fresh process builds a DeepAtlas (VoxelMorph's default VxmDense,
+diffeomorphic with 7 integration steps at half resolution, and a SegmentationNet) and times,
+after two warm-up steps of each phase:
 
-* a registration step and a segmentation step of joint training (batch 1, half of the
-  images unlabelled so every loss term is computed), and their sum: one "joint reg+seg
-  step", the unit of VoxelMorph's reference figure;
+* a registration step and a segmentation step of the default (strictly alternating) joint
+  training, batch 1, the moving image labelled and the fixed one not, so that every loss
+  term runs (the anatomy loss against the segmenter's prediction in the registration step,
+  the supervised loss and the anatomy loss in the segmentation step); their sum is
+  ``joint_step_s``, one update of each network: the unit of VoxelMorph's reference step;
 * inference: registration of a pair plus segmentation of one image.
 
-It prints the median seconds over the timed steps and the peak resident memory of that
-process (``ru_maxrss``), one line per configuration, then a table.
+It prints one JSON line per configuration (``shape``, ``classes``, ``precision``,
+``segmenter``, ``reg_step_s``, ``seg_step_s``, ``joint_step_s``, ``peak_rss_gib``: the
+process's ``ru_maxrss``; or ``inference_s``), then a Markdown table. With ``--reference
+PYTHON`` (the interpreter of ``../shared/bench/voxelmorph-reference``'s virtual environment)
+it first runs VoxelMorph 0.2's own joint step at each grid it knows (80x96x80, 160x192x160;
+5 classes, float32) in the same run, and adds ``reference_step_s`` and ``ratio`` (dazoo /
+VoxelMorph) to the rows of that grid. ``classes_ratio`` compares each row with the row of
+the fewest classes of the same grid and precision.
+
+Segmenters: ``default`` is dazoo's default SegmentationNet (features (16,32,64,64) /
+(64,64,32,32,16,16), instance normalisation); ``voxelmorph`` is the reference's network
+(VoxelMorph's Unet features, no normalisation), for a like-for-like ratio.
 
 Usage::
 
-    python benchmarks/bench_training.py                  # 80x96x80 and 160x192x160, K=32
-    python benchmarks/bench_training.py --shapes 80x96x80 --classes 63 --jit --steps 5
-    python benchmarks/bench_training.py --precision seg_bfloat16     # segmenter in bf16
+    python benchmarks/bench_training.py --json \\
+        --reference ~/.cache/dazoo-vxm-reference/bin/python     # the issue's configurations
+    python benchmarks/bench_training.py --shapes 80x96x80 --classes 5 --precision float32,mixed_bfloat16
 
 Measured numbers quoted in the docs come from this script; rerun it on your machine.
 """
@@ -25,19 +38,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+REFERENCE_STEP = (pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+                  / "voxelmorph-reference" / "step.py")
+REFERENCE_SIZES = {"80x96x80": "80", "160x192x160": "160"}
+VOXELMORPH_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
+PRECISIONS = ("float32", "seg_bfloat16", "mixed_bfloat16")
 
-def _measure(shape, classes, steps, jit, precision, inference_only):
+
+def _measure(shape, classes, steps, precision, segmenter, inference_only):
     import keras
     import numpy as np
 
-    if precision in ("mixed_float16", "mixed_bfloat16"):
-        keras.mixed_precision.set_global_policy(precision)
     from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
 
     rng = np.random.default_rng(0)
@@ -49,22 +69,25 @@ def _measure(shape, classes, steps, jit, precision, inference_only):
         "moving_labelled": np.ones(1, np.float32),
         "fixed_labelled": np.zeros(1, np.float32),
     }
-    reg = RegistrationNet(shape)
-    seg = SegmentationNet(shape, classes, dtype="mixed_bfloat16"
-                          if precision == "seg_bfloat16" else None)
-    result = {"shape": "x".join(map(str, shape)), "classes": classes, "jit": jit,
-              "precision": precision}
+    reg = RegistrationNet(shape, dtype="mixed_bfloat16" if precision == "mixed_bfloat16"
+                          else None)
+    seg_options = {"dtype": None if precision == "float32" else "mixed_bfloat16"}
+    if segmenter == "voxelmorph":
+        seg_options.update(features=VOXELMORPH_FEATURES, normalization=None)
+    seg = SegmentationNet(shape, classes, **seg_options)
+    result = {"shape": "x".join(map(str, shape)), "classes": classes, "precision": precision,
+              "segmenter": segmenter}
 
     if not inference_only:
         model = DeepAtlas(reg, seg, registration_steps=1, segmentation_steps=1)
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
-                      seg_optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit)
+                      seg_optimizer=keras.optimizers.Adam(1e-4))
         times = {True: [], False: []}
         for step in range(2 * (steps + 2)):
             registration = bool(model.is_registration_turn())
             start = time.perf_counter()
             model.train_on_batch(batch)
-            if step >= 4:  # two warm-up steps of each phase (tracing/compilation)
+            if step >= 4:  # two warm-up steps of each phase (tracing)
                 times[registration].append(time.perf_counter() - start)
             # What is measured so far, in case a later step is killed (out of memory).
             print("PROGRESS " + json.dumps({
@@ -91,16 +114,14 @@ def _measure(shape, classes, steps, jit, precision, inference_only):
 
 def _child(args):
     shape = tuple(int(n) for n in args.child.split("x"))
-    result = _measure(shape, args.classes, args.steps, args.jit, args.precision,
+    result = _measure(shape, int(args.classes), args.steps, args.precision, args.segmenter,
                       args.inference)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _run_child(shape, args, inference):
-    cmd = [sys.executable, __file__, "--child", shape, "--classes", str(args.classes),
-           "--steps", str(args.steps), "--precision", args.precision]
-    if args.jit:
-        cmd.append("--jit")
+def _run_child(shape, classes, precision, segmenter, args, inference):
+    cmd = [sys.executable, __file__, "--child", shape, "--classes", str(classes),
+           "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter]
     if inference:
         cmd.append("--inference")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -122,53 +143,122 @@ def _run_child(shape, args, inference):
                    f" step after {len(progress)} completed steps; completed steps: "
                    + ", ".join(f"{p['phase']} {p['seconds']:.1f} s" for p in progress)
                    + f"; peak {max(p['peak_rss_gib'] for p in progress):.1f} GiB before that")
-    return {"shape": shape, "error": reason}
+    return {"shape": shape, "classes": classes, "precision": precision,
+            "segmenter": segmenter, "error": reason}
+
+
+def _run_reference(python, shape, steps):
+    """VoxelMorph 0.2's joint step (``step.py``) in its own interpreter: its median seconds
+    and peak memory, or an error."""
+    size = REFERENCE_SIZES[shape]
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([python, str(REFERENCE_STEP), size, str(steps)], capture_output=True,
+                          text=True, env=env)
+    match = re.search(r"median ([0-9.]+)s .*peakRSS=([0-9.]+)GiB", proc.stdout)
+    if not match:
+        reason = ("killed (SIGKILL: out of memory)" if proc.returncode in (-9, 137)
+                  else f"exit {proc.returncode}: " + (proc.stderr or proc.stdout).strip()[-300:])
+        return {"shape": shape, "reference": "voxelmorph-0.2", "error": reason}
+    return {"shape": shape, "reference": "voxelmorph-0.2", "classes": 5,
+            "precision": "float32", "reference_step_s": float(match.group(1)),
+            "peak_rss_gib": float(match.group(2))}
+
+
+def _table(rows):
+    lines = ["| grid | K | precision | segmenter | reg step s | seg step s | joint s "
+             "| VoxelMorph s | ratio | vs fewest K | inference s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def fmt(key, r=r):
+            return f"{r[key]:.2f}" if key in r else "-"
+        if "reference" in r:
+            name = f"{r['shape']} VoxelMorph 0.2 step (K=5, float32)"
+            body = (r["error"] if "error" in r
+                    else f"{fmt('reference_step_s')} | {fmt('peak_rss_gib')}")
+            lines.append(f"| {name} | {body} |")
+            continue
+        head = f"| {r['shape']} | {r['classes']} | {r['precision']} | {r['segmenter']} | "
+        if "error" in r:
+            lines.append(head + r["error"] + " |")
+            continue
+        lines.append(head + " | ".join(fmt(k) for k in (
+            "reg_step_s", "seg_step_s", "joint_step_s", "reference_step_s", "ratio",
+            "classes_ratio", "inference_s", "peak_rss_gib")) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="80x96x80,160x192x160",
                         help="comma-separated training grids (default: 80x96x80,160x192x160)")
+    parser.add_argument("--classes", default="5,63",
+                        help="comma-separated class counts incl. background at the first grid "
+                             "(default 5,63: the reference's and the brain preset's)")
+    parser.add_argument("--large-classes", type=int, default=63,
+                        help="class count of the other grids (default 63)")
+    parser.add_argument("--precision", default="float32",
+                        help="comma-separated: float32, seg_bfloat16 (segmenter in "
+                             "mixed_bfloat16), mixed_bfloat16 (both networks)")
+    parser.add_argument("--segmenter", default="default",
+                        help="comma-separated: default, voxelmorph (the reference's U-Net)")
     parser.add_argument("--inference-shape", default="160x192x160",
                         help="grid of the inference timing ('' to skip)")
-    parser.add_argument("--classes", type=int, default=32,
-                        help="segmentation classes incl. background (default 32: the 31 DKT "
-                             "regions merged left/right, as the DeepAtlas paper)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase")
-    parser.add_argument("--jit", action="store_true", help="XLA (jit_compile=True)")
-    parser.add_argument("--precision", default="float32",
-                        choices=("float32", "seg_bfloat16", "mixed_float16", "mixed_bfloat16"),
-                        help="global policy, or seg_bfloat16: only the segmenter in bfloat16")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per phase")
+    parser.add_argument("--reference", metavar="PYTHON",
+                        help="python of the VoxelMorph 0.2 reference environment: run its step "
+                             "in this run and print ratios")
+    parser.add_argument("--reference-steps", type=int, default=6)
+    parser.add_argument("--reference-shapes", default="80x96x80",
+                        help="grids at which to run the reference (default 80x96x80; "
+                             "160x192x160 runs out of memory in 24 GiB)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON lines and "
+                        "the table (no progress lines)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--inference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(args)
+    precisions = args.precision.split(",")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        parser.error(f"--precision: unknown {bad}; choose from {list(PRECISIONS)}")
 
-    import platform
-
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}", flush=True)
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
     rows = []
-    jobs = [(s, False) for s in args.shapes.split(",") if s]
+    shapes = [s for s in args.shapes.split(",") if s]
+    if args.reference:
+        for shape in args.reference_shapes.split(","):
+            if shape in REFERENCE_SIZES:
+                row = _run_reference(args.reference, shape, args.reference_steps)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    references = {r["shape"]: r["reference_step_s"] for r in rows if "reference_step_s" in r}
+    jobs = []
+    for index, shape in enumerate(shapes):
+        counts = ([int(k) for k in args.classes.split(",")] if index == 0
+                  else [args.large_classes])
+        for precision in precisions:
+            for segmenter in args.segmenter.split(","):
+                jobs += [(shape, k, precision, segmenter, False) for k in counts]
     if args.inference_shape:
-        jobs.append((args.inference_shape, True))
-    for shape, inference in jobs:
-        row = _run_child(shape, args, inference)
+        jobs += [(args.inference_shape, args.large_classes, p, "default", True)
+                 for p in precisions]
+    for shape, classes, precision, segmenter, inference in jobs:
+        row = _run_child(shape, classes, precision, segmenter, args, inference)
+        if "joint_step_s" in row:
+            if shape in references:
+                row["reference_step_s"] = references[shape]
+                row["ratio"] = row["joint_step_s"] / references[shape]
+            fewest = [r for r in rows if r.get("shape") == shape and "joint_step_s" in r
+                      and r["precision"] == precision and r["segmenter"] == segmenter]
+            if fewest:
+                base = min(fewest, key=lambda r: r["classes"])
+                row["classes_ratio"] = row["joint_step_s"] / base["joint_step_s"]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("\n| grid | K | jit | precision | reg step s | seg step s | joint reg+seg s "
-          "| inference s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        fmt = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
-        if "error" in r:
-            print(f"| {r['shape']} | {args.classes} | {args.jit} | {args.precision} | "
-                  f"{r['error']} |")
-            continue
-        print(f"| {r['shape']} | {r['classes']} | {r['jit']} | {r['precision']} | "
-              f"{fmt('reg_step_s')} | {fmt('seg_step_s')} | {fmt('joint_step_s')} | "
-              f"{fmt('inference_s')} | {r['peak_rss_gib']:.1f} |")
+    print()
+    print(_table(rows))
 
 
 if __name__ == "__main__":

@@ -225,6 +225,21 @@ def soft_dice_scores(y_true, y_pred, *, include_background: bool = True):
                           ops.sum(y_pred, axis=axes))
 
 
+def class_sums(values, classes, num_classes: int):
+    """Per sample and class, the sum of ``values`` over the voxels of that class.
+
+    ``values`` and ``classes`` ``(batch, ...)``, ``classes`` integers in ``0..K-1``.
+    Returns ``(batch, K)`` float32: e.g. ``class_sums(ones, classes, K)`` is the voxel count
+    of each label, ``sum(one_hot(classes), spatial axes)`` without the one-hot map.
+    """
+    batch = ops.shape(classes)[0]
+    classes = ops.reshape(ops.cast(classes, "int32"), (batch, -1))
+    segments = classes + ops.reshape(ops.arange(batch, dtype="int32") * num_classes, (-1, 1))
+    sums = ops.segment_sum(ops.reshape(ops.cast(values, "float32"), (-1,)),
+                           ops.reshape(segments, (-1,)), num_segments=batch * num_classes)
+    return ops.reshape(sums, (-1, num_classes))
+
+
 def dice_from_sums(intersection, true_sum, pred_sum):
     """Soft Dice ``2 * I / max(T + P, 1e-5)`` from per-class sums over voxels (VoxelMorph's
     definition, as :func:`soft_dice_scores`)."""
@@ -299,6 +314,37 @@ class DiceCE(keras.losses.Loss):
     def call(self, y_true, y_pred):
         return (self.dice_weight * self._dice.call(y_true, y_pred)
                 + self.ce_weight * self._ce.call(y_true, y_pred))
+
+    def call_on_classes(self, classes, y_pred):
+        """:meth:`call` with ``y_true = one_hot(classes)``, computed without the one-hot map.
+
+        The one-hot labels select one probability per voxel, so the cross-entropy is a
+        gather and the Dice intersection a segment sum of it: memory and time grow with the
+        voxels, and only ``y_pred`` (and its gradient) has ``K`` channels. Equal to
+        :meth:`call` to float32 rounding, gradient included.
+
+        Args:
+            classes: ``(batch, *spatial)`` integer labels; ids outside ``0..K-1`` count as
+                no class (an all-zero one-hot row).
+            y_pred: ``(batch, *spatial, K)`` probabilities.
+        """
+        y_pred = ops.cast(y_pred, "float32")
+        k = int(y_pred.shape[-1])
+        batch = ops.shape(y_pred)[0]
+        probabilities = ops.reshape(y_pred, (batch, -1, k))
+        classes = ops.reshape(ops.cast(classes, "int32"), (batch, -1))
+        valid = ops.cast(ops.logical_and(classes >= 0, classes < k), "float32")
+        classes = ops.clip(classes, 0, k - 1)
+        at_label = ops.take_along_axis(probabilities, classes[..., None], axis=2)[..., 0]
+        log_p = ops.log(ops.clip(at_label, self._ce.epsilon, 1.0))
+        cross_entropy = -ops.mean(log_p * valid, axis=-1)
+        intersection = class_sums(at_label * valid, classes, k)
+        true_sum = class_sums(valid, classes, k)
+        dice = dice_from_sums(intersection, true_sum, ops.sum(probabilities, axis=1))
+        if not self.include_background:
+            dice = dice[:, 1:]
+        return (self.dice_weight * (1.0 - ops.mean(dice, axis=-1))
+                + self.ce_weight * cross_entropy)
 
     def get_config(self):
         return {**super().get_config(), "dice_weight": self.dice_weight,

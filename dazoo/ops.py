@@ -29,6 +29,8 @@ __all__ = [
     "resize",
     "rescale_displacement",
     "warped_label_overlap",
+    "warped_one_hot",
+    "warp_adjoint_labels",
 ]
 
 
@@ -208,6 +210,96 @@ def warped_label_overlap(labels, displacement, target, num_classes: int):
                                                   num_segments=segments)
     return (ops.reshape(intersection, (-1, num_classes)),
             ops.reshape(warped_sum, (-1, num_classes)))
+
+
+def _corner_scatter(labels, displacement, num_classes: int, *, at_corner: bool):
+    """Scatters the ``2**ndims`` linear-interpolation weights of ``x -> x + displacement(x)``
+    into a dense ``(batch, *spatial, K)`` tensor, with one segment sum (no ``K``-channel
+    gather).
+
+    ``at_corner=False``: entry ``(x, labels[corner])`` receives each corner's weight
+    (the warped one-hot map). ``at_corner=True``: entry ``(corner, labels[x])`` does (the
+    adjoint). Ids outside ``0..K-1`` receive nothing, as a one-hot of them is all zeros.
+    Returns the dense tensor and, for ``at_corner``, the summed weight per corner voxel.
+    """
+    spatial_shape = tuple(int(s) for s in displacement.shape[1:-1])
+    n_vox = int(np.prod(spatial_shape))
+    points = identity_grid(spatial_shape) + ops.cast(displacement, "float32")
+    labels = ops.reshape(ops.cast(labels, "int32"), (-1, n_vox))             # (B, N)
+    batch = ops.shape(labels)[0]
+    valid = ops.cast(ops.logical_and(labels >= 0, labels < num_classes), "float32")
+    labels = ops.cast(ops.clip(labels, 0, num_classes - 1), "int64")
+    sample = ops.reshape(ops.arange(batch, dtype="int64") * n_vox, (-1, 1))
+    voxel = ops.reshape(ops.arange(n_vox, dtype="int64"), (1, -1)) + sample  # (B, N)
+    ids, values, corner_voxels = [], [], []
+    for index, weight in _linear_corners(points, spatial_shape):
+        index = ops.reshape(index, (-1, n_vox))
+        weight = ops.reshape(weight, (-1, n_vox))
+        if at_corner:
+            target = ops.cast(index, "int64") + sample
+            ids.append(target * num_classes + labels)
+            values.append(weight * valid)
+            corner_voxels.append(target)
+        else:
+            ids.append(voxel * num_classes + ops.take_along_axis(labels, index, axis=1))
+            values.append(weight * ops.take_along_axis(valid, index, axis=1))
+    ids = ops.reshape(ops.concatenate(ids, axis=1), (-1,))
+    dense = ops.segment_sum(ops.reshape(ops.concatenate(values, axis=1), (-1,)), ids,
+                            num_segments=batch * n_vox * num_classes)
+    dense = ops.reshape(dense, (-1, *spatial_shape, num_classes))
+    if not at_corner:
+        return dense
+    # All weights (whatever the label): the warped image's sum over x, per corner voxel.
+    all_weights = ops.concatenate([ops.reshape(w, (-1, n_vox)) for _, w
+                                   in _linear_corners(points, spatial_shape)], axis=1)
+    total = ops.segment_sum(ops.reshape(all_weights, (-1,)),
+                            ops.reshape(ops.concatenate(corner_voxels, axis=1), (-1,)),
+                            num_segments=batch * n_vox)
+    return dense, ops.reshape(total, (-1, *spatial_shape))
+
+
+def warped_one_hot(labels, displacement, num_classes: int):
+    """``warp(one_hot(labels, K), displacement)`` (linear), without warping ``K`` channels.
+
+    Each voxel's interpolated one-hot vector holds the ``2**ndims`` corner weights at the
+    corners' labels, so the result is one segment sum of ``8 x voxels`` weights: the work
+    grows with the voxels, not with ``voxels x classes`` (only the output has ``K``
+    channels). Differentiable in ``displacement``; equal to the ``K``-channel warp to float32
+    rounding.
+
+    Args:
+        labels: ``(batch, D, H, W)`` integer class map ``0..K-1`` (other ids: all-zero rows).
+        displacement: ``(batch, D, H, W, 3)`` in voxels.
+        num_classes: ``K``.
+
+    Returns:
+        ``(batch, D, H, W, K)`` float32.
+    """
+    return _corner_scatter(labels, displacement, num_classes, at_corner=False)
+
+
+def warp_adjoint_labels(labels, displacement, num_classes: int):
+    """The adjoint of linear warping, applied to a fixed image's one-hot labels.
+
+    For a fixed label map ``l``, returns ``(A, a)`` such that for every moving volume ``p``
+    ``(batch, D, H, W, K)`` warped by ``displacement`` (as :func:`warp`)::
+
+        sum_x one_hot(l)_k(x) * warp(p)_k(x) == sum_y p_k(y) * A_k(y)
+        sum_x warp(p)_k(x)                   == sum_y p_k(y) * a(y)
+
+    i.e. the soft-Dice sums between the fixed labels and a warped prediction, as linear
+    functions of the prediction, without warping its ``K`` channels (one segment sum of the
+    ``8 x voxels`` corner weights).
+
+    Args:
+        labels: ``(batch, D, H, W)`` integer class map of the fixed image.
+        displacement: ``(batch, D, H, W, 3)`` in voxels (its gradient is not needed here).
+        num_classes: ``K``.
+
+    Returns:
+        ``A`` ``(batch, D, H, W, K)`` and ``a`` ``(batch, D, H, W)``, float32.
+    """
+    return _corner_scatter(labels, displacement, num_classes, at_corner=True)
 
 
 def warp(image, displacement, *, method: str = "linear", fill_value: float | None = None):

@@ -124,8 +124,10 @@ def test_short_training_lowers_losses_and_beats_identity():
                for _ in range(240)]
     val = pair_batch(make_subjects(4, shape, num_classes=K, seed=0, magnitude=4.0),
                      [(0, 1), (2, 3), (1, 2)], [True] * 4)
+    # Registration at lr 1e-3: at 3e-3 the outcome hung on float rounding (warped Dice after
+    # training 0.668, 0.600 or 0.585 for the same losses computed in different orders).
     model = _model(registration_steps=3, segmentation_steps=1, shape=shape,
-                   reg_optimizer=keras.optimizers.Adam(3e-3),
+                   reg_optimizer=keras.optimizers.Adam(1e-3),
                    seg_optimizer=keras.optimizers.Adam(3e-3))
     before = model.evaluate(val, batch_size=3, verbose=0, return_dict=True)
     for data in batches:
@@ -245,6 +247,42 @@ def test_label_overlap_path_gives_the_same_losses_and_gradients(batch):
         with tf.GradientTape() as tape:
             total, terms = model._registration_losses(unpacked, targets, training=False)
         results.append((float(terms["reg_anatomy"]), tape.gradient(total, variables)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for fast, slow in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("labelled", [[True, False], [False, True]],
+                         ids=["moving-labelled", "fixed-labelled"])
+def test_segmentation_anatomy_without_k_channel_warps_equals_the_warp(batch, monkeypatch,
+                                                                        labelled):
+    """The segmentation phase's L_a (one image labelled) built from scattered corner weights
+    (warped one-hot / adjoint warp) equals warping the K channels: losses and gradients."""
+    import tensorflow as tf
+
+    from dazoo import ops as dops
+    from dazoo.losses import SoftDice
+
+    class SlowSoftDice(SoftDice):  # a subclass: DeepAtlas warps the prediction
+        pass
+
+    data = dict(batch, moving_labelled=np.array([labelled[0]] * 2, np.float32),
+                fixed_labelled=np.array([labelled[1]] * 2, np.float32))
+    results = []
+    for anatomy in (SoftDice(False), SlowSoftDice(False)):
+        keras.utils.set_random_seed(4)
+        model = _model(anatomy_loss=anatomy)
+        with monkeypatch.context() as patch:
+            if isinstance(anatomy, SlowSoftDice):
+                patch.setattr(dops, "warped_one_hot", lambda labels, u, k: dops.warp(
+                    keras.ops.one_hot(labels, k), u))
+            unpacked = model._unpack(data)
+            displacement = model._segmentation_displacement(unpacked)
+            variables = model.segmentation_net.trainable_variables
+            with tf.GradientTape() as tape:
+                total, terms = model._segmentation_losses(unpacked, displacement, training=False)
+            results.append((float(terms["seg_anatomy"]), tape.gradient(total, variables)))
+    assert results[0][0] > 0.05
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for fast, slow in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-3, atol=1e-6)

@@ -96,3 +96,29 @@ def test_cross_entropy_and_dice_ce_against_numpy():
 def test_config_round_trip(loss):
     clone = type(loss).from_config(loss.get_config())
     assert clone.get_config() == loss.get_config()
+
+
+def test_dice_ce_on_classes_equals_the_one_hot_form_with_its_gradient():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(8)
+    k = 5
+    classes = rng.integers(-1, k + 1, (2, 6, 7, 5)).astype(np.int32)  # -1, k: no class
+    logits = tf.constant(rng.normal(size=(2, 6, 7, 5, k)).astype(np.float32))
+    loss = losses.DiceCE(dice_weight=0.7, ce_weight=1.3)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        probabilities = tf.nn.softmax(logits)
+        reference = loss.call(tf.one_hot(classes, k), probabilities)
+        fast = loss.call_on_classes(classes, probabilities)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(reference), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tape.gradient(fast, logits)),
+                               np.asarray(tape.gradient(reference, logits)),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_class_sums_count_labels_like_a_one_hot_sum():
+    rng = np.random.default_rng(9)
+    classes = rng.integers(0, 4, (3, 5, 6))
+    counts = np.asarray(losses.class_sums(np.ones(classes.shape, np.float32), classes, 4))
+    np.testing.assert_array_equal(counts, np.eye(4)[classes].sum(axis=(1, 2)))

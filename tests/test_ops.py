@@ -151,3 +151,41 @@ def test_warped_label_overlap_equals_the_one_hot_warp():
     np.testing.assert_allclose(np.asarray(intersection), (moved * target).sum(axis=(1, 2, 3)),
                                rtol=1e-5)
     np.testing.assert_allclose(np.asarray(moved_sum), moved.sum(axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_warped_one_hot_equals_the_one_hot_warp_with_its_gradient():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+    k = 5
+    # Ids -1 and k are outside 0..K-1: all-zero one-hot rows, in both forms.
+    labels = rng.integers(-1, k + 1, (2, 9, 10, 8)).astype(np.int32)
+    displacement = tf.constant(rng.normal(scale=2.0, size=(2, 9, 10, 8, 3)).astype(np.float32))
+    one_hot = tf.one_hot(labels, k)
+    upstream = tf.constant(rng.random((2, 9, 10, 8, k)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(displacement)
+        reference = dops.warp(one_hot, displacement)
+        fast = dops.warped_one_hot(labels, displacement, k)
+        losses = [tf.reduce_sum(reference * upstream), tf.reduce_sum(fast * upstream)]
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(reference), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(tape.gradient(losses[1], displacement)),
+                               np.asarray(tape.gradient(losses[0], displacement)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_warp_adjoint_labels_gives_the_soft_dice_sums_of_a_warped_volume():
+    rng = np.random.default_rng(7)
+    k = 4
+    labels = rng.integers(0, k, (2, 9, 10, 8)).astype(np.int32)
+    displacement = rng.normal(scale=2.0, size=(2, 9, 10, 8, 3)).astype(np.float32)
+    volume = rng.random((2, 9, 10, 8, k)).astype(np.float32)
+    moved = np.asarray(dops.warp(volume, displacement))
+    adjoint, weight = (np.asarray(t) for t in dops.warp_adjoint_labels(labels, displacement, k))
+    one_hot = np.eye(k, dtype=np.float32)[labels]
+    np.testing.assert_allclose((volume * adjoint).sum(axis=(1, 2, 3)),
+                               (one_hot * moved).sum(axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose((volume * weight[..., None]).sum(axis=(1, 2, 3)),
+                               moved.sum(axis=(1, 2, 3)), rtol=1e-5)
+    # Every voxel's eight weights sum to one: the adjoint conserves the total weight.
+    assert weight.sum(axis=(1, 2, 3)) == pytest.approx([9 * 10 * 8] * 2, rel=1e-5)

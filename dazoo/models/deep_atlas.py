@@ -28,7 +28,8 @@ from keras import ops
 
 from dazoo import ops as spatial_ops
 from dazoo.layers import SpatialTransformer
-from dazoo.losses import DiceCE, Grad, NCC, SoftDice, dice_from_sums, soft_dice_scores
+from dazoo.losses import (DiceCE, Grad, NCC, SoftDice, class_sums, dice_from_sums,
+                          soft_dice_scores)
 
 from dazoo.training.batch import BATCH_KEYS, MODES, Schedule
 
@@ -401,6 +402,37 @@ class DeepAtlas(keras.Model):
         moved = spatial_ops.warp(moving_segmentation, displacement)
         return self.anatomy_loss.call(fixed_segmentation, moved)
 
+    def _manual_anatomy(self, moving_classes, fixed_segmentation, displacement):
+        """``L_a`` with manual moving labels, any anatomy loss: the warped one-hot map built
+        by :func:`dazoo.ops.warped_one_hot` (a scatter of the corner weights, equal to
+        warping the ``K`` one-hot channels)."""
+        moved = spatial_ops.warped_one_hot(moving_classes, displacement, self.num_classes)
+        return self.anatomy_loss.call(fixed_segmentation, moved)
+
+    def _adjoint_anatomy(self, moving_segmentation, batch, displacement):
+        """Segmentation-phase ``L_a`` with manual fixed labels, gradient to the moving
+        prediction only (the displacement is fixed): for the default
+        :class:`~dazoo.losses.SoftDice`, the soft-Dice sums are linear in the prediction,
+        ``sum_y p_k(y) A_k(y)`` with the adjoint warp of the fixed labels
+        (:func:`dazoo.ops.warp_adjoint_labels`), so the ``K`` probability channels are not
+        warped (nor their gradient scattered back). Other losses: the warp."""
+        if type(self.anatomy_loss) is not SoftDice:
+            return self._anatomy(moving_segmentation, batch["fixed_labels"], displacement)
+        adjoint, weight = spatial_ops.warp_adjoint_labels(batch["fixed_classes"], displacement,
+                                                          self.num_classes)
+        prediction = ops.cast(moving_segmentation, "float32")
+        axes = (1, 2, 3)
+        intersection = ops.sum(prediction * adjoint, axis=axes)
+        moved_sum = ops.sum(prediction * weight[..., None], axis=axes)
+        classes = batch["fixed_classes"]
+        valid = ops.logical_and(classes >= 0, classes < self.num_classes)
+        fixed_sum = class_sums(valid, ops.clip(classes, 0, self.num_classes - 1),
+                               self.num_classes)
+        dice = dice_from_sums(intersection, fixed_sum, moved_sum)
+        if not self.anatomy_loss.include_background:
+            dice = dice[:, 1:]
+        return 1.0 - ops.mean(dice, axis=-1)
+
     def _label_overlap_anatomy(self, moving_classes, fixed_segmentation, displacement):
         """Per-sample soft Dice ``L_a`` from manual moving labels (integer classes), computed by
         :func:`dazoo.ops.warped_label_overlap`: the value of warping the ``K`` one-hot
@@ -420,7 +452,7 @@ class DeepAtlas(keras.Model):
         if type(self.anatomy_loss) is SoftDice:
             return self._label_overlap_anatomy(batch["moving_classes"], fixed_segmentation,
                                                displacement)
-        return self._anatomy(batch["moving_labels"], fixed_segmentation, displacement)
+        return self._manual_anatomy(batch["moving_classes"], fixed_segmentation, displacement)
 
     def _registration_anatomy(self, moving_segmentation, fixed_segmentation, displacement,
                               batch):
@@ -504,9 +536,8 @@ class DeepAtlas(keras.Model):
         prediction = self.segmentation_net(batch[side], training=training)
         labelled_count = _global_count(
             ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
-        supervised = _weighted_sum(self.segmentation_loss.call(batch[f"{side}_labels"],
-                                                               prediction),
-                                   flags, labelled_count)
+        supervised = _weighted_sum(self._supervised(batch, side, prediction), flags,
+                                   labelled_count)
         if displacement is None:
             anatomy = ops.zeros(())
         else:
@@ -515,12 +546,11 @@ class DeepAtlas(keras.Model):
             mask = (1.0 - flags) * batch[f"{other}_labelled"]
             if side == "moving":
                 def per_sample():
-                    return self._anatomy(prediction, batch["fixed_labels"], displacement)
+                    return self._adjoint_anatomy(prediction, batch, displacement)
             else:
-                # The manual moving labels are warped outside the gradient's record (a
-                # constant); the label-overlap form would differentiate into K dense copies.
                 def per_sample():
-                    return self._anatomy(batch["moving_labels"], prediction, displacement)
+                    return self._manual_anatomy(batch["moving_classes"], prediction,
+                                                displacement)
             pairs_count = _global_count(_exactly_one(batch))
             anatomy = ops.cond(
                 ops.any(mask > 0),
@@ -528,6 +558,13 @@ class DeepAtlas(keras.Model):
                 lambda: ops.zeros((), dtype="float32"))
         total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
         return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))
+
+    def _supervised(self, batch, side, prediction):
+        """Per-sample supervised loss of ``side``'s prediction against its label map (the
+        default :class:`~dazoo.losses.DiceCE` from the integer classes: no one-hot map)."""
+        if type(self.segmentation_loss) is DiceCE:
+            return self.segmentation_loss.call_on_classes(batch[f"{side}_classes"], prediction)
+        return self.segmentation_loss.call(batch[f"{side}_labels"], prediction)
 
     def _segmentation_losses(self, batch, displacement, *, training):
         parts = [self._segmentation_side(batch, displacement, side, training=training)

@@ -47,6 +47,11 @@ class RegistrationNet(keras.Model):
         trg_feats: channels of the fixed image.
         fill_value: value outside the moving image when warping; ``None`` clamps to the
             border (VoxelMorph's default).
+        dtype: Keras dtype policy of the U-Net and flow convolutions, e.g.
+            ``"mixed_bfloat16"`` (float32 weights, bfloat16 arithmetic; oneDNN runs it on
+            AMX/AVX512-BF16 units); ``None`` uses the global policy. The flow is cast to
+            float32 before the integration, rescaling and warping, which always run in
+            float32. Weights do not depend on it.
 
     Example:
     >>> net = RegistrationNet((64, 64, 64))
@@ -67,9 +72,11 @@ class RegistrationNet(keras.Model):
         src_feats: int = 1,
         trg_feats: int = 1,
         fill_value: float | None = None,
+        dtype=None,
         name: str = "registration_net",
         **kwargs,
     ):
+        dtype = None if dtype is None else keras.dtype_policies.get(dtype)
         inshape = tuple(int(n) for n in inshape)
         features = check_features(features, conv_per_level)
         _check_divisible(inshape, num_poolings(features, conv_per_level))
@@ -85,22 +92,26 @@ class RegistrationNet(keras.Model):
         # === Functional model ===
         moving = keras.Input(shape=(*inshape, src_feats), name="moving")
         fixed = keras.Input(shape=(*inshape, trg_feats), name="fixed")
-        x = keras.layers.Concatenate(axis=-1, name="unet_input_concat")([moving, fixed])
+        x = keras.layers.Concatenate(axis=-1, name="unet_input_concat", dtype=dtype)(
+            [moving, fixed])
         x = unet(x, features=features, conv_per_level=conv_per_level, half_res=half_res,
-                 name="unet")
+                 dtype=dtype, name="unet")
         flow = keras.layers.Conv3D(
-            len(inshape), 3, padding="same", name="flow",
+            len(inshape), 3, padding="same", name="flow", dtype=dtype,
             kernel_initializer=keras.initializers.RandomNormal(mean=0.0, stddev=1e-5),
         )(x)
         flow = keras.layers.Activation("linear", dtype="float32", name="flow_float32")(flow)
         if int_steps > 0:
             if int_resolution > flow_resolution:
-                flow = RescaleTransform(flow_resolution / int_resolution, name="flow_resize")(flow)
-            displacement = VecInt(int_steps, name="flow_int")(flow)
+                flow = RescaleTransform(flow_resolution / int_resolution, name="flow_resize",
+                                        dtype="float32")(flow)
+            displacement = VecInt(int_steps, name="flow_int", dtype="float32")(flow)
             if int_resolution > 1:
-                displacement = RescaleTransform(int_resolution, name="diffflow")(displacement)
+                displacement = RescaleTransform(int_resolution, name="diffflow",
+                                                dtype="float32")(displacement)
         elif flow_resolution > 1:
-            displacement = RescaleTransform(flow_resolution, name="diffflow")(flow)
+            displacement = RescaleTransform(flow_resolution, name="diffflow",
+                                            dtype="float32")(flow)
         else:
             displacement = flow
         displacement = keras.layers.Activation("linear", dtype="float32",
@@ -114,6 +125,8 @@ class RegistrationNet(keras.Model):
             name=name,
             **kwargs,
         )
+        if dtype is not None:
+            self.dtype_policy = dtype  # what keras.Model.get_config records as "dtype"
 
         # === Config ===
         self.inshape = inshape
