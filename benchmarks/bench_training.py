@@ -83,12 +83,16 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only):
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4))
         times = {True: [], False: []}
+        peaks = {}
         for step in range(2 * (steps + 2)):
             registration = bool(model.is_registration_turn())
             start = time.perf_counter()
             model.train_on_batch(batch)
             if step >= 4:  # two warm-up steps of each phase (tracing)
                 times[registration].append(time.perf_counter() - start)
+            if step < 2:  # ru_maxrss only grows: after a reg step, then after a seg step
+                peaks["reg" if registration else "seg"] = (
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
             # What is measured so far, in case a later step is killed (out of memory).
             print("PROGRESS " + json.dumps({
                 "phase": "reg" if registration else "seg", "step": step,
@@ -98,6 +102,10 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only):
         result["reg_step_s"] = statistics.median(times[True])
         result["seg_step_s"] = statistics.median(times[False])
         result["joint_step_s"] = result["reg_step_s"] + result["seg_step_s"]
+        # Peak memory of the process after its first registration step (that phase's peak)
+        # and after its first segmentation step (the larger of the two phases' peaks).
+        result["peak_after_reg_gib"] = peaks.get("reg")
+        result["peak_after_seg_gib"] = peaks.get("seg")
     else:
         moving, fixed = batch["moving"], batch["fixed"]
         timings = []

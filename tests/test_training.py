@@ -113,6 +113,29 @@ def test_recipe_defaults_paths_and_strict_keys(tmp_path):
         assert str(info.value).startswith("r.json") and words in str(info.value), info.value
 
 
+def test_recipe_precision_per_network(tmp_path):
+    from dazoo.training.engine import build_model
+
+    base = {"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+            "preprocess": {"shape": [16, 16, 16]},
+            "model": {"registration": {"int_steps": 0}}}
+    expected = {"float32": ("float32", "float32"),
+                "mixed_bfloat16": ("float32", "mixed_bfloat16"),  # its meaning since 0.1
+                json.dumps({"registration": "mixed_bfloat16", "segmentation": "float32"}):
+                    ("mixed_bfloat16", "float32")}
+    for precision, (reg, seg) in expected.items():
+        value = json.loads(precision) if precision.startswith("{") else precision
+        recipe = Recipe.from_dict(dict(base, precision=value), root=tmp_path)
+        model = build_model(recipe, num_classes=2)
+        assert model.registration_net.get_layer("unet_enc_conv_0_0").dtype_policy.name == reg
+        assert model.segmentation_net.get_layer("unet_enc_conv_0_0").dtype_policy.name == seg
+        # The integration and warps run in float32 whatever the convolutions do.
+        assert model.registration_net.get_layer("transformer").compute_dtype == "float32"
+    with pytest.raises(DazooInputError, match="exactly the keys"):
+        Recipe.from_dict(dict(base, precision={"registration": "mixed_bfloat16"}),
+                         root=tmp_path, source="r.json")
+
+
 def test_recipe_overrides(tmp_path):
     recipe = Recipe.from_dict({"data": {"train": "d.csv"}, "labels": {"ids": [1]}},
                               root=tmp_path)

@@ -38,7 +38,7 @@ import numpy as np
 from dazoo import __version__, io
 from dazoo.errors import DazooInputError
 from dazoo.labels import LabelMap
-from dazoo.training.recipe import Recipe
+from dazoo.training.recipe import Recipe, network_precisions
 
 __all__ = ["train", "export", "finetune", "Run"]
 
@@ -163,10 +163,10 @@ def _preprocessing(recipe: Recipe, folder: pathlib.Path, train, parent, log):
     return Preprocessor(config, root=folder)
 
 
-def _segmentation_config(config: dict, num_classes: int, precision: str) -> dict:
+def _segmentation_config(config: dict, num_classes: int, precision) -> dict:
     config = {k: v for k, v in config.items() if k != "compute_dtype"}
     return dict(config, num_classes=int(num_classes),
-                dtype="mixed_bfloat16" if precision == "mixed_bfloat16" else "float32")
+                dtype=network_precisions(precision)["segmentation"])
 
 
 def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
@@ -179,10 +179,11 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
     if parent is None:
         shape = tuple(recipe["preprocess"]["shape"])
         seg_options = dict(spec["segmentation"])
-        seg_options["dtype"] = ("mixed_bfloat16" if recipe["precision"] == "mixed_bfloat16"
-                                else "float32")
+        dtypes = network_precisions(recipe["precision"])
+        seg_options["dtype"] = dtypes["segmentation"]
         try:
-            registration = RegistrationNet(shape, **spec["registration"])
+            registration = RegistrationNet(shape, **dict(spec["registration"],
+                                                         dtype=dtypes["registration"]))
             segmentation = SegmentationNet(shape, num_classes, **seg_options)
         except (TypeError, ValueError) as err:
             raise DazooInputError(recipe.source, f"model: {err}") from None
@@ -191,7 +192,9 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
         return model
     trained = DeepAtlas.from_preset(parent)
     config = parent.read_json("config.json")["model"]
-    registration = RegistrationNet.from_config(config["registration_net"]["config"])
+    registration = RegistrationNet.from_config(dict(
+        config["registration_net"]["config"],
+        dtype=network_precisions(recipe["precision"])["registration"]))
     segmentation = SegmentationNet.from_config(_segmentation_config(
         config["segmentation_net"]["config"], num_classes, recipe["precision"]))
     registration.set_weights(trained.registration_net.get_weights())
