@@ -231,10 +231,11 @@ def _corner_scatter(labels, displacement, num_classes: int, *, at_corner: bool):
     labels = ops.cast(ops.clip(labels, 0, num_classes - 1), "int64")
     sample = ops.reshape(ops.arange(batch, dtype="int64") * n_vox, (-1, 1))
     voxel = ops.reshape(ops.arange(n_vox, dtype="int64"), (1, -1)) + sample  # (B, N)
-    ids, values, corner_voxels = [], [], []
+    ids, values, corner_voxels, weights = [], [], [], []
     for index, weight in _linear_corners(points, spatial_shape):
         index = ops.reshape(index, (-1, n_vox))
         weight = ops.reshape(weight, (-1, n_vox))
+        weights.append(weight)
         if at_corner:
             target = ops.cast(index, "int64") + sample
             ids.append(target * num_classes + labels)
@@ -250,9 +251,7 @@ def _corner_scatter(labels, displacement, num_classes: int, *, at_corner: bool):
     if not at_corner:
         return dense
     # All weights (whatever the label): the warped image's sum over x, per corner voxel.
-    all_weights = ops.concatenate([ops.reshape(w, (-1, n_vox)) for _, w
-                                   in _linear_corners(points, spatial_shape)], axis=1)
-    total = ops.segment_sum(ops.reshape(all_weights, (-1,)),
+    total = ops.segment_sum(ops.reshape(ops.concatenate(weights, axis=1), (-1,)),
                             ops.reshape(ops.concatenate(corner_voxels, axis=1), (-1,)),
                             num_segments=batch * n_vox)
     return dense, ops.reshape(total, (-1, *spatial_shape))

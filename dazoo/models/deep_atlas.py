@@ -428,6 +428,10 @@ class DeepAtlas(keras.Model):
         valid = ops.logical_and(classes >= 0, classes < self.num_classes)
         fixed_sum = class_sums(valid, ops.clip(classes, 0, self.num_classes - 1),
                                self.num_classes)
+        return self._dice_loss_from_sums(intersection, fixed_sum, moved_sum)
+
+    def _dice_loss_from_sums(self, intersection, fixed_sum, moved_sum):
+        """The default :class:`~dazoo.losses.SoftDice` ``L_a`` per sample from its sums."""
         dice = dice_from_sums(intersection, fixed_sum, moved_sum)
         if not self.anatomy_loss.include_background:
             dice = dice[:, 1:]
@@ -441,10 +445,7 @@ class DeepAtlas(keras.Model):
         intersection, moved_sum = spatial_ops.warped_label_overlap(
             moving_classes, displacement, fixed_segmentation, self.num_classes)
         fixed_sum = ops.sum(fixed_segmentation, axis=(1, 2, 3))
-        dice = dice_from_sums(intersection, fixed_sum, moved_sum)
-        if not self.anatomy_loss.include_background:
-            dice = dice[:, 1:]
-        return 1.0 - ops.mean(dice, axis=-1)
+        return self._dice_loss_from_sums(intersection, fixed_sum, moved_sum)
 
     def _manual_moving_anatomy(self, fixed_segmentation, displacement, batch):
         """``L_a`` when the moving labels are manual: the label-overlap form for the default
