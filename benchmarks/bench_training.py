@@ -10,6 +10,8 @@ after two warm-up steps of each phase:
   term runs (the anatomy loss against the segmenter's prediction in the registration step,
   the supervised loss and the anatomy loss in the segmentation step); their sum is
   ``joint_step_s``, one update of each network: the unit of VoxelMorph's reference step;
+* with ``--mode simultaneous``: one step of ``DeepAtlas(mode="simultaneous")``, which
+  updates both networks from one forward pass of each (``joint_step_s``, no per-phase times);
 * inference: registration of a pair plus segmentation of one image.
 
 It prints one JSON line per configuration (``shape``, ``classes``, ``precision``,
@@ -54,7 +56,7 @@ VOXELMORPH_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
 PRECISIONS = ("float32", "seg_bfloat16", "mixed_bfloat16")
 
 
-def _measure(shape, classes, steps, precision, segmenter, inference_only):
+def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="joint"):
     import keras
     import numpy as np
 
@@ -78,7 +80,24 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only):
     result = {"shape": "x".join(map(str, shape)), "classes": classes, "precision": precision,
               "segmenter": segmenter}
 
-    if not inference_only:
+    if not inference_only and mode == "simultaneous":
+        result["mode"] = mode
+        model = DeepAtlas(reg, seg, mode="simultaneous")
+        model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
+                      seg_optimizer=keras.optimizers.Adam(1e-4))
+        timings = []
+        for step in range(steps + 2):
+            start = time.perf_counter()
+            model.train_on_batch(batch)
+            if step >= 2:  # two warm-up steps (tracing)
+                timings.append(time.perf_counter() - start)
+            print("PROGRESS " + json.dumps({
+                "phase": "both", "step": step, "seconds": time.perf_counter() - start,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}),
+                flush=True)
+        result["joint_step_s"] = statistics.median(timings)
+    elif not inference_only:
+        result["mode"] = "joint"
         model = DeepAtlas(reg, seg, registration_steps=1, segmentation_steps=1)
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4))
@@ -123,13 +142,14 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only):
 def _child(args):
     shape = tuple(int(n) for n in args.child.split("x"))
     result = _measure(shape, int(args.classes), args.steps, args.precision, args.segmenter,
-                      args.inference)
+                      args.inference, args.mode)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _run_child(shape, classes, precision, segmenter, args, inference):
+def _run_child(shape, classes, precision, segmenter, args, inference, mode="joint"):
     cmd = [sys.executable, __file__, "--child", shape, "--classes", str(classes),
-           "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter]
+           "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter,
+           "--mode", mode]
     if inference:
         cmd.append("--inference")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -147,12 +167,13 @@ def _run_child(shape, classes, precision, segmenter, args, inference):
         reason = f"exit {proc.returncode}: " + " | ".join(tail)
     if progress:
         last = progress[-1]
-        reason += (f" during a {'registration' if last['phase'] == 'seg' else 'segmentation'}"
+        following = {"seg": "registration", "reg": "segmentation", "both": "simultaneous"}
+        reason += (f" during a {following[last['phase']]}"
                    f" step after {len(progress)} completed steps; completed steps: "
                    + ", ".join(f"{p['phase']} {p['seconds']:.1f} s" for p in progress)
                    + f"; peak {max(p['peak_rss_gib'] for p in progress):.1f} GiB before that")
     return {"shape": shape, "classes": classes, "precision": precision,
-            "segmenter": segmenter, "error": reason}
+            "segmenter": segmenter, "mode": mode, "error": reason}
 
 
 def _run_reference(python, shape, steps):
@@ -173,9 +194,9 @@ def _run_reference(python, shape, steps):
 
 
 def _table(rows):
-    lines = ["| grid | K | precision | segmenter | reg step s | seg step s | joint s "
+    lines = ["| grid | K | precision | segmenter | mode | reg step s | seg step s | joint s "
              "| VoxelMorph s | ratio | vs fewest K | inference s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def fmt(key, r=r):
             return f"{r[key]:.2f}" if key in r else "-"
@@ -185,7 +206,9 @@ def _table(rows):
                     else f"{fmt('reference_step_s')} | {fmt('peak_rss_gib')}")
             lines.append(f"| {name} | {body} |")
             continue
-        head = f"| {r['shape']} | {r['classes']} | {r['precision']} | {r['segmenter']} | "
+        mode = r.get("mode", "inference" if "inference_s" in r else "joint")
+        head = (f"| {r['shape']} | {r['classes']} | {r['precision']} | {r['segmenter']} "
+                f"| {mode} | ")
         if "error" in r:
             lines.append(head + r["error"] + " |")
             continue
@@ -209,6 +232,10 @@ def main(argv=None):
                              "mixed_bfloat16), mixed_bfloat16 (both networks)")
     parser.add_argument("--segmenter", default="default",
                         help="comma-separated: default, voxelmorph (the reference's U-Net)")
+    parser.add_argument("--mode", default="joint",
+                        help="comma-separated: joint (the paper's alternation: one registration "
+                             "and one segmentation step), simultaneous (one step updating both "
+                             "networks from shared passes)")
     parser.add_argument("--inference-shape", default="160x192x160",
                         help="grid of the inference timing ('' to skip)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per phase")
@@ -248,18 +275,20 @@ def main(argv=None):
                   else [args.large_classes])
         for precision in precisions:
             for segmenter in args.segmenter.split(","):
-                jobs += [(shape, k, precision, segmenter, False) for k in counts]
+                for mode in args.mode.split(","):
+                    jobs += [(shape, k, precision, segmenter, False, mode) for k in counts]
     if args.inference_shape:
-        jobs += [(args.inference_shape, args.large_classes, p, "default", True)
+        jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint")
                  for p in precisions]
-    for shape, classes, precision, segmenter, inference in jobs:
-        row = _run_child(shape, classes, precision, segmenter, args, inference)
+    for shape, classes, precision, segmenter, inference, mode in jobs:
+        row = _run_child(shape, classes, precision, segmenter, args, inference, mode)
         if "joint_step_s" in row:
             if shape in references:
                 row["reference_step_s"] = references[shape]
                 row["ratio"] = row["joint_step_s"] / references[shape]
             fewest = [r for r in rows if r.get("shape") == shape and "joint_step_s" in r
-                      and r["precision"] == precision and r["segmenter"] == segmenter]
+                      and r["precision"] == precision and r["segmenter"] == segmenter
+                      and r.get("mode", "joint") == row.get("mode", "joint")]
             if fewest:
                 base = min(fewest, key=lambda r: r["classes"])
                 row["classes_ratio"] = row["joint_step_s"] / base["joint_step_s"]

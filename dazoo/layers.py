@@ -10,7 +10,7 @@ import keras
 
 from dazoo import ops as spatial_ops
 
-__all__ = ["SpatialTransformer", "VecInt", "RescaleTransform", "Resize"]
+__all__ = ["SpatialTransformer", "VecInt", "RescaleTransform", "Resize", "LeakyReLU"]
 
 _register = keras.saving.register_keras_serializable(package="dazoo")
 
@@ -127,3 +127,12 @@ class RescaleTransform(Resize):
         config = super().get_config()
         config.pop("interp_method")
         return config
+
+
+@_register
+class LeakyReLU(keras.layers.LeakyReLU):
+    """``keras.layers.LeakyReLU`` with the output-based gradient of :func:`dazoo.ops.leaky_relu`
+    (same values and gradients, one activation less kept for the backward pass)."""
+
+    def call(self, inputs):
+        return spatial_ops.leaky_relu(inputs, self.negative_slope)

@@ -310,6 +310,7 @@ def test_schedule_phases():
         "registration", "registration", "segmentation"] * 2
     assert {Schedule("registration_only").phase(s) for s in range(4)} == {"registration"}
     assert {Schedule("segmentation_only").phase(s) for s in range(4)} == {"segmentation"}
+    assert {Schedule("simultaneous", 8, 1).phase(s) for s in range(9)} == {"simultaneous"}
     with pytest.raises(ValueError):
         Schedule("joint", 0, 1)
 
@@ -366,6 +367,28 @@ def test_augmentation_only_in_the_phases_asked():
         assert same == (dataset.phase(index) == "registration")
     with pytest.raises(DazooInputError, match="needs a schedule"):
         data.PairDataset(images, labels, augment_phases=["segmentation"])
+
+
+def test_simultaneous_steps_draw_a_labelled_image_and_augment_both_or_none():
+    from dazoo.training.batch import Schedule
+
+    images, labels = _arrays(count=5)
+    schedule = Schedule("simultaneous")
+    dataset = data.PairDataset(images, labels, labelled=[2], steps_per_epoch=12, seed=0,
+                               schedule=schedule, augment=data.Augmentation(noise=0.1))
+    for index in range(12):
+        assert dataset.phase(index) == "simultaneous"
+        (pair,) = dataset.pairs(index)
+        assert 2 in pair  # every step updates the segmenter: a labelled image in each pair
+        moving = pair[0]
+        assert not np.array_equal(dataset[index]["moving"][0, ..., 0], images[moving])
+    plain = data.PairDataset(images, labels, labelled=[2], steps_per_epoch=3, seed=0,
+                             schedule=schedule, augment=data.Augmentation(noise=0.1),
+                             augment_phases=[])
+    (pair,) = plain.pairs(0)
+    np.testing.assert_array_equal(plain[0]["moving"][0, ..., 0], images[pair[0]])
+    with pytest.raises(DazooInputError, match="both phases or none"):
+        data.PairDataset(images, labels, schedule=schedule, augment_phases=["segmentation"])
 
 
 # ----------------------------------------------------------------------------- left/right

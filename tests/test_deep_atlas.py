@@ -213,6 +213,14 @@ reg = [np.array(w) for w in model.registration_net.weights]
 model.train_on_batch(batch)
 assert int(model.seg_optimizer.iterations) == 1
 assert all(np.array_equal(a, np.array(b)) for a, b in zip(reg, model.registration_net.weights))
+both = DeepAtlas(RegistrationNet(shape, int_steps=3), SegmentationNet(shape, 3), mode="simultaneous")
+both.compile(reg_optimizer=keras.optimizers.Adam(1e-3), seg_optimizer=keras.optimizers.Adam(1e-3))
+seg = [np.array(w) for w in both.segmentation_net.weights]
+reg = [np.array(w) for w in both.registration_net.weights]
+both.train_on_batch(batch)
+assert int(both.reg_optimizer.iterations) == 1 and int(both.seg_optimizer.iterations) == 1
+assert not np.array_equal(reg[0], np.array(both.registration_net.weights[0]))
+assert not np.array_equal(seg[0], np.array(both.segmentation_net.weights[0]))
 print("torch ok")
 """
 
@@ -286,3 +294,59 @@ def test_segmentation_anatomy_without_k_channel_warps_equals_the_warp(batch, mon
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for fast, slow in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-3, atol=1e-6)
+
+
+def _simultaneous_model(mode):
+    # Instance normalisation: the training flag does not change the segmenter's output, so
+    # the alternating phases (targets with training=False) and the simultaneous step
+    # (training=True) see the same predictions.
+    model = DeepAtlas(
+        RegistrationNet(SHAPE, int_steps=3, features=((8, 16, 16, 16), (16, 16, 16, 16, 16, 8))),
+        SegmentationNet(SHAPE, K, features=((8, 16, 16, 16), (16, 16, 16, 16, 8))),
+        mode=mode, registration_steps=1, segmentation_steps=1)
+    model.compile(reg_optimizer=keras.optimizers.Adam(1e-3),
+                  seg_optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+def test_simultaneous_gradients_equal_both_phases_from_the_same_weights(batch):
+    """mode="simultaneous": one backward pass of the summed losses gives each network the
+    gradient its own alternating phase computes from the same weights (values too)."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(5)
+    model = _simultaneous_model("simultaneous")
+    data = model._unpack(batch)
+    reg_vars = model.registration_net.trainable_variables
+    seg_vars = model.segmentation_net.trainable_variables
+    with tf.GradientTape() as tape:
+        reg_total, reg_terms = model._registration_losses(
+            data, model._registration_targets(data), training=True)
+    reg_grads = tape.gradient(reg_total, reg_vars)
+    displacement = model._segmentation_displacement(data)
+    with tf.GradientTape() as tape:
+        seg_total, seg_terms = model._segmentation_losses(data, displacement, training=True)
+    seg_grads = tape.gradient(seg_total, seg_vars)
+    with tf.GradientTape() as tape:
+        both_reg, both_seg, terms = model._simultaneous_losses(data)
+        total = both_reg + both_seg
+    both = tape.gradient(total, reg_vars + seg_vars)
+    assert float(seg_terms["seg_anatomy"]) > 0.05 and float(reg_terms["reg_anatomy"]) > 0.05
+    for name, value in {**reg_terms, **seg_terms}.items():
+        assert float(terms[name]) == pytest.approx(float(value), rel=1e-5), name
+    for mine, theirs in zip(both, reg_grads + seg_grads):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-4, atol=1e-7)
+
+
+def test_simultaneous_step_updates_both_networks_once(batch):
+    from dazoo.training.callbacks import steps_done
+
+    model = _simultaneous_model("simultaneous")
+    reg, seg = _weights(model.registration_net), _weights(model.segmentation_net)
+    logs = model.train_on_batch(batch, return_dict=True)
+    assert int(model.reg_optimizer.iterations) == 1 and int(model.seg_optimizer.iterations) == 1
+    assert steps_done(model) == 1
+    assert _changed(reg, _weights(model.registration_net)) == len(reg)
+    assert _changed(seg, _weights(model.segmentation_net)) > 0
+    assert {"reg_loss", "seg_loss", "reg_anatomy", "seg_anatomy"} <= set(logs)
+    assert model.schedule.phase(7) == "simultaneous"

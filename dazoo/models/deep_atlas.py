@@ -165,7 +165,14 @@ class DeepAtlas(keras.Model):
     Args:
         registration_net: a :class:`~dazoo.RegistrationNet`.
         segmentation_net: a :class:`~dazoo.SegmentationNet` on the same grid.
-        mode: ``"joint"`` (DeepAtlas), ``"registration_only"`` (only registration steps;
+        mode: ``"joint"`` (DeepAtlas, strictly alternating), ``"simultaneous"`` (every step
+            updates both networks from one forward pass of each on the same batch: the
+            registration network's ``L_a`` targets and the segmenter's warp come from the
+            networks as they were before this step, not after the other's update, and the
+            segmenter's predictions used as targets are computed with ``training=True``; about
+            a third fewer network passes per update of each, at the memory of both networks'
+            activations at once; ``registration_steps``/``segmentation_steps`` are not used),
+            ``"registration_only"`` (only registration steps;
             the anatomy loss uses manual labels only, on pairs where both are labelled, as
             VoxelMorph's semi-supervised training; set ``anatomy_weight=0`` in ``compile``
             for unsupervised training) or ``"segmentation_only"`` (only supervised
@@ -487,8 +494,13 @@ class DeepAtlas(keras.Model):
                 ops.ones_like(batch["moving_labelled"]))
 
     def _registration_losses(self, batch, targets, *, training):
-        moving_seg, fixed_seg, anatomy_mask = targets
         out = self.registration_net([batch["moving"], batch["fixed"]], training=training)
+        return self._registration_terms(batch, targets, out)
+
+    def _registration_terms(self, batch, targets, out):
+        """The registration loss ``(total, terms)`` of the registration network's outputs
+        ``out`` against the ``L_a`` targets of :meth:`_registration_targets`."""
+        moving_seg, fixed_seg, anatomy_mask = targets
         similarity = _masked_mean(self.similarity_loss.call(batch["fixed"], out["moved"]),
                                   ops.ones_like(batch["moving_labelled"]))
         smoothness = _masked_mean(self.smoothness_loss.call(out["flow"], out["flow"]),
@@ -509,7 +521,7 @@ class DeepAtlas(keras.Model):
         Zeros (without running the network) when no pair of the batch has exactly one
         labelled image, since ``L_a`` is then masked out.
         """
-        if self.mode != "joint" or not self.segmentation_anatomy_weight:
+        if self.mode not in ("joint", "simultaneous") or not self.segmentation_anatomy_weight:
             return None
         moving, fixed = batch["moving"], batch["fixed"]
 
@@ -523,18 +535,20 @@ class DeepAtlas(keras.Model):
 
         return ops.cond(ops.any(_exactly_one(batch) > 0), register, identity)
 
-    def _segmentation_side(self, batch, displacement, side, *, training):
+    def _segmentation_side(self, batch, displacement, side, *, training, prediction=None):
         """The part of the segmentation loss that depends on the prediction for ``side``.
 
         The segmentation loss is a sum of two such parts, one per image of the pair: the
         supervised loss of each labelled image, and ``L_a`` on pairs with exactly one labelled
         image, which depends only on the unlabelled image's prediction (the manual side enters
         as a constant). Their gradients can thus be taken one image at a time, which halves
-        the peak memory of a segmentation step.
+        the peak memory of a segmentation step. ``prediction``: the segmenter's output for
+        ``side`` when it is already computed (the simultaneous step), else it is run here.
         """
         other = "fixed" if side == "moving" else "moving"
         flags = batch[f"{side}_labelled"]
-        prediction = self.segmentation_net(batch[side], training=training)
+        if prediction is None:
+            prediction = self.segmentation_net(batch[side], training=training)
         labelled_count = _global_count(
             ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
         supervised = _weighted_sum(self._supervised(batch, side, prediction), flags,
@@ -634,6 +648,70 @@ class DeepAtlas(keras.Model):
             self.segmentation_net, self.seg_optimizer, after=displacement,
         )
 
+    def _simultaneous_losses(self, batch):
+        """Both networks' losses from one forward pass of each (``mode="simultaneous"``).
+
+        The registration network runs once on the pair and the segmenter once per image; the
+        registration loss takes the segmenter's predictions (gradient stopped) as its ``L_a``
+        targets where an image has no manual labels, and the segmentation loss takes the
+        displacement (gradient stopped) for its ``L_a``. Returns the two totals and the
+        metrics of both.
+        """
+        out = self.registration_net([batch["moving"], batch["fixed"]], training=True)
+        predictions = {side: self.segmentation_net(batch[side], training=True)
+                       for side in ("moving", "fixed")}
+        if self.anatomy_weight:
+            targets = tuple(_select(batch[f"{side}_labelled"], batch[f"{side}_labels"],
+                                    ops.stop_gradient(predictions[side]))
+                            for side in ("moving", "fixed"))
+            targets += (ops.ones_like(batch["moving_labelled"]),)
+        else:
+            targets = (batch["moving_labels"], batch["fixed_labels"],
+                       ops.zeros_like(batch["moving_labelled"]))
+        reg_total, reg_terms = self._registration_terms(batch, targets, out)
+        displacement = (ops.stop_gradient(out["displacement"])
+                        if self.segmentation_anatomy_weight else None)
+        seg_total, seg_terms = _sum_parts([
+            self._segmentation_side(batch, displacement, side, training=True,
+                                    prediction=predictions[side])
+            for side in ("moving", "fixed")])
+        return reg_total, seg_total, {**reg_terms, **seg_terms}
+
+    def _simultaneous_step(self, batch):
+        """One update of each network from shared forward passes: the gradient of the sum of
+        the two losses, taken once, splits into each network's own gradient (each loss reaches
+        the other network only through a stopped gradient); each optimizer applies its part."""
+        reg_variables = self.registration_net.trainable_variables
+        seg_variables = self.segmentation_net.trainable_variables
+        variables = reg_variables + seg_variables
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                reg_total, seg_total, terms = self._simultaneous_losses(batch)
+                total = reg_total + seg_total
+            gradients = tape.gradient(total, variables)
+        elif backend == "torch":
+            import torch
+
+            for variable in variables:
+                variable.value.grad = None
+            reg_total, seg_total, terms = self._simultaneous_losses(batch)
+            total = reg_total + seg_total
+            total.backward()
+            gradients = [v.value.grad for v in variables]
+        else:
+            raise NotImplementedError(
+                f"DeepAtlas training supports the tensorflow and torch backends, not {backend!r}"
+            )
+        count = len(reg_variables)
+        with _no_grad():
+            self.reg_optimizer.apply(gradients[:count], reg_variables)
+            self.seg_optimizer.apply(gradients[count:], seg_variables)
+        self._update_trackers(terms)
+        return total
+
     @property
     def schedule(self) -> Schedule:
         """The phase of each step (shared with the datasets, which draw labelled images for
@@ -690,7 +768,9 @@ class DeepAtlas(keras.Model):
         batch = self._unpack(data)
         phase = {"registration_only": "registration", "segmentation_only": "segmentation"}.get(
             self.mode, getattr(self, "_traced_phase", None))
-        if phase == "registration":
+        if self.mode == "simultaneous":
+            self._simultaneous_step(batch)
+        elif phase == "registration":
             self._registration_step(batch)
         elif phase == "segmentation":
             self._segmentation_step(batch)
@@ -703,6 +783,7 @@ class DeepAtlas(keras.Model):
     def _training_metric_names(self):
         return {
             "joint": _REGISTRATION_METRICS + _SEGMENTATION_METRICS,
+            "simultaneous": _REGISTRATION_METRICS + _SEGMENTATION_METRICS,
             "registration_only": _REGISTRATION_METRICS,
             "segmentation_only": _SEGMENTATION_METRICS,
         }[self.mode]

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import keras
 
+from dazoo.layers import LeakyReLU
+
 DEFAULT_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
 
 NORMALIZATIONS = (None, "batch", "instance", "group")
@@ -58,7 +60,8 @@ def _normalization(kind: str | None, name: str, dtype=None):
 
 
 def conv_block(x, filters: int, *, name: str, normalization: str | None = None, dtype=None):
-    """3x3x3 convolution (he_normal), optional normalisation, LeakyReLU(0.2).
+    """3x3x3 convolution (he_normal), optional normalisation, LeakyReLU(0.2) (dazoo's, whose
+    gradient needs only its output: the convolution's output is not kept for backward).
 
     ``dtype`` is a Keras dtype policy for the block's layers (None: the global policy).
     """
@@ -67,7 +70,7 @@ def conv_block(x, filters: int, *, name: str, normalization: str | None = None, 
     norm = _normalization(normalization, f"{name}_norm", dtype)
     if norm is not None:
         x = norm(x)
-    return keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_activation", dtype=dtype)(x)
+    return LeakyReLU(negative_slope=0.2, name=f"{name}_activation", dtype=dtype)(x)
 
 
 def unet(

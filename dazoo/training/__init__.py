@@ -5,6 +5,8 @@ The data flow, one module per stage:
 * :mod:`~dazoo.training.subjects`: a CSV manifest or a folder -> :class:`Subject` items;
 * :mod:`~dazoo.training.cache`: each subject preprocessed once (:class:`VolumeCache`);
 * :mod:`~dazoo.training.augment`: random spatial / intensity :class:`Augmentation`;
+* :mod:`~dazoo.training.synth`: :class:`LabelSynth`, images synthesised from label maps
+  (SynthSeg-style), on the fly in the datasets;
 * :mod:`~dazoo.training.pairs`: :class:`PairDataset`, phase-aware (moving, fixed) batches;
 * :mod:`~dazoo.training.batch`: the batch contract (:data:`BATCH_KEYS`, :func:`make_batch`)
   and the phase :class:`Schedule`, shared with the model;
@@ -27,6 +29,7 @@ _LAZY = {
     "load_subjects": "subjects",
     "VolumeCache": "cache", "CachedSubject": "cache",
     "Augmentation": "augment",
+    "LabelSynth": "synth", "SynthSample": "synth",
     "PairDataset": "pairs",
     "Recipe": "recipe",
     "train": "engine", "finetune": "engine", "export": "engine", "Run": "engine",

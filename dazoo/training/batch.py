@@ -27,7 +27,7 @@ __all__ = ["BATCH_KEYS", "MODES", "PHASES", "Schedule", "make_batch"]
 
 BATCH_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_labelled",
               "fixed_labelled")
-MODES = ("joint", "registration_only", "segmentation_only")
+MODES = ("joint", "simultaneous", "registration_only", "segmentation_only")
 PHASES = ("registration", "segmentation")
 
 
@@ -37,7 +37,9 @@ class Schedule:
 
     In ``"joint"`` mode, steps cycle through ``registration_steps`` registration steps and
     then ``segmentation_steps`` segmentation steps, counted from step 0 (the number of
-    updates both optimizers have made). The single-network modes have one phase.
+    updates both optimizers have made). The single-network modes have one phase; in
+    ``"simultaneous"`` mode every step is a ``"simultaneous"`` one (both networks updated from
+    one batch; the cycle lengths are not used).
 
     Args:
         mode: one of :data:`MODES`.
@@ -61,6 +63,8 @@ class Schedule:
             return "registration"
         if self.mode == "segmentation_only":
             return "segmentation"
+        if self.mode == "simultaneous":
+            return "simultaneous"
         cycle = self.registration_steps + self.segmentation_steps
         return "registration" if int(step) % cycle < self.registration_steps else "segmentation"
 

@@ -29,7 +29,10 @@ def _count(variable) -> int:
 
 
 def steps_done(model) -> int:
-    """Training steps a DeepAtlas has made: the sum of its two optimizers' iterations."""
+    """Training steps a DeepAtlas has made: the sum of its two optimizers' iterations (in
+    ``"simultaneous"`` mode, where each step updates both, the registration optimizer's)."""
+    if getattr(model, "mode", None) == "simultaneous":
+        return _count(model.reg_optimizer.iterations)
     return _count(model.reg_optimizer.iterations) + _count(model.seg_optimizer.iterations)
 
 

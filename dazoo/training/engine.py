@@ -545,7 +545,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
             parent_meta = get_preset(parent["path"]).metadata
         except DazooInputError:
             parent_meta = {}
-    tasks = {"joint": ["segmentation", "registration"], "registration_only": ["registration"],
+    tasks = {"joint": ["segmentation", "registration"],
+             "simultaneous": ["segmentation", "registration"], "registration_only": ["registration"],
              "segmentation_only": ["segmentation"]}[model.mode]
     preprocess = json.loads((folder / "preprocess.json").read_text())
     labels = json.loads((folder / "labels.json").read_text())["classes"]

@@ -18,6 +18,7 @@ from dazoo.training.augment import Augmentation
 from dazoo.training.batch import Schedule, make_batch
 from dazoo.training.cache import VolumeCache
 from dazoo.training.subjects import Subject
+from dazoo.training.synth import LabelSynth
 
 __all__ = ["PairDataset"]
 
@@ -33,8 +34,9 @@ class PairDataset(keras.utils.PyDataset):
     With a ``schedule`` (:class:`~dazoo.training.batch.Schedule`, e.g. ``model.schedule``),
     batch ``i`` of epoch ``e`` is training step ``e * steps_per_epoch + i`` and the sampling
     follows its phase: a segmentation step draws pairs that hold at least one labelled
-    image (on a random side), so that every segmentation step has a supervised target, and
-    ``augment_phases`` says which phases' images are augmented. To resume training at step
+    image (on a random side), so that every segmentation step has a supervised target (so
+    does every step of ``"simultaneous"`` training, which updates both networks from each
+    batch), and ``augment_phases`` says which phases' images are augmented. To resume training at step
     ``s`` (a multiple of ``steps_per_epoch``), set ``dataset.epoch = s // steps_per_epoch``.
 
     Args:
@@ -52,6 +54,12 @@ class PairDataset(keras.utils.PyDataset):
         labelled_fraction: float or None. Probability that each image of a pair is drawn
             from the labelled subjects (None: uniform over all subjects).
         augment: Augmentation or None, applied independently to each image of a pair.
+        synth: LabelSynth or None. Synthesises images from label maps (SynthSeg-style):
+            each drawn image that has a label map is replaced, with probability
+            ``synth_probability``, by ``synth(raw label map)`` (the deformed map becomes its
+            labels; ``augment`` then applies as to any image). An ``images`` entry may be
+            None for a label map without an image: it is always synthesised (and labelled).
+        synth_probability: float in [0, 1], see ``synth``.
         schedule: Schedule or None. The model's phase schedule (see above).
         augment_phases: the phases whose batches are augmented (default both; needs a
             ``schedule`` to tell the phases apart).
@@ -71,32 +79,51 @@ class PairDataset(keras.utils.PyDataset):
                  steps_per_epoch: int = 100, seed: int = 0,
                  labelled_fraction: float | None = None,
                  augment: Augmentation | None = None, schedule: Schedule | None = None,
-                 augment_phases: Sequence[str] = ("registration", "segmentation"), **kwargs):
+                 augment_phases: Sequence[str] = ("registration", "segmentation"),
+                 synth: LabelSynth | None = None, synth_probability: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        self.images = [np.ascontiguousarray(i, dtype=np.float32) for i in images]
+        self.images = [None if i is None else np.ascontiguousarray(i, dtype=np.float32)
+                       for i in images]
         count = len(self.images)
         if count < 2:
             raise DazooInputError("dataset", "needs at least 2 images to make pairs")
-        shape = self.images[0].shape
-        if len(shape) != 3 or any(i.shape != shape for i in self.images):
+        if not 0 <= float(synth_probability) <= 1:
+            raise DazooInputError("dataset", "synth_probability must be in [0, 1]")
+        self.synth, self.synth_probability = synth, float(synth_probability)
+        label_only = [i for i, image in enumerate(self.images) if image is None]
+        if label_only and synth is None:
+            raise DazooInputError("dataset", "a subject without an image needs synth= "
+                                             "(its image is synthesised from its label map)")
+        raw = list(labels) if labels is not None else [None] * count
+        if len(raw) != count:
+            raise DazooInputError("dataset", "labels must have one entry (or None) per image")
+        if any(raw[i] is None for i in label_only):
+            raise DazooInputError("dataset", "a subject needs an image or a label map")
+        if len(label_only) == count:
+            raise DazooInputError("dataset", "needs at least one real image")
+        shapes = {np.shape(i) for i in self.images if i is not None}
+        shape = next(iter(shapes))
+        if len(shape) != 3 or len(shapes) != 1:
             raise DazooInputError("dataset", "images must all be 3D arrays of one shape")
         self.names = [str(n) for n in (names if names is not None else range(count))]
         if len(self.names) != count:
             raise DazooInputError("dataset", "names must have one entry per image")
-        raw = list(labels) if labels is not None else [None] * count
-        if len(raw) != count:
-            raise DazooInputError("dataset", "labels must have one entry (or None) per image")
         for name, item in zip(self.names, raw):
             if item is not None and np.shape(item) != shape:
                 raise DazooInputError(name, f"label map shape {np.shape(item)} is not {shape}")
         self.label_map = label_map or LabelMap.from_labels([r for r in raw if r is not None])
         self.seed = int(seed)
-        self.labelled = _choose_labelled([r is not None for r in raw], self.names, labelled, k,
-                                         self.seed)
+        has_image = [i not in label_only for i in range(count)]
+        self.labelled = sorted(set(_choose_labelled(
+            [r is not None and has_image[i] for i, r in enumerate(raw)], self.names, labelled,
+            k, self.seed)) | set(label_only))
         self.classes = [
             self._classes(raw[i], self.names[i]) if i in self.labelled else None
             for i in range(count)
         ]
+        # The raw ids of the maps that may be synthesised from (each id its own tissue).
+        self.raw_labels = [np.asarray(raw[i]) if synth is not None and i in self.labelled
+                           else None for i in range(count)]
         self.batch_size = _positive(batch_size, "batch_size")
         self.steps_per_epoch = _positive(steps_per_epoch, "steps_per_epoch")
         if labelled_fraction is not None and not 0 <= labelled_fraction <= 1:
@@ -109,6 +136,11 @@ class PairDataset(keras.utils.PyDataset):
             raise DazooInputError("dataset", f"unknown augment_phases {unknown}")
         if schedule is None and set(augment_phases) != {"registration", "segmentation"}:
             raise DazooInputError("dataset", "augment_phases needs a schedule")
+        if (schedule is not None and schedule.mode == "simultaneous"
+                and set(augment_phases) not in (set(), {"registration", "segmentation"})):
+            raise DazooInputError("dataset", "simultaneous training shares each batch between "
+                                             "both networks: augment_phases must list both "
+                                             "phases or none")
         self.augment_phases = tuple(augment_phases)
         self.epoch = 0
 
@@ -163,7 +195,7 @@ class PairDataset(keras.utils.PyDataset):
 
     def _pair(self, rng, phase=None) -> tuple[int, int]:
         everyone = list(range(len(self.images)))
-        if phase == "segmentation" and self.labelled and len(self.labelled) < len(everyone):
+        if phase in ("segmentation", "simultaneous") and self.labelled and len(self.labelled) < len(everyone):
             # Every segmentation step gets a supervised target: a labelled anchor, on either
             # side, with any other image.
             anchor = int(rng.choice(self.labelled))
@@ -203,7 +235,9 @@ class PairDataset(keras.utils.PyDataset):
     def _batch(self, index: int, epoch: int) -> dict[str, np.ndarray]:
         rng = self._rng(index, epoch)
         phase = self.phase(index, epoch)
-        augment = self.augment if phase is None or phase in self.augment_phases else None
+        augmented = (phase is None or phase in self.augment_phases
+                     or (phase == "simultaneous" and self.augment_phases))
+        augment = self.augment if augmented else None
         samples = []
         for moving, fixed in [self._pair(rng, phase) for _ in range(self.batch_size)]:
             samples.append(self._sample(moving, rng, augment) + self._sample(fixed, rng, augment))
@@ -211,6 +245,10 @@ class PairDataset(keras.utils.PyDataset):
 
     def _sample(self, subject, rng, augment):
         image, classes = self.images[subject], self.classes[subject]
+        if self.raw_labels[subject] is not None and (
+                image is None or rng.random() < self.synth_probability):
+            image, raw = self.synth(self.raw_labels[subject], rng)
+            classes = self._classes(raw, self.names[subject])
         if augment is not None:
             image, classes = augment(image, classes, rng)
         return image, classes

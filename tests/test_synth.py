@@ -1,0 +1,187 @@
+"""LabelSynth: images synthesised from label maps (SynthSeg-style)."""
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from dazoo.errors import DazooInputError
+from dazoo.metrics import jacobian_determinant
+from dazoo.training.synth import LabelSynth, integrate_svf
+
+SHAPE = (24, 28, 20)
+
+
+def _label_map(shape=SHAPE):
+    """Nested boxes and a ball with non-contiguous ids (0, 3, 7, 42)."""
+    labels = np.zeros(shape, np.int16)
+    labels[3:-3, 3:-3, 3:-3] = 3
+    labels[6:14, 6:20, 5:15] = 7
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    labels[np.sum((grid - np.array([16, 18, 10])[:, None, None, None]) ** 2, 0) < 16] = 42
+    return labels
+
+
+def test_per_label_intensities_are_the_gaussians_drawn():
+    labels = _label_map()
+    synth = LabelSynth(rotation=0, scale=0, shear=0, translation=0, nonlinear=0, blur=0,
+                       thickness=1, bias=0, noise=0, gamma=0, std=(0.02, 0.1))
+    sample = synth.draw(labels, 0)
+    np.testing.assert_array_equal(sample.labels, labels)  # identity deformation
+    raw = sample.image * sample.scale + sample.offset  # undo the min-max normalisation
+    assert sample.gamma == 1.0 and sample.thickness == 1.0
+    assert list(sample.ids) == [0, 3, 7, 42]
+    for position, label in enumerate(sample.ids):
+        values = raw[labels == label]
+        tolerance = 4 * sample.stds[position] / np.sqrt(values.size) + 1e-5
+        assert abs(values.mean() - sample.means[position]) < tolerance
+        assert values.std() == pytest.approx(sample.stds[position], rel=0.15)
+    assert sample.image.min() == 0.0 and sample.image.max() == pytest.approx(1.0)
+    # Distinct draws per label, within the ranges asked.
+    assert len(set(np.round(sample.means, 6))) == 4
+    assert np.all((sample.stds >= 0.02) & (sample.stds <= 0.1))
+
+
+def test_groups_share_one_gaussian():
+    synth = LabelSynth(nonlinear=0, rotation=0, scale=0, shear=0, translation=0,
+                       groups={7: 1, 42: 1})
+    sample = synth.draw(_label_map(), 3)
+    assert sample.means[2] == sample.means[3] and sample.stds[2] == sample.stds[3]
+    assert sample.means[1] != sample.means[2]
+
+
+def test_labels_are_deformed_with_nearest_neighbour():
+    labels = _label_map()
+    sample = LabelSynth(nonlinear=3.0, rotation=10, scale=0.1).draw(labels, 1)
+    assert set(np.unique(sample.labels)) <= {0, 3, 7, 42}  # no new ids, no interpolation
+    assert sample.labels.dtype == labels.dtype
+    expected = ndi.map_coordinates(labels, sample.coordinates, order=0, mode="constant")
+    np.testing.assert_array_equal(sample.labels, expected)
+    assert not np.array_equal(sample.labels, labels)
+    # The image follows the labels: each label's voxels are brighter or darker as drawn.
+    inside = sample.labels == 7
+    assert inside.sum() > 100
+
+
+def test_deformation_has_no_folding():
+    synth = LabelSynth(nonlinear=4.0, nonlinear_spacing=6.0, rotation=15, scale=0.15,
+                       shear=0.05)
+    for seed in range(3):
+        coords = synth.coordinates(SHAPE, np.random.default_rng(seed))
+        identity = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"))
+        displacement = np.moveaxis(coords - identity, 0, -1)
+        # Interior voxels (central differences at the border see the clamped edge).
+        det = jacobian_determinant(displacement)[1:-1, 1:-1, 1:-1]
+        assert det.min() > 0, seed
+        assert np.abs(displacement).max() > 1.0  # a real deformation
+
+
+def test_svf_integration_is_a_flow():
+    """exp(v) composed with exp(v) is exp(2v) (a one-parameter group), to interpolation error."""
+    rng = np.random.default_rng(0)
+    shape = (20, 20, 20)
+    v = np.stack([ndi.gaussian_filter(rng.normal(0, 20.0, shape), 4) for _ in range(3)])
+    v = v.astype(np.float32)
+    assert np.abs(v).max() > 0.5
+    one = integrate_svf(v, 7)
+    two = integrate_svf(2 * v, 8)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float32)
+    composed = one + np.stack([ndi.map_coordinates(c, grid + one, order=1, mode="nearest")
+                               for c in one])
+    inner = (slice(None),) + (slice(4, -4),) * 3
+    np.testing.assert_allclose(composed[inner], two[inner], atol=0.02 * np.abs(two).max())
+    # A constant velocity integrates to itself (a translation).
+    constant = np.ones((3,) + shape, np.float32) * np.float32(0.7)
+    np.testing.assert_allclose(integrate_svf(constant, 7), constant, atol=1e-5)
+
+
+def test_same_seed_same_sample_and_different_seeds_differ():
+    labels = _label_map()
+    synth = LabelSynth()
+    a, b, c = synth.draw(labels, 5), synth.draw(labels, 5), synth.draw(labels, 6)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.image, c.image)
+    image, moved = synth(labels, np.random.default_rng(5))
+    np.testing.assert_array_equal(image, a.image)
+    assert image.dtype == np.float32 and image.shape == labels.shape
+    assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_thick_slices_lose_detail_along_their_axis_only():
+    from dazoo.training.synth import _thick_slices
+
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"))
+    image = (np.sin(grid[0] * 1.3) + np.sin(grid[2] * 1.3)).astype(np.float32)
+    thick = _thick_slices(image, 0, 3.0)
+    detail = lambda x, axis: np.abs(np.diff(x, axis=axis)).mean()  # noqa: E731
+    assert detail(thick, 0) < 0.3 * detail(image, 0)
+    assert detail(thick, 2) == pytest.approx(detail(image, 2), rel=0.35)
+    # A smooth (linear) profile survives: slices and interpolation are exact on it.
+    ramp = grid[0].astype(np.float32)
+    np.testing.assert_allclose(_thick_slices(ramp, 0, 3.0)[6:-6], ramp[6:-6], atol=1e-4)
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(DazooInputError, match="rotation"):
+        LabelSynth(rotation=-1)
+    with pytest.raises(DazooInputError, match="mean"):
+        LabelSynth(mean=(0.8, 0.2))
+    with pytest.raises(DazooInputError, match="integer label map"):
+        LabelSynth().draw(np.zeros(SHAPE, np.float32))
+
+
+def test_pair_dataset_synthesises_label_only_subjects_and_replaces_with_probability():
+    from dazoo.training import PairDataset
+
+    labels = _label_map()
+    rng = np.random.default_rng(0)
+    images = [rng.random(SHAPE, dtype=np.float32), rng.random(SHAPE, dtype=np.float32), None]
+    maps = [labels, None, np.roll(labels, 2, axis=0)]
+    synth = LabelSynth(nonlinear=2.0)
+    dataset = PairDataset(images, maps, names=["a", "b", "maps-only"], synth=synth,
+                          steps_per_epoch=30, seed=1)
+    assert dataset.labelled == [0, 2]  # the label-only subject counts as labelled
+    classes = {int(c) for c in np.unique(dataset.classes[0])}
+    seen = set()
+    for index in range(30):
+        batch = dataset[index]
+        for side, subject in zip(("moving", "fixed"), dataset.pairs(index)[0]):
+            seen.add(subject)
+            image = batch[side][0, ..., 0]
+            if subject == 0:  # synth_probability 0: the real image, untouched
+                np.testing.assert_array_equal(image, images[0])
+            if subject == 2:
+                assert batch[f"{side}_labelled"][0] == 1
+                assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
+                assert {int(c) for c in np.unique(batch[f"{side}_labels"])} <= classes
+                # Labels and image agree: the synthesised intensity is constant-ish per class.
+                moved = batch[f"{side}_labels"][0]
+                assert not np.array_equal(moved, dataset.classes[2])
+    assert seen == {0, 1, 2}
+    again = PairDataset(images, maps, names=["a", "b", "maps-only"], synth=synth,
+                        steps_per_epoch=30, seed=1)
+    for key, value in dataset[3].items():
+        np.testing.assert_array_equal(value, again[3][key])
+
+    always = PairDataset(images[:2], maps[:2], synth=synth, synth_probability=1.0,
+                         steps_per_epoch=4, seed=0)
+    for index in range(4):
+        batch = always[index]
+        for side, subject in zip(("moving", "fixed"), always.pairs(index)[0]):
+            replaced = not np.array_equal(batch[side][0, ..., 0], images[subject])
+            assert replaced == (subject == 0)  # only the labelled image is synthesised
+
+    with pytest.raises(DazooInputError, match="needs synth"):
+        PairDataset(images, maps)
+    with pytest.raises(DazooInputError, match="image or a label map"):
+        PairDataset(images, [labels, None, None], synth=synth)
+
+
+@pytest.mark.parametrize("kernel, order", [("bspline", 3), ("linear", 1)])
+def test_separable_upsampling_equals_scipy_zoom(kernel, order):
+    from dazoo.training.synth import _zoom_to
+
+    coarse = np.random.default_rng(0).normal(size=(4, 5, 3)).astype(np.float32)
+    shape = (23, 30, 17)
+    expected = ndi.zoom(coarse, [n / c for n, c in zip(shape, coarse.shape)], order=order,
+                        mode="nearest", grid_mode=True, prefilter=False)[:23, :30, :17]
+    np.testing.assert_allclose(_zoom_to(coarse, shape, kernel=kernel), expected, atol=1e-5)
