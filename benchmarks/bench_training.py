@@ -56,7 +56,8 @@ VOXELMORPH_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
 PRECISIONS = ("float32", "seg_bfloat16", "mixed_bfloat16")
 
 
-def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="joint"):
+def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="joint",
+             fused=True):
     import keras
     import numpy as np
 
@@ -83,6 +84,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
     if not inference_only and mode == "simultaneous":
         result["mode"] = mode
         model = DeepAtlas(reg, seg, mode="simultaneous")
+        model.fused_segmentation = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4))
         timings = []
@@ -99,6 +101,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
     elif not inference_only:
         result["mode"] = "joint"
         model = DeepAtlas(reg, seg, registration_steps=1, segmentation_steps=1)
+        model.fused_segmentation = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4))
         times = {True: [], False: []}
@@ -142,14 +145,14 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
 def _child(args):
     shape = tuple(int(n) for n in args.child.split("x"))
     result = _measure(shape, int(args.classes), args.steps, args.precision, args.segmenter,
-                      args.inference, args.mode)
+                      args.inference, args.mode, args.fused == "on")
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def _run_child(shape, classes, precision, segmenter, args, inference, mode="joint"):
     cmd = [sys.executable, __file__, "--child", shape, "--classes", str(classes),
            "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter,
-           "--mode", mode]
+           "--mode", mode, "--fused", args.fused]
     if inference:
         cmd.append("--inference")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -236,6 +239,10 @@ def main(argv=None):
                         help="comma-separated: joint (the paper's alternation: one registration "
                              "and one segmentation step), simultaneous (one step updating both "
                              "networks from shared passes)")
+    parser.add_argument("--fused", default="on", choices=("on", "off"),
+                        help="segmentation losses from the segmenter's features in chunks "
+                             "(dazoo.ops.softmax_class_sums; default on) or from its full "
+                             "probability maps (off: the comparison)")
     parser.add_argument("--inference-shape", default="160x192x160",
                         help="grid of the inference timing ('' to skip)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per phase")

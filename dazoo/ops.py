@@ -421,3 +421,219 @@ def rescale_displacement(displacement, factor: float):
     if factor < 1:
         return resize(displacement, factor) * factor
     return resize(displacement * factor, factor)
+
+
+def warped_label_corners(labels, displacement, num_classes: int):
+    """The sparse form of :func:`warped_one_hot`: per voxel, the labels and weights of its
+    ``2**ndims`` interpolation corners, ``(batch, N, 8)`` each (``N`` voxels, flattened);
+    weights of ids outside ``0..K-1`` are 0. ``warped_one_hot[x, k]`` is the sum of the
+    weights whose label is ``k``. Not differentiated (the displacement is fixed)."""
+    spatial_shape = tuple(int(s) for s in displacement.shape[1:-1])
+    n_vox = int(np.prod(spatial_shape))
+    points = identity_grid(spatial_shape) + ops.cast(displacement, "float32")
+    labels = ops.reshape(ops.cast(labels, "int32"), (-1, n_vox))
+    valid = ops.cast(ops.logical_and(labels >= 0, labels < num_classes), "float32")
+    labels = ops.clip(labels, 0, num_classes - 1)
+    corner_labels, corner_weights = [], []
+    for index, weight in _linear_corners(points, spatial_shape):
+        index = ops.reshape(index, (-1, n_vox))
+        corner_labels.append(ops.take_along_axis(labels, index, axis=1))
+        corner_weights.append(ops.reshape(weight, (-1, n_vox))
+                              * ops.take_along_axis(valid, index, axis=1))
+    return (ops.stop_gradient(ops.stack(corner_labels, axis=-1)),
+            ops.stop_gradient(ops.stack(corner_weights, axis=-1)))
+
+
+#: Voxels per chunk of :func:`softmax_class_sums` (``K``-channel tensors of one chunk only).
+SOFTMAX_CHUNK = 2**18
+
+
+def softmax_class_sums(features, kernel, bias, *, sparse=(), dense=None, weight=None,
+                       log_classes=None, epsilon: float = 1e-7, chunk: int | None = None):
+    """Per-class sums of the probabilities ``p = softmax(features @ kernel + bias)`` of a
+    1x1x1-convolution + softmax head, without keeping ``K``-channel maps of the whole volume.
+
+    Every segmentation loss of DeepAtlas's segmentation phase is a function of such sums
+    (soft Dice: intersections and sums; cross-entropy: a sum of log-likelihoods). On the
+    TensorFlow backend they are computed chunk by chunk (``chunk`` voxels, one chunk after the
+    other) with a custom gradient that recomputes each chunk's probabilities in the backward
+    pass: the head's ``K``-channel logits, probabilities and their gradients exist for one
+    chunk at a time. Elsewhere: the same sums by automatic differentiation of the plain
+    composition (the reference the tests compare with).
+
+    Args:
+        features: ``(batch, *spatial, C)``, the head's input.
+        kernel: ``(C, K)`` (or the ``(1, 1, 1, C, K)`` kernel of a 1x1x1 ``Conv3D``).
+        bias: ``(K,)``.
+        sparse: a sequence of ``(labels, weights)``, each ``(batch, N, M)`` (``N`` voxels
+            flattened, ``M`` entries per voxel): ``sum_x sum_m w_m(x) p_{l_m(x)}(x)`` per
+            class ``l_m``; with ``M = 1``, ``labels`` a class map and ``weights`` its validity,
+            the intersection of soft Dice with a one-hot target; with the corners of
+            :func:`warped_label_corners`, the intersection with the warped one-hot map.
+        dense: ``(batch, *spatial, K)`` or None: ``sum_x p_k(x) dense_k(x)``.
+        weight: ``(batch, *spatial)`` or None: ``sum_x p_k(x) weight(x)``.
+        log_classes: ``(batch, *spatial)`` class map or None: ``sum_x log(clip(p_{c(x)}(x),
+            epsilon, 1))`` over the voxels whose id is in ``0..K-1``.
+        chunk: voxels per chunk (default :data:`SOFTMAX_CHUNK`).
+
+    Returns:
+        A dict of float32 tensors: ``"sum"`` ``(batch, K)``; ``"sparse"``, a list of
+        ``(batch, K)`` (one per ``sparse`` entry); ``"dense"``, ``"weighted"`` ``(batch, K)``
+        and ``"log_likelihood"`` ``(batch,)`` when asked for.
+    """
+    spatial = tuple(int(s) for s in features.shape[1:-1])
+    n_vox = int(np.prod(spatial))
+    channels = int(features.shape[-1])
+    kernel = ops.reshape(ops.cast(kernel, "float32"), (channels, -1))
+    num_classes = int(kernel.shape[-1])
+    bias = ops.cast(bias, "float32")
+    flat = ops.reshape(ops.cast(features, "float32"), (-1, n_vox, channels))
+    inputs = _SumInputs(
+        sparse=[(ops.cast(l, "int32"), ops.cast(w, "float32")) for l, w in sparse],
+        dense=None if dense is None else ops.stop_gradient(
+            ops.reshape(ops.cast(dense, "float32"), (-1, n_vox, num_classes))),
+        weight=None if weight is None else ops.stop_gradient(
+            ops.reshape(ops.cast(weight, "float32"), (-1, n_vox))),
+        log_classes=None if log_classes is None else ops.reshape(
+            ops.cast(log_classes, "int32"), (-1, n_vox)),
+        epsilon=float(epsilon), num_classes=num_classes)
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        outputs = _tf_softmax_sums(flat, kernel, bias, inputs, int(chunk or SOFTMAX_CHUNK))
+    else:
+        probabilities = ops.softmax(ops.einsum("bnc,ck->bnk", flat, kernel) + bias, axis=-1)
+        outputs = _chunk_sums(probabilities, inputs, 0, n_vox)
+    names = ["sum", "sparse", "dense", "weighted", "log_likelihood"]
+    result = dict(zip(names, _unflatten(outputs, inputs)))
+    return {key: value for key, value in result.items() if value is not None}
+
+
+class _SumInputs:
+    """The targets of :func:`softmax_class_sums`, flattened to ``(batch, N, ...)``."""
+
+    def __init__(self, *, sparse, dense, weight, log_classes, epsilon, num_classes):
+        self.sparse, self.dense, self.weight = sparse, dense, weight
+        self.log_classes, self.epsilon, self.num_classes = log_classes, epsilon, num_classes
+
+    def count(self) -> int:
+        """How many tensors :func:`_chunk_sums` returns."""
+        return (1 + len(self.sparse) + (self.dense is not None) + (self.weight is not None)
+                + (self.log_classes is not None))
+
+
+def _unflatten(outputs, inputs):
+    outputs = list(outputs)
+    total = outputs.pop(0)
+    sparse = [outputs.pop(0) for _ in inputs.sparse]
+    dense = outputs.pop(0) if inputs.dense is not None else None
+    weighted = outputs.pop(0) if inputs.weight is not None else None
+    log_likelihood = outputs.pop(0) if inputs.log_classes is not None else None
+    return total, sparse, dense, weighted, log_likelihood
+
+
+def _class_scatter(values, labels, num_classes):
+    """``(batch, K)`` sums of ``values`` ``(batch, n, M)`` per label ``labels`` (same shape)."""
+    batch = ops.shape(labels)[0]
+    segments = labels + ops.reshape(ops.arange(batch, dtype="int32") * num_classes, (-1, 1, 1))
+    sums = ops.segment_sum(ops.reshape(values, (-1,)), ops.reshape(segments, (-1,)),
+                           num_segments=batch * num_classes)
+    return ops.reshape(sums, (-1, num_classes))
+
+
+def _log_terms(probabilities, classes, inputs):
+    """Per voxel of a chunk: the probability of its class, its validity, its class index."""
+    k = inputs.num_classes
+    valid = ops.cast(ops.logical_and(classes >= 0, classes < k), "float32")
+    classes = ops.clip(classes, 0, k - 1)
+    at_label = ops.take_along_axis(probabilities, classes[..., None], axis=2)[..., 0]
+    return at_label, valid, classes
+
+
+def _chunk_sums(probabilities, inputs, start, stop):
+    """The sums of :func:`softmax_class_sums` over voxels ``start:stop`` (``probabilities``
+    of those voxels), as a list in the order of :func:`_unflatten`."""
+    k = inputs.num_classes
+    out = [ops.sum(probabilities, axis=1)]
+    for labels, weights in inputs.sparse:
+        labels = ops.clip(labels[:, start:stop], 0, k - 1)
+        weights = weights[:, start:stop]
+        at = ops.take_along_axis(probabilities, labels, axis=2)
+        out.append(_class_scatter(at * weights, labels, k))
+    if inputs.dense is not None:
+        out.append(ops.sum(probabilities * inputs.dense[:, start:stop], axis=1))
+    if inputs.weight is not None:
+        out.append(ops.sum(probabilities * inputs.weight[:, start:stop, None], axis=1))
+    if inputs.log_classes is not None:
+        at_label, valid, _ = _log_terms(probabilities, inputs.log_classes[:, start:stop], inputs)
+        out.append(ops.sum(ops.log(ops.clip(at_label, inputs.epsilon, 1.0)) * valid, axis=1))
+    return out
+
+
+def _tf_softmax_sums(flat, kernel, bias, inputs, chunk):
+    """TensorFlow: :func:`_chunk_sums` chunk by chunk, with a recomputing custom gradient."""
+    import tensorflow as tf
+
+    n_vox = int(flat.shape[1])
+    bounds = [(s, min(s + chunk, n_vox)) for s in range(0, n_vox, chunk)]
+    k = inputs.num_classes
+
+    def probabilities_of(features, kernel, bias):
+        return tf.nn.softmax(tf.einsum("bnc,ck->bnk", features, kernel) + bias, axis=-1)
+
+    @tf.custom_gradient
+    def sums(flat, kernel, bias):
+        totals, after = None, []
+        for start, stop in bounds:
+            with tf.control_dependencies(after):  # one chunk after the other
+                part = _chunk_sums(probabilities_of(flat[:, start:stop], kernel, bias),
+                                   inputs, start, stop)
+            totals = part if totals is None else [a + b for a, b in zip(totals, part)]
+            after = totals
+
+        def grad(*upstream):
+            upstream = [tf.zeros_like(t) if u is None else u for u, t in zip(upstream, totals)]
+            g_sum, g_sparse, g_dense, g_weighted, g_log = _unflatten(upstream, inputs)
+            d_features, d_kernel, d_bias, after = [], tf.zeros_like(kernel), tf.zeros_like(bias), []
+            for start, stop in bounds:
+                with tf.control_dependencies(after):
+                    features = flat[:, start:stop]
+                    p = probabilities_of(features, kernel, bias)
+                    n = stop - start
+                    g = tf.broadcast_to(g_sum[:, None, :], tf.shape(p))
+                    scatter_ids, scatter_values = [], []
+                    for (labels, weights), g_s in zip(inputs.sparse, g_sparse):
+                        labels, weights = labels[:, start:stop], weights[:, start:stop]
+                        labels = tf.clip_by_value(labels, 0, k - 1)
+                        scatter_ids.append(labels)
+                        scatter_values.append(weights * tf.gather(g_s, labels, batch_dims=1))
+                    if inputs.dense is not None:
+                        g = g + g_dense[:, None, :] * inputs.dense[:, start:stop]
+                    if inputs.weight is not None:
+                        g = g + g_weighted[:, None, :] * inputs.weight[:, start:stop, None]
+                    if inputs.log_classes is not None:
+                        at_label, valid, classes = _log_terms(
+                            p, inputs.log_classes[:, start:stop], inputs)
+                        passes = tf.cast(at_label >= inputs.epsilon, "float32")
+                        scatter_ids.append(classes[..., None])
+                        scatter_values.append((g_log[:, None] * valid * passes
+                                               / tf.maximum(at_label, inputs.epsilon))[..., None])
+                    if scatter_ids:
+                        # Sparse terms: into channel l of voxel x, one segment sum.
+                        batch = tf.shape(p)[0]
+                        voxel = (tf.range(batch)[:, None] * n + tf.range(n)[None, :]) * k
+                        ids = tf.concat([i + voxel[..., None] for i in scatter_ids], axis=-1)
+                        values = tf.concat(scatter_values, axis=-1)
+                        g = g + tf.reshape(tf.math.unsorted_segment_sum(
+                            tf.reshape(values, (-1,)), tf.reshape(ids, (-1,)),
+                            num_segments=batch * n * k), tf.shape(p))
+                    d_logits = p * (g - tf.reduce_sum(p * g, axis=-1, keepdims=True))
+                    d_kernel = d_kernel + tf.einsum("bnc,bnk->ck", features, d_logits)
+                    d_bias = d_bias + tf.reduce_sum(d_logits, axis=(0, 1))
+                    d_features.append(tf.einsum("bnk,ck->bnc", d_logits, kernel))
+                after = [d_kernel, d_features[-1]]
+            return tf.concat(d_features, axis=1), d_kernel, d_bias
+
+        return totals, grad
+
+    return sums(flat, kernel, bias)

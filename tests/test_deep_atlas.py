@@ -350,3 +350,35 @@ def test_simultaneous_step_updates_both_networks_once(batch):
     assert _changed(seg, _weights(model.segmentation_net)) > 0
     assert {"reg_loss", "seg_loss", "reg_anatomy", "seg_anatomy"} <= set(logs)
     assert model.schedule.phase(7) == "simultaneous"
+
+
+@pytest.mark.parametrize("labelled", [[True, False], [False, True], [True, True]],
+                         ids=["moving-labelled", "fixed-labelled", "both"])
+def test_fused_segmentation_losses_equal_the_probability_maps(batch, monkeypatch, labelled):
+    """The segmentation phase from the segmenter's features (chunked softmax sums, several
+    chunks) equals the losses computed on its full probability maps: values and gradients."""
+    import tensorflow as tf
+
+    from dazoo import ops as dops
+
+    monkeypatch.setattr(dops, "SOFTMAX_CHUNK", 1000)  # 16^3 voxels: five chunks
+    data = dict(batch, moving_labelled=np.array([labelled[0], 1.0], np.float32),
+                fixed_labelled=np.array([labelled[1], 0.0], np.float32))
+    keras.utils.set_random_seed(6)
+    model = _simultaneous_model("joint")
+    unpacked = model._unpack(data)
+    displacement = model._segmentation_displacement(unpacked)
+    variables = model.segmentation_net.trainable_variables
+    results = []
+    for fused in (True, False):
+        model.fused_segmentation = fused
+        assert model._fused_segmentation() == fused
+        with tf.GradientTape() as tape:
+            total, terms = model._segmentation_losses(unpacked, displacement, training=True)
+        results.append((terms, tape.gradient(total, variables)))
+    (fast, fast_grads), (slow, slow_grads) = results
+    assert float(slow["seg_anatomy"]) > 0.05 and float(slow["seg_supervised"]) > 0.05
+    for name in slow:
+        assert float(fast[name]) == pytest.approx(float(slow[name]), rel=1e-5), name
+    for a, e in zip(fast_grads, slow_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-3, atol=1e-6)

@@ -189,3 +189,63 @@ def test_warp_adjoint_labels_gives_the_soft_dice_sums_of_a_warped_volume():
                                moved.sum(axis=(1, 2, 3)), rtol=1e-5)
     # Every voxel's eight weights sum to one: the adjoint conserves the total weight.
     assert weight.sum(axis=(1, 2, 3)) == pytest.approx([9 * 10 * 8] * 2, rel=1e-5)
+
+
+def test_softmax_class_sums_chunked_equal_the_plain_composition():
+    """The chunked, recomputing custom gradient (TensorFlow) equals automatic
+    differentiation of softmax(features @ W + b) followed by the sums: values and gradients
+    w.r.t. the features, the kernel and the bias, for every kind of target."""
+    import tensorflow as tf
+
+    from dazoo import ops as dops
+
+    rng = np.random.default_rng(0)
+    b, shape, c, k = 2, (6, 5, 7), 4, 5
+    n = int(np.prod(shape))
+    features = tf.constant(rng.normal(size=(b, *shape, c)).astype(np.float32))
+    kernel = tf.constant(rng.normal(size=(1, 1, 1, c, k)).astype(np.float32))
+    bias = tf.constant(rng.normal(size=(k,)).astype(np.float32))
+    classes = rng.integers(-1, k + 1, (b, *shape)).astype(np.int32)  # some ids out of range
+    corner_labels = rng.integers(0, k, (b, n, 8)).astype(np.int32)
+    corner_weights = rng.random((b, n, 8)).astype(np.float32)
+    flat = classes.reshape(b, -1)
+    valid = ((flat >= 0) & (flat < k)).astype(np.float32)
+    dense = rng.random((b, *shape, k)).astype(np.float32)
+    weight = rng.random((b, *shape)).astype(np.float32)
+    mix = [rng.normal(size=(b, k)).astype(np.float32) for _ in range(5)] + [
+        rng.normal(size=(b,)).astype(np.float32)]
+
+    def run(chunked):
+        with tf.GradientTape() as tape:
+            tape.watch([features, kernel, bias])
+            if chunked:
+                out = dops.softmax_class_sums(
+                    features, kernel, bias, sparse=[(flat[..., None], valid[..., None]),
+                                                    (corner_labels, corner_weights)],
+                    dense=dense, weight=weight, log_classes=classes, chunk=37)
+            else:  # the plain composition, differentiated by TensorFlow
+                logits = tf.einsum("bnc,ck->bnk", tf.reshape(features, (b, n, c)),
+                                   tf.reshape(kernel, (c, k))) + bias
+                p = tf.nn.softmax(logits, axis=-1)
+                onehot = tf.one_hot(np.clip(flat, 0, k - 1), k) * valid[..., None]
+                corners = tf.reduce_sum(tf.one_hot(corner_labels, k)
+                                        * corner_weights[..., None], axis=2)
+                at_class = tf.reduce_sum(p * onehot, axis=-1)
+                log_likelihood = tf.reduce_sum(
+                    tf.math.log(tf.clip_by_value(at_class + (1 - valid), 1e-7, 1.0)) * valid, 1)
+                out = {"sum": tf.reduce_sum(p, 1),
+                       "sparse": [tf.reduce_sum(p * onehot, 1), tf.reduce_sum(p * corners, 1)],
+                       "dense": tf.reduce_sum(p * dense.reshape(b, n, k), 1),
+                       "weighted": tf.reduce_sum(p * weight.reshape(b, n, 1), 1),
+                       "log_likelihood": log_likelihood}
+            values = [out["sum"], *out["sparse"], out["dense"], out["weighted"],
+                      out["log_likelihood"]]
+            total = sum(tf.reduce_sum(v * m) for v, m in zip(values, mix))
+        return values, tape.gradient(total, [features, kernel, bias])
+
+    (fast, fast_grads), (plain, plain_grads) = run(True), run(False)
+    for a, e in zip(fast, plain):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-4)
+    for a, e in zip(fast_grads, plain_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-4)
+    assert float(tf.reduce_max(tf.abs(fast_grads[0]))) > 1e-3

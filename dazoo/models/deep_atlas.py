@@ -146,6 +146,13 @@ def _select(flag, labelled, predicted):
     return flag * labelled + (1.0 - flag) * predicted
 
 
+class _Holder:
+    """A plain container (not tracked by Keras, so not saved)."""
+
+    def __init__(self, value, head=None):
+        self.value, self.head = value, head
+
+
 @keras.saving.register_keras_serializable(package="dazoo")
 class DeepAtlas(keras.Model):
     """Joint registration + segmentation model with alternating two-optimizer training.
@@ -545,6 +552,8 @@ class DeepAtlas(keras.Model):
         the peak memory of a segmentation step. ``prediction``: the segmenter's output for
         ``side`` when it is already computed (the simultaneous step), else it is run here.
         """
+        if prediction is None and self._fused_segmentation():
+            return self._fused_segmentation_side(batch, displacement, side, training=training)
         other = "fixed" if side == "moving" else "moving"
         flags = batch[f"{side}_labelled"]
         if prediction is None:
@@ -570,6 +579,94 @@ class DeepAtlas(keras.Model):
             anatomy = ops.cond(
                 ops.any(mask > 0),
                 lambda: _weighted_sum(per_sample(), mask, pairs_count),
+                lambda: ops.zeros((), dtype="float32"))
+        total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
+        return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))
+
+    def _fused_segmentation(self) -> bool:
+        """Whether the segmentation phase computes its losses from the segmenter's features
+        with :func:`dazoo.ops.softmax_class_sums` (TensorFlow, default losses, a SegmentationNet
+        with its ``"logits"`` head): the ``K``-channel probabilities and their gradients exist
+        one chunk at a time instead of for the whole volume. Same values and gradients."""
+        return (keras.backend.backend() == "tensorflow"
+                and type(self.segmentation_loss) is DiceCE
+                and type(self.anatomy_loss) is SoftDice
+                and getattr(self, "fused_segmentation", True)
+                and self._segmentation_features() is not None)
+
+    def _segmentation_features(self):
+        """The segmenter up to its head's input (the same layers), or None without a
+        ``"logits"`` 1x1x1 convolution + softmax head. Kept outside Keras's tracking (a
+        plain holder), so the saved weights are the same as without it."""
+        holder = self.__dict__.get("_features_holder")
+        if holder is None:
+            net = self.segmentation_net
+            names = [layer.name for layer in net.layers]
+            head = net.get_layer("logits") if "logits" in names else None
+            ok = (head is not None and names[-1] == "probabilities"
+                  and tuple(head.kernel.shape[:3]) == (1, 1, 1) and head.use_bias
+                  and head.activation is keras.activations.linear)
+            model = keras.Model(net.inputs, head.input, name="segmentation_features") if ok \
+                else None
+            holder = _Holder(model, head)
+            object.__setattr__(self, "_features_holder", holder)
+        return holder.value
+
+    def _fused_segmentation_side(self, batch, displacement, side, *, training):
+        """:meth:`_segmentation_side` from :func:`dazoo.ops.softmax_class_sums`: the
+        supervised :class:`~dazoo.losses.DiceCE` and the :class:`~dazoo.losses.SoftDice`
+        ``L_a`` from per-class sums (the warped manual labels as interpolation corners, or
+        the adjoint warp of the other side's labels), equal to the unfused losses."""
+        other = "fixed" if side == "moving" else "moving"
+        flags = batch[f"{side}_labelled"]
+        k = self.num_classes
+        features = self._segmentation_features()(batch[side], training=training)
+        head = self.__dict__["_features_holder"].head
+        kernel, bias = ops.convert_to_tensor(head.kernel), ops.convert_to_tensor(head.bias)
+        classes = batch[f"{side}_classes"]
+        flat = ops.reshape(classes, (ops.shape(classes)[0], -1))
+        valid = ops.cast(ops.logical_and(flat >= 0, flat < k), "float32")
+        labelled_count = _global_count(
+            ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
+        loss = self.segmentation_loss
+        sums = spatial_ops.softmax_class_sums(
+            features, kernel, bias, sparse=[(flat[..., None], valid[..., None])],
+            log_classes=classes, epsilon=loss._ce.epsilon)
+        true_sum = class_sums(valid, ops.clip(flat, 0, k - 1), k)
+        dice = dice_from_sums(sums["sparse"][0], true_sum, sums["sum"])
+        if not loss.include_background:
+            dice = dice[:, 1:]
+        cross_entropy = -sums["log_likelihood"] / float(flat.shape[1])
+        per_sample = (loss.dice_weight * (1.0 - ops.mean(dice, axis=-1))
+                      + loss.ce_weight * cross_entropy)
+        supervised = _weighted_sum(per_sample, flags, labelled_count)
+        if displacement is None:
+            anatomy = ops.zeros(())
+        else:
+            mask = (1.0 - flags) * batch[f"{other}_labelled"]
+
+            def per_sample_anatomy():
+                if side == "fixed":  # the moving image's manual labels, warped
+                    labels, weights = spatial_ops.warped_label_corners(
+                        batch["moving_classes"], displacement, k)
+                    parts = spatial_ops.softmax_class_sums(features, kernel, bias,
+                                                           sparse=[(labels, weights)])
+                    moved_sum = spatial_ops._class_scatter(weights, labels, k)
+                    return self._dice_loss_from_sums(parts["sparse"][0], parts["sum"],
+                                                     moved_sum)
+                adjoint, weight = spatial_ops.warp_adjoint_labels(
+                    batch["fixed_classes"], displacement, k)
+                parts = spatial_ops.softmax_class_sums(features, kernel, bias, dense=adjoint,
+                                                       weight=weight)
+                fixed = batch["fixed_classes"]
+                in_range = ops.logical_and(fixed >= 0, fixed < k)
+                fixed_sum = class_sums(in_range, ops.clip(fixed, 0, k - 1), k)
+                return self._dice_loss_from_sums(parts["dense"], fixed_sum, parts["weighted"])
+
+            pairs_count = _global_count(_exactly_one(batch))
+            anatomy = ops.cond(
+                ops.any(mask > 0),
+                lambda: _weighted_sum(per_sample_anatomy(), mask, pairs_count),
                 lambda: ops.zeros((), dtype="float32"))
         total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
         return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))

@@ -18,6 +18,9 @@ one takes the default shown by ``Recipe.defaults()``)::
                      "template": "template.nii.gz" | {"build": {"iterations": 2}} | null},
       "model": {"mode": "joint", "registration_steps": 1, "segmentation_steps": 1,
                 "registration": {RegistrationNet options}, "segmentation": {SegmentationNet options}},
+                                               mode: "joint" (the paper's alternation),
+                                               "simultaneous" (both networks each step, shared
+                                               passes), "registration_only", "segmentation_only"
       "losses": {"similarity": "ncc", "ncc_window": 9, "smoothness_weight": 1.0,
                  "anatomy_weight": 1.0, "supervised_weight": 1.0,
                  "segmentation_anatomy_weight": 1.0},
