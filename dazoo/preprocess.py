@@ -748,6 +748,38 @@ class Preprocessor:
                               preprocessed.array.shape, order=0, cval=0)
 
 
+    def apply_label_map(self, labels: Source) -> np.ndarray:
+        """Put a label map that has no image onto the model grid (nearest neighbour).
+
+        There is no image to align, so the map is placed by position only: reoriented and
+        resampled onto the model grid with its foreground's centre of mass at the template's
+        centre (``config.centre``), or at the grid's centre without a template. Used for
+        label maps that training synthesises images from (:class:`dazoo.training.LabelSynth`,
+        whose random affine covers the remaining difference in pose).
+
+        Returns:
+            ``(D, H, W)`` int32 label ids on the model grid.
+        """
+        volume = read_labels(labels)
+        foreground = np.argwhere(volume.array != 0)
+        if not len(foreground):
+            raise DazooInputError(volume.name, "label map is empty (only background)")
+        centre = volume.affine[:3, :3] @ foreground.mean(axis=0) + volume.affine[:3, 3]
+        template = self.template
+        if template is not None:
+            affine = self.model_grid(template)
+            target = image_centre(template, method=self.config.centre)
+        else:
+            affine = grid_affine(orientation=self.config.orientation,
+                                 voxel_size=self.config.voxel_size, shape=self.config.shape,
+                                 centre=centre)
+            target = centre
+        alignment = np.eye(4)
+        alignment[:3, 3] = centre - target  # template world -> the map's world: a shift
+        to_native = np.linalg.inv(volume.affine) @ alignment @ affine
+        return _affine_sample(volume.array, to_native, self.config.shape, order=0, cval=0)
+
+
 # ----------------------------------------------------------------------------- template
 def build_affine_template(
     volumes: Sequence[Source],

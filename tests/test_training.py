@@ -313,3 +313,41 @@ def test_finetune_example_script(trained, exported, tmp_path):
 
     get_preset(tmp_path / "mine").verify()
     assert os.path.isfile(tmp_path / "mine" / "README.md")
+
+
+def test_training_with_label_maps_synthesised_and_simultaneous(tmp_path):
+    """data.label_maps (maps without images, relabelled from another protocol) join training
+    through synthesis; validation maps are refused; mode "simultaneous" trains both nets."""
+    from dazoo.training import train
+
+    folder = _cohort(tmp_path, count=4, unlabelled=(1,))
+    labels = io.read_labels(folder / "s2_seg.nii.gz")
+    other = np.select([labels.array == i for i in IDS], [1, 2, 3], 0).astype(np.int16)
+    io.write_labels((other, labels.affine), folder / "maps" / "s2_other_protocol.nii.gz")
+    (folder / "train.csv").write_text("image,labels\ns0.nii.gz,s0_seg.nii.gz\ns1.nii.gz,\n")
+    recipe = json.loads(_recipe(folder, steps=4, validate_every=4).read_text())
+    recipe["data"]["label_maps"] = [{"path": "maps", "relabel": {"1": 10, "2": 20, "3": 30}}]
+    recipe["synth"] = {"probability": 0.5, "nonlinear": 1.0, "thickness": 2.0}
+    recipe["model"]["mode"] = "simultaneous"
+    recipe["augmentation"]["phases"] = ["registration", "segmentation"]
+    path = tmp_path / "synth.json"
+    path.write_text(json.dumps(recipe))
+    run = train(path, tmp_path / "run", verbose=0, log=lambda m: None)
+    record = json.loads((run.folder / "run.json").read_text())
+    assert record["label_maps"] == [str(folder / "maps" / "s2_other_protocol.nii.gz")]
+    assert "maps/s2_other_protocol" in record["labelled"]
+    model = keras.saving.load_model(run.folder / "checkpoint.keras")
+    assert int(model.reg_optimizer.iterations) == 4 == int(model.seg_optimizer.iterations)
+    cached = [p for p in (run.folder / "cache").glob("maps_s2_other_protocol-*.npz")]
+    assert len(cached) == 1
+    with np.load(cached[0]) as entry:
+        assert set(np.unique(entry["labels"])) <= {0, *IDS} and "array" not in entry.files
+
+    recipe["data"]["label_maps"] = [str(folder / "s3_seg.nii.gz")]  # the validation map
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(DazooInputError, match="validation label maps"):
+        train(path, tmp_path / "leak", verbose=0, log=lambda m: None)
+    del recipe["synth"]
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(DazooInputError, match="needs a \"synth\" section"):
+        Recipe.load(path)

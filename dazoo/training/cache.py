@@ -22,9 +22,10 @@ __all__ = ["VolumeCache", "CachedSubject"]
 
 @dataclasses.dataclass(eq=False)
 class CachedSubject:
-    """A preprocessed subject: the image on the model grid and its label ids there (or None)."""
+    """A preprocessed subject: the image on the model grid and its label ids there (or None);
+    ``preprocessed`` is None for a label map without an image."""
 
-    preprocessed: Preprocessed
+    preprocessed: Preprocessed | None
     labels: np.ndarray | None
 
 
@@ -52,6 +53,11 @@ class VolumeCache:
 
     def key(self, subject: Subject, *, with_labels: bool = True) -> str:
         """The cache key of a subject."""
+        if subject.image is None:  # a label map without an image
+            return hashlib.sha256("\n".join([self.preprocessor.fingerprint(), "label map",
+                                             _file_identity(subject.labels),
+                                             repr(subject.relabel)]).encode()
+                                  ).hexdigest()[:20]
         parts = [self.preprocessor.fingerprint(), _file_identity(subject.image)]
         if with_labels and subject.labels is not None:
             parts.append(_file_identity(subject.labels))
@@ -75,6 +81,14 @@ class VolumeCache:
         return entry
 
     def _compute(self, subject: Subject, with_labels: bool) -> CachedSubject:
+        if subject.image is None:
+            labels = self.preprocessor.apply_label_map(subject.labels)
+            if subject.relabel:
+                ids = np.unique(labels)
+                table = dict(subject.relabel)
+                lookup = np.array([table.get(int(i), int(i)) for i in ids], np.int32)
+                labels = lookup[np.searchsorted(ids, labels)]
+            return CachedSubject(None, labels)
         pre = self.preprocessor.apply(subject.image)
         labels = None
         if with_labels and subject.labels is not None:
@@ -97,8 +111,9 @@ def _safe(name: str) -> str:
 def _save_entry(path: str, entry: CachedSubject) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp.npz"
-    arrays = {"array": entry.preprocessed.array,
-              "chain": np.array(json.dumps(entry.preprocessed.chain()))}
+    arrays = {} if entry.preprocessed is None else {
+        "array": entry.preprocessed.array,
+        "chain": np.array(json.dumps(entry.preprocessed.chain()))}
     if entry.labels is not None:
         arrays["labels"] = entry.labels
     try:
@@ -112,7 +127,8 @@ def _save_entry(path: str, entry: CachedSubject) -> None:
 def _load_entry(path: str) -> CachedSubject | None:
     try:
         with np.load(path, allow_pickle=False) as data:
-            pre = Preprocessed.from_chain(data["array"], json.loads(str(data["chain"])))
+            pre = (Preprocessed.from_chain(data["array"], json.loads(str(data["chain"])))
+                   if "array" in data.files else None)
             labels = data["labels"] if "labels" in data.files else None
     except (OSError, ValueError, KeyError, EOFError):
         return None  # a damaged cache entry is recomputed

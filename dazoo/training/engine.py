@@ -379,9 +379,21 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         subjects = load_subjects(data["train"], image=data["image"], labels=data["labels"])
         train_subjects, val_subjects = split_subjects(subjects, data["validation"],
                                                       source=recipe.source, seed=c["seed"])
-        if len(train_subjects) < 2:
+        label_maps = []
+        if data["label_maps"] is not None:
+            from dazoo.training.subjects import find_label_maps
+
+            label_maps = find_label_maps(data["label_maps"], source=recipe.source)
+            held = {os.path.realpath(s.labels) for s in val_subjects if s.labels}
+            leaked = [m.labels for m in label_maps if os.path.realpath(m.labels) in held]
+            if leaked:
+                raise DazooInputError(recipe.source, f"data.label_maps holds validation "
+                                                     f"label maps {leaked}")
+        if len(train_subjects) + len(label_maps) < 2 or not train_subjects:
             raise DazooInputError(data["train"], f"training needs at least 2 images (pairs for "
-                                                 f"registration); found {len(train_subjects)}")
+                                                 f"registration), one of them real; found "
+                                                 f"{len(train_subjects)} images and "
+                                                 f"{len(label_maps)} label maps")
         if not any(s.labels for s in train_subjects) and c["model"]["mode"] != \
                 "registration_only":
             raise DazooInputError(data["train"], "no training image has a label map: "
@@ -418,10 +430,13 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         keep_steps_up_to(folder, done)
 
         started = time.perf_counter()
-        say(f"preprocessing {len(train_subjects) + len(val_subjects)} images (cached in "
-            f"{cache.folder})")
+        say(f"preprocessing {len(train_subjects) + len(val_subjects)} images"
+            + (f" and {len(label_maps)} label maps" if label_maps else "")
+            + f" (cached in {cache.folder})")
+        synth, synth_probability = recipe.synth()
         dataset = PairDataset.from_subjects(
-            train_subjects, preprocessor, cache=cache, label_map=label_map,
+            train_subjects + label_maps, preprocessor, cache=cache, label_map=label_map,
+            synth=synth, synth_probability=synth_probability,
             batch_size=t["batch_size"], steps_per_epoch=every, seed=c["seed"],
             labelled_fraction=t["labelled_fraction"], augment=recipe.augmentation(),
             schedule=model.schedule, augment_phases=c["augmentation"]["phases"],
@@ -434,6 +449,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                 "dazoo_version": __version__, "created": _now(), "command": command,
                 "recipe": "recipe.json", "seed": c["seed"], "steps_planned": total,
                 "train": [s.name for s in train_subjects],
+                "label_maps": [m.labels for m in label_maps],
                 "validation": [s.name for s in val_subjects],
                 "labelled": labelled,
                 "unlabelled": [n for n in dataset.names if n not in labelled],

@@ -114,9 +114,10 @@ class PairDataset(keras.utils.PyDataset):
         self.label_map = label_map or LabelMap.from_labels([r for r in raw if r is not None])
         self.seed = int(seed)
         has_image = [i not in label_only for i in range(count)]
+        # k (and the default) choose among the real images; label maps are always labelled.
         self.labelled = sorted(set(_choose_labelled(
-            [r is not None and has_image[i] for i, r in enumerate(raw)], self.names, labelled,
-            k, self.seed)) | set(label_only))
+            [r is not None and (has_image[i] or labelled is not None) for i, r in enumerate(raw)],
+            self.names, labelled, k, self.seed)) | set(label_only))
         self.classes = [
             self._classes(raw[i], self.names[i]) if i in self.labelled else None
             for i in range(count)
@@ -161,11 +162,13 @@ class PairDataset(keras.utils.PyDataset):
         """
         cache = cache or VolumeCache(preprocessor, folder=cache_folder)
         names = [s.name for s in subjects]
-        keep = set(_choose_labelled([s.labels is not None for s in subjects], names,
+        keep = set(_choose_labelled([s.labels is not None and s.image is not None
+                                     for s in subjects], names,
                                     kwargs.pop("labelled", None), kwargs.pop("k", None),
                                     int(kwargs.get("seed", 0))))
+        keep |= {i for i, s in enumerate(subjects) if s.image is None}
         entries = [cache.get(s, with_labels=i in keep) for i, s in enumerate(subjects)]
-        images = [e.preprocessed.array for e in entries]
+        images = [None if e.preprocessed is None else e.preprocessed.array for e in entries]
         labels = [e.labels if i in keep else None for i, e in enumerate(entries)]
         return cls(images, labels, names=names, labelled=sorted(keep), **kwargs)
 

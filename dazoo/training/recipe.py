@@ -11,7 +11,9 @@ one takes the default shown by ``Recipe.defaults()``)::
                "validation": ["s12", "s13"],  names in "train", a CSV manifest, or
                                                {"count": 3, "seed": 0}: a seeded split
                "labelled": "all",             "all", k (seeded choice), or names
-               "cache": null},                 folder of preprocessed volumes (default RUN/cache)
+               "cache": null,                  folder of preprocessed volumes (default RUN/cache)
+               "label_maps": null},            label maps without images (folder, glob or list;
+                                               for "synth")
       "labels": {"ids": [...], "names": {"1002": "..."}, "merge_left_right": false,
                  "unknown": "background"},    or {"from_data": true}: every id in the train labels
       "preprocess": {... dazoo.preprocess.PreprocessConfig ...,
@@ -32,6 +34,12 @@ one takes the default shown by ``Recipe.defaults()``)::
       "augmentation": {"rotation": 0, "scale": 0, "translation": 0, "elastic": 0,
                        "elastic_spacing": 16, "gamma": 0, "noise": 0,
                        "phases": ["registration", "segmentation"]},
+      "synth": null,                           or {"probability": p, LabelSynth options...}:
+                                               labelled training images are replaced, with
+                                               probability p, by images synthesised from their
+                                               label maps (SynthSeg-style); data.label_maps
+                                               (label maps without images, a folder, glob or
+                                               list) are always synthesised
       "precision": "float32",                  or "mixed_bfloat16" (the segmenter's arithmetic),
                                                or {"registration": P, "segmentation": P}
       "init": null,                            or {"preset": "brain", "labels_from_data": false}
@@ -62,7 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "seed": 0,
     "data": {"train": None, "image": "image.*", "labels": "labels.*", "validation": None,
-             "labelled": "all", "cache": None},
+             "labelled": "all", "cache": None, "label_maps": None},
     "labels": {"from_data": False, "ids": None, "names": {}, "merge_left_right": False,
                "unknown": "background"},
     "preprocess": {"voxel_size": [2.0, 2.0, 2.0], "shape": [80, 96, 80], "orientation": "RAS",
@@ -84,13 +92,14 @@ DEFAULTS: dict[str, Any] = {
     "augmentation": {"rotation": 0.0, "scale": 0.0, "translation": 0.0, "elastic": 0.0,
                      "elastic_spacing": 16.0, "gamma": 0.0, "noise": 0.0,
                      "phases": ["registration", "segmentation"]},
+    "synth": None,
     "precision": "float32",
     "init": None,
     "card": {"license": None, "license_note": None, "citations": [], "notes": [],
              "data_name": None},
 }
 # Sections whose content is free-form (checked by the classes they configure).
-_OPEN = {("model", "registration"), ("model", "segmentation"), ("labels", "names")}
+_OPEN = {("model", "registration"), ("model", "segmentation"), ("labels", "names"), ("synth",)}
 _INIT_KEYS = {"preset", "labels_from_data", "registration_from", "segmentation_from"}
 PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -217,6 +226,18 @@ class Recipe:
                 data[key] = absolute(data[key])
         if isinstance(data["validation"], str):
             data["validation"] = absolute(data["validation"])
+        maps = data["label_maps"]
+        if isinstance(maps, str):
+            data["label_maps"] = absolute(maps)
+        elif isinstance(maps, (list, dict)):
+            def resolve(entry):
+                if isinstance(entry, str):
+                    return absolute(entry)
+                if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                    return dict(entry, path=absolute(entry["path"]))
+                return entry
+            data["label_maps"] = ([resolve(m) for m in maps] if isinstance(maps, list)
+                                  else resolve(maps))
         template = self.config["preprocess"]["template"]
         if isinstance(template, str):
             self.config["preprocess"]["template"] = absolute(template)
@@ -296,6 +317,18 @@ class Recipe:
         if not isinstance(phases, list) or set(phases) - {"registration", "segmentation"}:
             self._fail("augmentation.phases must be a list of \"registration\", \"segmentation\"")
         self.augmentation()  # checks the values
+        maps = data["label_maps"]
+        def map_entry(m):
+            return isinstance(m, str) or (isinstance(m, dict) and isinstance(m.get("path"), str)
+                                          and set(m) <= {"path", "relabel"})
+        if maps is not None and not (map_entry(maps) or (
+                isinstance(maps, list) and all(map_entry(m) for m in maps))):
+            self._fail("data.label_maps must be null, a folder / glob pattern, "
+                       "{\"path\": ..., \"relabel\": {id: new id}}, or a list of them")
+        self.synth()  # checks the values
+        if maps is not None and c["synth"] is None:
+            self._fail("data.label_maps (label maps without images) needs a \"synth\" section: "
+                       "their images are synthesised")
         try:
             network_precisions(c["precision"])
         except ValueError as err:
@@ -331,6 +364,36 @@ class Recipe:
     @property
     def builds_template(self) -> bool:
         return isinstance(self.config["preprocess"]["template"], dict)
+
+    def synth(self):
+        """``(LabelSynth, probability)`` from the ``"synth"`` section, or ``(None, 0.0)``."""
+        from dazoo.training.synth import LabelSynth
+
+        spec = self.config["synth"]
+        if spec is None:
+            return None, 0.0
+        if not isinstance(spec, dict):
+            self._fail("synth must be null or an object of LabelSynth options + \"probability\"")
+        options = dict(spec)
+        probability = options.pop("probability", 0.0)
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) \
+                or not 0 <= probability <= 1:
+            self._fail("synth.probability must be a number in [0, 1]")
+        if "groups" in options and isinstance(options["groups"], dict):
+            options["groups"] = {int(k): v for k, v in options["groups"].items()}
+        for key in ("mean", "std"):
+            if isinstance(options.get(key), list):
+                options[key] = tuple(options[key])
+        fields = {f.name for f in dataclasses.fields(LabelSynth)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            self._fail(f"synth has unknown key(s) {unknown}; LabelSynth takes {sorted(fields)}")
+        try:
+            return LabelSynth(**options), float(probability)
+        except DazooInputError as err:
+            self._fail(f"synth: {err.problem}")
+        except (TypeError, ValueError) as err:
+            self._fail(f"synth: {err}")
 
     def augmentation(self):
         """The :class:`~dazoo.training.augment.Augmentation` (None when every value is 0)."""

@@ -28,7 +28,7 @@ import os
 from dazoo.errors import DazooInputError
 from dazoo.io import WRITABLE, stem
 
-__all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects"]
+__all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects", "find_label_maps"]
 
 # ----------------------------------------------------------------------------- manifests
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +36,23 @@ class Subject:
     """One training image and its optional label map.
 
     Args:
-        image: str. Path of the image.
+        image: str or None. Path of the image; None for a label map without an image (see
+            :func:`find_label_maps`).
         labels: str or None. Path of the label map (same grid as the image), if any.
         name: str. A short unique name.
+        relabel: ``((id, new id), ...)`` applied to the label map when it is read (a label map
+            from another labelling protocol); ids not listed are kept.
     """
 
-    image: str
+    image: str | None
     labels: str | None
     name: str
+    relabel: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def label_only(self) -> bool:
+        """A label map without an image (training synthesises its images)."""
+        return self.image is None
 
 
 def _default_name(path: str) -> str:
@@ -171,3 +180,44 @@ def load_subjects(source: str | os.PathLike, **kwargs) -> list[Subject]:
     if source.lower().endswith(".csv"):
         return read_manifest(source)
     return find_subjects(source, **kwargs)
+
+
+def find_label_maps(spec, *, source: str = "data.label_maps") -> list[Subject]:
+    """Label maps without images (``Subject(image=None, ...)``) from a folder (every NIfTI/MGZ
+    file inside, recursively), a glob pattern, ``{"path": folder or glob, "relabel": {id:
+    new id}}``, or a list of them; named ``maps/<file stem>`` (made unique). Raises
+    :class:`DazooInputError` when an entry matches nothing or is malformed."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike, dict)) else list(spec or [])
+    found_all = []
+    for item in specs:
+        relabel = ()
+        if isinstance(item, dict):
+            if set(item) - {"path", "relabel"} or not isinstance(item.get("path"), str):
+                raise DazooInputError(source, "an entry must be a path, a glob, or "
+                                              "{\"path\": ..., \"relabel\": {id: new id}}")
+            try:
+                relabel = tuple(sorted((int(k), int(v))
+                                       for k, v in (item.get("relabel") or {}).items()))
+            except (TypeError, ValueError):
+                raise DazooInputError(source, f"relabel of {item['path']!r} must map integer "
+                                              "ids to integer ids") from None
+            item = item["path"]
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = sorted(p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True)
+                           if p.endswith(tuple(WRITABLE)) and os.path.isfile(p))
+        else:
+            found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+        if not found:
+            raise DazooInputError(source, f"{item!r} matches no label map file")
+        found_all += [(path, relabel) for path in found]
+    subjects, names = [], set()
+    for path, relabel in found_all:
+        base = f"maps/{stem(path)}"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.add(name)
+        subjects.append(Subject(image=None, labels=path, name=name, relabel=relabel))
+    return subjects
