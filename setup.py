@@ -27,6 +27,7 @@ setup(
         "scipy>=1.10",
         "h5py>=3.8",
         "SimpleITK>=2.3",
+        "matplotlib>=3.7",  # QC pictures (dazoo qc, --qc)
         "tensorboard>=2.16",  # the TensorBoard callback of dazoo train (TF >= 2.20 no longer brings it)
     ],
     extras_require={

@@ -60,22 +60,66 @@ def _add_demo(sub) -> None:
 
 
 # --------------------------------------------------------------------------- segment
-def _segment_targets(inputs: Sequence[str], out: str) -> list[str]:
-    """Output path per input: ``out`` itself for one input and a NIfTI name, else a folder
-    holding ``<input name>_seg.nii.gz`` for each input (two inputs with the same name are
-    refused, as one result would replace the other)."""
-    from dazoo.io import WRITABLE, stem
+def _expand_inputs(inputs: Sequence[str], *, keep_going: bool) -> tuple[list[str], list[str]]:
+    """Files as given and the NIfTI/MGZ files inside folders (sorted); with ``keep_going``,
+    paths that do not exist are returned apart (reported later) instead of raising."""
+    from dazoo.io import WRITABLE
 
-    if len(inputs) == 1 and out.endswith(WRITABLE):
-        return [out]
+    files, missing = [], []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                           if name.endswith(WRITABLE) and not name.startswith(".")
+                           and os.path.isfile(os.path.join(path, name)))
+            if not found:
+                raise DazooInputError(path, "folder holds no .nii, .nii.gz or .mgz file")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        elif keep_going:
+            missing.append(path)
+        else:
+            raise DazooInputError(path, "no such file or folder")
+    return files, missing
+
+
+def _file_or_folder(out: str, count: int, what: str) -> bool:
+    """Whether ``out`` names a file (one input, a .nii/.nii.gz/.mgz name); refuses a name
+    with another extension instead of making a folder of it."""
+    from dazoo.io import WRITABLE
+
+    if out.endswith(WRITABLE):
+        if count != 1:
+            raise DazooInputError(out, f"is a file name, but there are {count} inputs: give a "
+                                       f"folder for the {what}")
+        return True
+    name = os.path.basename(out.rstrip("/"))
+    suffix = name.rsplit(".", 1)[-1] if "." in name.strip(".") else ""
+    if suffix and suffix.isalnum() and len(suffix) <= 6 and not os.path.isdir(out):
+        raise DazooInputError(out, f"unsupported file extension '.{suffix}': use .nii, "
+                                   f".nii.gz or .mgz, or a folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise DazooInputError(out, "is a file; give a folder for several inputs")
-    targets = [os.path.join(out, f"{stem(p)}_seg.nii.gz") for p in inputs]
+    return False
+
+
+def _targets(inputs: Sequence[str], out: str, suffix: str, what: str) -> list[str]:
+    """Output path per input: ``out`` itself (one input, a NIfTI/MGZ name) or
+    ``out/<input name><suffix>`` (two inputs with one name are refused)."""
+    from dazoo.io import stem
+
+    if _file_or_folder(out, len(inputs), what):
+        return [out]
+    targets = [os.path.join(out, f"{stem(p)}{suffix}") for p in inputs]
     for number, target in enumerate(targets):
         if target in targets[:number]:
             raise DazooInputError(inputs[number], "another input has the same file name, and "
                                                   f"both would be written to {target}")
     return targets
+
+
+def _segment_targets(inputs: Sequence[str], out: str) -> list[str]:
+    return _targets(inputs, out, "_seg.nii.gz", "label maps")
 
 
 def _check_outputs(outputs: Sequence[str | None], inputs: Sequence[str]) -> None:
@@ -87,30 +131,93 @@ def _check_outputs(outputs: Sequence[str | None], inputs: Sequence[str]) -> None
             raise DazooInputError(path, "refusing to overwrite an input file")
 
 
+def _write_volumes(path: str, rows: list[dict], names: dict) -> None:
+    """One row per scan: the file, then mm^3 per region (named columns)."""
+    import csv
+    import io as stringio
+
+    from dazoo.io import write_text_atomic
+
+    ids = sorted(i for i in names if i != 0)
+    buffer = stringio.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image"] + [f"{names[i]} ({i}) mm3" for i in ids])
+    for row in rows:
+        writer.writerow([row["image"]] + [f"{row['volumes'].get(i, 0.0):.1f}" for i in ids])
+    write_text_atomic(path, buffer.getvalue())
+
+
 def _segment(args: argparse.Namespace) -> int:
     from dazoo.hub import load
+    from dazoo.io import stem
 
-    targets = _segment_targets(args.inputs, args.output)
-    for path in args.inputs:
-        if not os.path.isfile(path):
-            raise DazooInputError(path, "no such file")
-    _check_outputs(targets, args.inputs)
+    keep_going = args.continue_on_error
+    inputs, missing = _expand_inputs(args.inputs, keep_going=keep_going)
+    targets = _segment_targets(inputs, args.output) if inputs else []
+    probabilities = (_targets(inputs, args.probabilities, "_prob.nii.gz", "probabilities")
+                     if args.probabilities and inputs else [None] * len(inputs))
+    if args.volumes and not args.volumes.endswith(".csv"):
+        raise DazooInputError(args.volumes, "the volumes table is written as .csv")
+    _check_outputs(targets + [p for p in probabilities if p] + [args.volumes], inputs)
+    failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
+    for path, err in failed:
+        print(f"dazoo: error: {err}", file=sys.stderr)
+    if not inputs:
+        raise failed[0][1] if failed else DazooInputError("segment", "no input")
     pipeline = load(args.preset)
-    for number, (path, target) in enumerate(zip(args.inputs, targets), 1):
-        result = pipeline.segment(path)
-        result.save(target, protect=args.inputs)
-        _log(f"[{number}/{len(targets)}] {path} -> {target} ({result.seconds:.1f} s)")
-    return 0
+    rows = []
+    for number, (path, target, prob) in enumerate(zip(inputs, targets, probabilities), 1):
+        try:
+            result = pipeline.segment(path, probabilities=prob is not None)
+            result.save(target, protect=inputs)
+            if prob is not None:
+                result.save_probabilities(prob, dtype=args.probabilities_dtype, protect=inputs)
+            if args.qc:
+                from dazoo.qc import label_overlay
+
+                os.makedirs(args.qc, exist_ok=True)
+                label_overlay(path, result.labels, os.path.join(args.qc, f"{stem(path)}_seg.png"),
+                              title=f"{os.path.basename(path)}: {pipeline.name}",
+                              names=pipeline.label_names)
+        except DazooInputError as err:
+            if not keep_going:
+                raise
+            print(f"dazoo: error: {err}", file=sys.stderr)
+            failed.append((path, err))
+            continue
+        rows.append({"image": path, "volumes": result.volumes()})
+        _log(f"[{number}/{len(inputs)}] {path} -> {target} ({result.seconds:.1f} s)")
+    if args.volumes and rows:
+        _write_volumes(args.volumes, rows, pipeline.label_names)
+        _log(f"volumes: {args.volumes}")
+    if keep_going or failed:
+        _log(f"{len(rows)} segmented, {len(failed)} failed"
+             + (": " + ", ".join(p for p, _ in failed) if failed else ""))
+    return 2 if failed else 0
 
 
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment images in their native space",
                        description="Segments each input with a pretrained preset; the label "
                                    "maps are written on each input's own grid and affine.")
-    p.add_argument("inputs", nargs="+", metavar="IN", help="NIfTI (.nii, .nii.gz) or MGZ images")
+    p.add_argument("inputs", nargs="+", metavar="IN",
+                   help="NIfTI (.nii, .nii.gz) or MGZ images, or folders of them")
     p.add_argument("-o", "--output", required=True,
                    help="output file (one input) or folder (<name>_seg.nii.gz per input)")
     p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
+    p.add_argument("--probabilities", metavar="OUT",
+                   help="also write class probabilities (4D NIfTI on the input's grid, channel "
+                        "k = class k of the label table): a file (one input) or a folder "
+                        "(<name>_prob.nii.gz)")
+    p.add_argument("--probabilities-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="uint8: p x 255 (default; stated in the header), or float32")
+    p.add_argument("--volumes", metavar="CSV",
+                   help="write a table of region volumes (mm^3, one row per scan)")
+    p.add_argument("--qc", metavar="DIR",
+                   help="write a picture per scan (three slices, labels overlaid) to DIR")
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="skip a bad input (its one-line error is printed), process the rest, "
+                        "print a summary; exit status 2 if any failed")
     p.set_defaults(run=_segment)
 
 
@@ -120,19 +227,34 @@ def _register(args: argparse.Namespace) -> int:
 
     if args.moved_labels and not args.moving_labels:
         raise DazooInputError("--moved-labels", "needs --moving-labels")
-    if not (args.moved or args.warp or args.moved_labels):
-        raise DazooInputError("register", "nothing to write: give --moved, --warp and/or "
-                                          "--moved-labels")
+    if not (args.moved or args.warp or args.moved_labels or args.jacobian or args.qc):
+        raise DazooInputError("register", "nothing to write: give --moved, --warp, "
+                                          "--moved-labels, --jacobian and/or --qc")
     inputs = [p for p in (args.moving, args.fixed, args.moving_labels) if p]
     for path in inputs:
         if not os.path.isfile(path):
             raise DazooInputError(path, "no such file")
-    _check_outputs([args.moved, args.warp, args.moved_labels], inputs)
+    for path in (args.moved, args.moved_labels, args.jacobian):
+        if path:
+            _file_or_folder(path, 1, "output")
+    if args.warp and not args.warp.endswith((".nii", ".nii.gz")):
+        raise DazooInputError(args.warp, "displacement fields are written as .nii or .nii.gz")
+    _check_outputs([args.moved, args.warp, args.moved_labels, args.jacobian], inputs)
     pipeline = load(args.preset)
     _log(f"registering {args.moving} -> {args.fixed}")
     result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels)
     written = result.save(moved=args.moved, warp=args.warp, moved_labels=args.moved_labels,
-                          warp_convention=args.warp_convention, protect=inputs)
+                          warp_convention=args.warp_convention, warp_dtype=args.warp_dtype,
+                          jacobian=args.jacobian, protect=inputs)
+    if args.qc:
+        from dazoo.io import stem
+        from dazoo.qc import registration_overlay
+
+        os.makedirs(args.qc, exist_ok=True)
+        written.append(registration_overlay(
+            args.fixed, result.moved, result.displacement,
+            os.path.join(args.qc, f"{stem(args.moving)}_to_{stem(args.fixed)}.png"),
+            title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}"))
     _log(f"done in {result.seconds:.1f} s; folding voxels "
          f"{100 * result.folding_fraction:.4f} %; wrote {', '.join(written)}")
     return 0
@@ -150,10 +272,101 @@ def _add_register(sub) -> None:
                                   "fixed -> moving, on the fixed grid")
     p.add_argument("--warp-convention", choices=("itk", "ras"), default="itk",
                    help="vector components in LPS (itk: ITK/ANTs/Slicer, default) or RAS")
+    p.add_argument("--warp-dtype", choices=("float32", "int16"), default="float32",
+                   help="int16 halves the warp file: 16-bit integers with the NIfTI scale "
+                        "factor, resolution max|d|/32000 mm (NIfTI has no 16-bit float)")
     p.add_argument("--moving-labels", help="label map of the moving image to carry along")
     p.add_argument("--moved-labels", help="output: the moved label map")
+    p.add_argument("--jacobian", help="output: Jacobian determinant map of the transform on "
+                                      "the fixed grid (affine included; <= 0: folding)")
+    p.add_argument("--qc", metavar="DIR", help="write a picture (checkerboard, deformed grid, "
+                                               "Jacobian) to DIR")
     p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
     p.set_defaults(run=_register)
+
+
+# --------------------------------------------------------------------------- warp
+def _warp(args: argparse.Namespace) -> int:
+    from dazoo import io
+    from dazoo.postprocess import warp_native
+
+    for path in (args.image, args.warp, args.reference):
+        if not os.path.isfile(path):
+            raise DazooInputError(path, "no such file")
+    _file_or_folder(args.output, 1, "output")
+    _check_outputs([args.output], [args.image, args.warp, args.reference])
+    field = io.read_displacement(args.warp)
+    reference = io.read_image(args.reference)
+    if not io.same_grid(field, reference):
+        raise DazooInputError(args.warp, f"is not on the grid of {args.reference} (a warp "
+                                         "from dazoo register lives on the fixed image's grid)")
+    started = time.perf_counter()
+    if args.labels:
+        moving = io.read_labels(args.image)
+        moved = warp_native(moving, field, reference.affine, order=0)
+        io.write_labels((moved, reference.affine), args.output,
+                        protect=[args.image, args.warp, args.reference])
+    else:
+        moved = warp_native(io.read_image(args.image), field, reference.affine,
+                            order=args.order)
+        io.write_image((moved, reference.affine), args.output,
+                       protect=[args.image, args.warp, args.reference])
+    _log(f"{args.image} -> {args.output} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _add_warp(sub) -> None:
+    p = sub.add_parser("warp", help="apply a warp written by dazoo register to an image or "
+                                    "label map",
+                       description="Resamples IMAGE (in its own native space) through a "
+                                   "displacement field written by dazoo register --warp (its "
+                                   "ITK/RAS convention is read from the file) onto the "
+                                   "reference (fixed) grid.")
+    p.add_argument("image", help="image or label map to move (the moving image's space)")
+    p.add_argument("--warp", required=True, help="displacement field from dazoo register")
+    p.add_argument("--reference", required=True, help="the fixed image (grid of the output)")
+    p.add_argument("-o", "--output", required=True, help="output NIfTI/MGZ")
+    p.add_argument("--labels", action="store_true",
+                   help="IMAGE is a label map: nearest neighbour, ids kept")
+    p.add_argument("--order", type=int, choices=(0, 1, 3), default=1,
+                   help="interpolation order for images (default 1, linear)")
+    p.set_defaults(run=_warp)
+
+
+# --------------------------------------------------------------------------- qc
+def _qc(args: argparse.Namespace) -> int:
+    from dazoo import io
+    from dazoo.qc import label_overlay, registration_overlay
+
+    for path in (args.image, args.labels, args.warp, args.moved):
+        if path and not os.path.isfile(path):
+            raise DazooInputError(path, "no such file")
+    if not args.output.endswith(".png"):
+        raise DazooInputError(args.output, "QC pictures are written as .png")
+    if args.warp:
+        if not args.moved:
+            raise DazooInputError("--warp", "needs --moved (the moved image on IMAGE's grid)")
+        field = io.read_displacement(args.warp)
+        registration_overlay(args.image, args.moved, field, args.output, title=args.title)
+    else:
+        label_overlay(args.image, args.labels, args.output, title=args.title)
+    _log(f"wrote {args.output}")
+    return 0
+
+
+def _add_qc(sub) -> None:
+    p = sub.add_parser("qc", help="a QC picture of an image, its labels or a registration",
+                       description="Three orthogonal slices of IMAGE in world orientation "
+                                   "with --labels overlaid; or, with --warp and --moved, a "
+                                   "registration check on the fixed image IMAGE "
+                                   "(checkerboard, deformed grid, Jacobian determinant).")
+    p.add_argument("image", help="the image (the fixed image for a registration)")
+    p.add_argument("--labels", help="label map on IMAGE's grid")
+    p.add_argument("--warp", help="displacement field from dazoo register (on IMAGE's grid)")
+    p.add_argument("--moved", help="the moved image from dazoo register (with --warp)")
+    p.add_argument("--title", help="picture title (default: the file name)")
+    p.add_argument("-o", "--output", required=True, help="output .png")
+    p.set_defaults(run=_qc)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -370,8 +583,60 @@ def _add_finetune(sub) -> None:
 
 
 # --------------------------------------------------------------------------- main
-_VERBS: list[Callable] = [_add_segment, _add_register, _add_evaluate, _add_train, _add_finetune,
-                          _add_export, _add_list, _add_demo]
+def quiet_tensorflow(*, verbose: bool = False, threads: int | None = None) -> None:
+    """Before TensorFlow is imported: hide its C++ and Python log lines (on a CPU machine the
+    CUDA probe prints an error-looking line, oneDNN an info line) unless ``verbose``, and set
+    its thread counts. Environment variables the user set already win."""
+    import logging
+
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        try:
+            import absl.logging
+
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        except ImportError:  # pragma: no cover
+            pass
+    if threads is not None:
+        for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+            os.environ[name] = str(threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1" if threads == 1 else "2"
+    if not verbose and "tensorflow" not in sys.modules:
+        # TensorFlow's C++ side logs at import and at its CUDA probe before its log-level
+        # settings apply (absl writes "All log messages before absl::InitializeLog() ..." to
+        # the stderr file descriptor): import it with that descriptor sent to /dev/null.
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except ImportError:  # pragma: no cover (reported by the verb that needs it)
+            pass
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    if threads is not None and "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1 if threads == 1 else 2)
+        except RuntimeError:  # already initialised
+            pass
+
+
+#: Verbs that run TensorFlow (imported quietly before them).
+_TENSORFLOW_VERBS = {"segment", "register", "evaluate", "train", "finetune", "export", "demo"}
+
+
+_VERBS: list[Callable] = [_add_segment, _add_register, _add_warp, _add_qc, _add_evaluate,
+                          _add_train, _add_finetune, _add_export, _add_list, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="DeepAtlas joint registration and segmentation (Keras 3).",
     )
     parser.add_argument("--version", action="version", version=f"dazoo {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's own log messages (hidden by default)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads TensorFlow may use (default: all)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for add in _VERBS:
@@ -391,6 +660,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 1 failure, 2 bad input or usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.verb in _TENSORFLOW_VERBS:
+        quiet_tensorflow(verbose=args.verbose, threads=args.threads)
     try:
         return args.run(args)
     except DazooInputError as err:

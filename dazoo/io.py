@@ -411,6 +411,7 @@ def write_displacement(
     affine: np.ndarray | None = None,
     protect: Iterable[str | os.PathLike] = (),
     convention: str = "itk",
+    dtype: str = "float32",
 ) -> str:
     """Write a displacement field in world millimetres as a NIfTI vector image, atomically.
 
@@ -429,6 +430,10 @@ def write_displacement(
             SimpleITK, ANTs and Slicer, which then read the file directly as a displacement
             field transform; ``"ras"`` stores the RAS components unchanged. The choice is
             recorded in the header's ``descrip`` so :func:`read_displacement` reads both.
+        dtype: ``"float32"`` (default) or ``"int16"``: half the file, the components stored as
+            16-bit integers with the NIfTI scale factor (``scl_slope``, applied by nibabel, ITK
+            and ANTs when reading), a resolution of ``max |d| / 32000`` mm (NIfTI has no
+            16-bit float type).
 
     Returns:
         The path written, as a string.
@@ -447,8 +452,37 @@ def write_displacement(
     _check_finite(array, label)
     if convention == "itk":
         array = array * np.array([-1.0, -1.0, 1.0], dtype=np.float32)
+    if dtype not in ("float32", "int16"):
+        raise DazooInputError(label, f"unknown warp dtype {dtype!r}; use float32 or int16")
+    slope = None
+    if dtype == "int16":
+        slope = float(np.abs(array).max()) / 32000.0 or 1.0
+        array = np.round(array / slope).astype(np.int16)
     return _save(array[:, :, :, None, :], affine, path, protect=protect,
-                 kind="displacement", descrip=_DISP_DESCRIP[convention])
+                 kind="displacement", descrip=_DISP_DESCRIP[convention], slope=slope)
+
+
+def write_probabilities(volume: Volume | tuple, path: str | os.PathLike, *,
+                        dtype: str = "uint8", protect: Iterable[str | os.PathLike] = ()) -> str:
+    """Write class probabilities ``(X, Y, Z, K)`` as a 4D NIfTI, atomically: ``"uint8"``
+    stores ``round(255 p)`` (header description ``dazoo probabilities uint8: p = value /
+    255``; no scale factor, so viewers show 0..255), ``"float32"`` the values (NIfTI has no
+    16-bit float type)."""
+    array, affine, protect = _unpack(volume, None, protect, path)
+    label = os.fspath(path)
+    if np.ndim(array) != 4:
+        raise DazooInputError(label, f"probabilities must be (X, Y, Z, K), got {np.shape(array)}")
+    if dtype == "uint8":
+        data = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+    elif dtype == "float32":
+        data = np.asarray(array, np.float32)
+    else:
+        raise DazooInputError(label, f"unknown probabilities dtype {dtype!r}; use uint8 or float32")
+    if not label.endswith((".nii", ".nii.gz")):
+        raise DazooInputError(label, "probabilities are written as .nii or .nii.gz")
+    descrip = ("dazoo probabilities uint8: p = value / 255" if dtype == "uint8"
+               else "dazoo probabilities float32")
+    return _save(data, affine, path, protect=protect, kind="probabilities", descrip=descrip)
 
 
 def _unpack(data, affine, protect, path):
@@ -474,7 +508,7 @@ def _label_dtype(array: np.ndarray, label: str) -> type:
     raise DazooInputError(label, "label ids do not fit in int32")
 
 
-def _make_image(array, affine, path, kind, descrip):
+def _make_image(array, affine, path, kind, descrip, slope=None):
     if path.endswith(".mgz"):
         return nib.MGHImage(array, affine)
     header = nib.Nifti1Header()
@@ -489,10 +523,12 @@ def _make_image(array, affine, path, kind, descrip):
         image.header.set_intent("vector")
     if descrip:
         image.header["descrip"] = descrip.encode()
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
     return image
 
 
-def _save(array, affine, path, *, protect, kind, descrip=None) -> str:
+def _save(array, affine, path, *, protect, kind, descrip=None, slope=None) -> str:
     path = os.fspath(path)
     if not path.endswith(WRITABLE):
         raise DazooInputError(path, "unsupported file extension; use .nii, .nii.gz or .mgz")
@@ -506,7 +542,7 @@ def _save(array, affine, path, *, protect, kind, descrip=None) -> str:
     tmp = os.path.join(folder, f".{stem}.{uuid.uuid4().hex[:8]}.tmp{ending}")
     done = False
     try:
-        image = _make_image(array, affine, path, kind, descrip)
+        image = _make_image(array, affine, path, kind, descrip, slope)
         nib.save(image, tmp)
         os.replace(tmp, path)
         done = True

@@ -35,10 +35,34 @@ class Segmentation:
 
     labels: Volume
     seconds: float = 0.0
+    probabilities: Volume | None = None
+    names: dict | None = None
 
     def save(self, path: str | os.PathLike, *, protect: Iterable = ()) -> str:
         """Writes the label map (integers, atomically); refuses to overwrite ``protect``."""
         return io.write_labels(self.labels, path, protect=protect)
+
+    def save_probabilities(self, path: str | os.PathLike, *, dtype: str = "uint8",
+                           protect: Iterable = ()) -> str:
+        """Writes the class probabilities as a 4D NIfTI ``(X, Y, Z, K)`` on the input's grid
+        (channel k = class k of the label table): ``"uint8"``, probability x 255 rounded
+        (the header's description says so), or ``"float32"``."""
+        if self.probabilities is None:
+            raise DazooInputError(os.fspath(path), "no probabilities: segment(..., "
+                                                   "probabilities=True)")
+        return io.write_probabilities(self.probabilities, path, dtype=dtype, protect=protect)
+
+    def volumes(self) -> dict[int, float]:
+        """Volume in mm^3 of each label id of the preset's table (background excluded)."""
+        voxel = float(abs(np.linalg.det(self.labels.affine[:3, :3])))
+        counts = np.bincount(np.searchsorted(self._ids, self.labels.array.ravel()),
+                             minlength=len(self._ids)) if len(self._ids) else []
+        return {int(i): float(c) * voxel for i, c in zip(self._ids, counts) if i != 0}
+
+    @property
+    def _ids(self) -> np.ndarray:
+        return np.array(sorted(self.names), dtype=np.int64) if self.names else np.unique(
+            self.labels.array)
 
 
 @dataclasses.dataclass
@@ -65,10 +89,23 @@ class Registration:
     jacobian: dict
     seconds: float = 0.0
 
+    def jacobian_map(self) -> Volume:
+        """Jacobian determinant of ``x -> x + d(x)`` on the fixed grid (world mm, the affine
+        pre-alignment included: 1 where volume is kept, below 1 where the fixed image's region
+        is smaller than the moving image's; <= 0 marks folding)."""
+        from dazoo.metrics import jacobian_determinant
+
+        affine = self.displacement.affine
+        # Displacement in voxel units of the fixed grid (for its spacing and axes).
+        to_voxel = np.linalg.inv(affine[:3, :3])
+        u = np.asarray(self.displacement.array, np.float64) @ to_voxel.T
+        return Volume(jacobian_determinant(u).astype(np.float32), affine, None)
+
     def save(self, *, moved: str | os.PathLike | None = None,
              warp: str | os.PathLike | None = None,
              moved_labels: str | os.PathLike | None = None,
-             warp_convention: str = "itk", protect: Iterable = ()) -> list[str]:
+             warp_convention: str = "itk", warp_dtype: str = "float32",
+             jacobian: str | os.PathLike | None = None, protect: Iterable = ()) -> list[str]:
         """Writes the requested outputs atomically; returns the paths written.
 
         Args:
@@ -77,6 +114,9 @@ class Registration:
                 ``warp_convention="itk"`` (default) the vectors are stored in LPS as ITK,
                 ANTs and Slicer expect, with ``"ras"`` unchanged.
             moved_labels: path of the moved label map (needs ``moving_labels``).
+            warp_dtype: ``"float32"`` or ``"int16"`` (half the file size, scaled integers).
+            jacobian: path of the Jacobian determinant map of the whole transform (affine
+                included) on the fixed grid (:meth:`jacobian_map`).
             protect: paths never to overwrite (the inputs).
         """
         if moved_labels is not None and self.moved_labels is None:  # before any writing
@@ -86,7 +126,9 @@ class Registration:
             written.append(io.write_image(self.moved, moved, protect=protect))
         if warp is not None:
             written.append(io.write_displacement(self.displacement, warp, protect=protect,
-                                                 convention=warp_convention))
+                                                 convention=warp_convention, dtype=warp_dtype))
+        if jacobian is not None:
+            written.append(io.write_image(self.jacobian_map(), jacobian, protect=protect))
         if moved_labels is not None:
             written.append(io.write_labels(self.moved_labels, moved_labels, protect=protect))
         return written
@@ -151,23 +193,37 @@ class Pipeline:
         return self.preprocessor.apply(image)
 
     # ----------------------------------------------------------------- segment
-    def segment(self, image: Source) -> Segmentation:
+    def segment(self, image: Source, *, probabilities: bool = False) -> Segmentation:
         """Segments one image and returns the label map on its own grid.
 
         Args:
             image: a path (NIfTI or MGZ), nibabel image, or ``(array, affine)``.
+            probabilities: also return the class probabilities on the input's grid
+                (``result.probabilities``, ``(X, Y, Z, K)``).
         """
         start = time.perf_counter()
-        labels = self.segment_preprocessed(self.preprocess(image))
-        return Segmentation(labels=labels, seconds=time.perf_counter() - start)
+        pre = self.preprocess(image)
+        labels, scores = self._segment(pre)
+        maps = None
+        if probabilities:
+            from dazoo.postprocess import probabilities_to_native
+
+            maps = Volume(probabilities_to_native(scores, pre), pre.native_affine, None)
+        names = {0: "background", **self.label_names}
+        return Segmentation(labels=labels, seconds=time.perf_counter() - start,
+                            probabilities=maps, names=names)
 
     def segment_preprocessed(self, pre) -> Volume:
         """The label map (ids) on the native grid of an image already preprocessed."""
+        return self._segment(pre)[0]
+
+    def _segment(self, pre):
         from dazoo.postprocess import labels_to_native
 
         probabilities = self.model.segmentation_net.predict_on_batch(pre.array[None, ..., None])
-        classes = labels_to_native(np.asarray(probabilities)[0], pre)
-        return Volume(self.class_ids[classes], pre.native_affine, None)
+        scores = np.asarray(probabilities)[0]
+        classes = labels_to_native(scores, pre)
+        return Volume(self.class_ids[classes], pre.native_affine, None), scores
 
     def segment_many(self, images: Iterable[Source]) -> Iterator[Segmentation]:
         """Segments each image in turn (the model stays loaded)."""

@@ -160,6 +160,25 @@ def image_to_native(
     return result
 
 
+def probabilities_to_native(probabilities: np.ndarray, preprocessed: Preprocessed) -> np.ndarray:
+    """Class probabilities on the model grid ``(D, H, W, K)``, resampled channel by channel
+    (linear) onto the native grid: ``(X, Y, Z, K)`` float32; outside the model grid the
+    background (channel 0) has probability 1."""
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    channels = probabilities.shape[-1]
+    out = np.zeros(tuple(preprocessed.native_shape) + (channels,), dtype=np.float32)
+    out[..., 0] = 1.0
+    box, matrix = _native_box(preprocessed)
+    if box is not None:
+        sub_shape = tuple(int(b - a) for a, b in box)
+        where = tuple(slice(a, b) for a, b in box)
+        for k in range(channels):
+            out[where + (k,)] = ndi.affine_transform(
+                probabilities[..., k], matrix, output_shape=sub_shape, order=1,
+                cval=1.0 if k == 0 else 0.0, output=np.float32)
+    return out
+
+
 def _native_box(pre: Preprocessed):
     """Native voxel box covering the model grid, and the matrix sub-box voxel -> model voxel."""
     shape = np.array(pre.array.shape)

@@ -53,6 +53,8 @@ __all__ = [
     "Preprocessor",
     "Preprocessed",
     "align_affine",
+    "alignment_score",
+    "mirror_matrix",
     "build_affine_template",
     "grid_affine",
     "orientation_matrix",
@@ -102,6 +104,11 @@ class PreprocessConfig:
         centre: str. Without a template, where the model grid is centred on the image:
             ``"mass"`` (intensity centre of mass), ``"bbox"`` (foreground bounding box) or
             ``"fov"`` (centre of the field of view).
+        mirror: str. ``"none"``, or ``"auto"``: the alignment is also tried on the image
+            mirrored left-right, and the better of the two (correlation with the template
+            after alignment) is kept, so that a left limb is processed on the (right)
+            template's side; the reflection is part of the recorded alignment, so results go
+            back onto the input's grid unmirrored. Needs an alignment.
     """
 
     voxel_size: tuple[float, float, float]
@@ -115,6 +122,7 @@ class PreprocessConfig:
     alignment: str = "none"
     metric: str = "correlation"
     centre: str = "mass"
+    mirror: str = "none"
 
     def __post_init__(self):
         name = "preprocess config"
@@ -134,6 +142,9 @@ class PreprocessConfig:
         _choice(self.centre, _CENTRES, "centre", name)
         if self.alignment != "none" and self.template is None:
             raise DazooInputError(name, f"alignment {self.alignment!r} needs a template")
+        _choice(self.mirror, ("none", "auto"), "mirror", name)
+        if self.mirror != "none" and self.alignment == "none":
+            raise DazooInputError(name, "mirror \"auto\" needs an alignment")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (lists for tuples)."""
@@ -141,6 +152,8 @@ class PreprocessConfig:
         out["voxel_size"] = list(self.voxel_size)
         out["shape"] = list(self.shape)
         out["intensity"] = dict(self.intensity)
+        if self.mirror == "none":  # the configs (and fingerprints) of presets before it
+            del out["mirror"]
         return out
 
     @classmethod
@@ -550,6 +563,38 @@ def _probe_matrix(transform) -> np.ndarray:
     return matrix
 
 
+def mirror_matrix(volume: Volume) -> np.ndarray:
+    """``(4, 4)`` world -> world reflection left-right (x -> -x, RAS) through the image's
+    centre of mass: applied to a left limb's image, it gives a right limb's (its own
+    inverse)."""
+    centre = image_centre(volume, method="mass")
+    matrix = np.diag([-1.0, 1.0, 1.0, 1.0])
+    matrix[0, 3] = 2 * centre[0]
+    return matrix
+
+
+def alignment_score(volume: Volume, template: Volume, alignment: np.ndarray) -> float:
+    """Pearson correlation between the template and the image resampled onto the template's
+    grid through ``alignment`` (template world -> native world), on the template's voxels
+    that map inside the image: a number to compare alignments (or to flag a failed one)."""
+    template = read_image(template)
+    step = max(1, int(round((template.array.size / 4e5) ** (1 / 3))))
+    index = np.stack(np.meshgrid(*[np.arange(0, n, step) for n in template.shape[:3]],
+                                 indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
+    world = template.affine[:3, :3] @ index.T + template.affine[:3, 3:4]
+    native = np.linalg.inv(volume.affine) @ (alignment @ np.vstack([world, np.ones((1, len(index)))]))
+    inside = np.all((native[:3] >= 0) & (native[:3] <= np.array(volume.shape[:3])[:, None] - 1),
+                    axis=0)
+    if inside.sum() < 100:
+        return -1.0
+    moved = ndi.map_coordinates(np.asarray(volume.array, np.float32), native[:3, inside],
+                                order=1)
+    fixed = template.array[tuple(index[inside].astype(int).T)].astype(np.float64)
+    if moved.std() == 0 or fixed.std() == 0:
+        return 0.0
+    return float(np.corrcoef(moved, fixed)[0, 1])
+
+
 # ----------------------------------------------------------------------------- pipeline
 @dataclasses.dataclass(eq=False)
 class Preprocessed:
@@ -702,11 +747,21 @@ class Preprocessor:
         return affine
 
     def align(self, volume: Volume) -> np.ndarray:
-        """``(4, 4)`` template world -> native world (identity without alignment)."""
+        """``(4, 4)`` template world -> native world (identity without alignment); with
+        ``mirror="auto"``, possibly with a left-right reflection (see PreprocessConfig)."""
         if self.config.alignment == "none" or self.template is None:
             return np.eye(4)
-        return align_affine(volume, self.template, kind=self.config.alignment,
-                            metric=self.config.metric)
+        matrix = align_affine(volume, self.template, kind=self.config.alignment,
+                              metric=self.config.metric)
+        if self.config.mirror == "none":
+            return matrix
+        reflection = mirror_matrix(volume)
+        mirrored = Volume(volume.array, reflection @ volume.affine, volume.path)
+        candidate = reflection @ align_affine(mirrored, self.template,
+                                              kind=self.config.alignment,
+                                              metric=self.config.metric)
+        scores = [alignment_score(volume, self.template, m) for m in (matrix, candidate)]
+        return candidate if scores[1] > scores[0] else matrix
 
     def apply(self, source: Source) -> Preprocessed:
         """Read, align, resample (once) and normalise an image.

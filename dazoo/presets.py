@@ -288,3 +288,18 @@ def render_card(meta: dict) -> str:
     if meta.get("citations"):
         lines += ["## Citation", ""] + [f"- {c}" for c in meta["citations"]] + [""]
     return "\n".join(lines)
+
+
+def add_evaluation(preset: str | os.PathLike | Preset, title: str, text: str) -> Preset:
+    """Adds (or replaces, by title) a measured section of a preset's model card: stored in
+    ``metadata.json`` under ``"evaluations"`` and rendered into ``README.md`` (both written
+    atomically; the weights and their sha256 are untouched)."""
+    from dazoo.io import write_text_atomic
+
+    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    meta = dict(preset.metadata)
+    sections = [s for s in meta.get("evaluations", []) if s.get("title") != title]
+    meta["evaluations"] = sections + [{"title": title, "text": text}]
+    write_text_atomic(preset.file("metadata.json"), json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(preset.file("README.md"), render_card(meta))
+    return get_preset(preset.path)

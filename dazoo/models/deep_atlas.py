@@ -612,7 +612,7 @@ class DeepAtlas(keras.Model):
             object.__setattr__(self, "_features_holder", holder)
         return holder.value
 
-    def _fused_segmentation_side(self, batch, displacement, side, *, training):
+    def _fused_segmentation_side(self, batch, displacement, side, *, training, features=None):
         """:meth:`_segmentation_side` from :func:`dazoo.ops.softmax_class_sums`: the
         supervised :class:`~dazoo.losses.DiceCE` and the :class:`~dazoo.losses.SoftDice`
         ``L_a`` from per-class sums (the warped manual labels as interpolation corners, or
@@ -620,11 +620,15 @@ class DeepAtlas(keras.Model):
         other = "fixed" if side == "moving" else "moving"
         flags = batch[f"{side}_labelled"]
         k = self.num_classes
-        features = self._segmentation_features()(batch[side], training=training)
+        if features is None:
+            features = self._segmentation_features()(batch[side], training=training)
         head = self.__dict__["_features_holder"].head
         kernel, bias = ops.convert_to_tensor(head.kernel), ops.convert_to_tensor(head.bias)
         classes = batch[f"{side}_classes"]
-        flat = ops.reshape(classes, (ops.shape(classes)[0], -1))
+        n_vox = 1
+        for size in classes.shape[1:]:
+            n_vox *= int(size)
+        flat = ops.reshape(classes, (-1, n_vox))
         valid = ops.cast(ops.logical_and(flat >= 0, flat < k), "float32")
         labelled_count = _global_count(
             ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
@@ -636,7 +640,7 @@ class DeepAtlas(keras.Model):
         dice = dice_from_sums(sums["sparse"][0], true_sum, sums["sum"])
         if not loss.include_background:
             dice = dice[:, 1:]
-        cross_entropy = -sums["log_likelihood"] / float(flat.shape[1])
+        cross_entropy = -sums["log_likelihood"] / float(n_vox)
         per_sample = (loss.dice_weight * (1.0 - ops.mean(dice, axis=-1))
                       + loss.ce_weight * cross_entropy)
         supervised = _weighted_sum(per_sample, flags, labelled_count)
@@ -755,8 +759,19 @@ class DeepAtlas(keras.Model):
         metrics of both.
         """
         out = self.registration_net([batch["moving"], batch["fixed"]], training=True)
-        predictions = {side: self.segmentation_net(batch[side], training=True)
-                       for side in ("moving", "fixed")}
+        fused = self._fused_segmentation()
+        if fused:
+            # One pass of the segmenter's body per image; the registration loss's targets are
+            # its probabilities without gradient, the segmentation loss is computed from the
+            # features (dazoo.ops.softmax_class_sums).
+            net = self.segmentation_net
+            features = {side: self._segmentation_features()(batch[side], training=True)
+                        for side in ("moving", "fixed")}
+            predictions = {side: ops.stop_gradient(net.get_layer("probabilities")(
+                net.get_layer("logits")(features[side]))) for side in ("moving", "fixed")}
+        else:
+            predictions = {side: self.segmentation_net(batch[side], training=True)
+                           for side in ("moving", "fixed")}
         if self.anatomy_weight:
             targets = tuple(_select(batch[f"{side}_labelled"], batch[f"{side}_labels"],
                                     ops.stop_gradient(predictions[side]))
@@ -769,6 +784,8 @@ class DeepAtlas(keras.Model):
         displacement = (ops.stop_gradient(out["displacement"])
                         if self.segmentation_anatomy_weight else None)
         seg_total, seg_terms = _sum_parts([
+            self._fused_segmentation_side(batch, displacement, side, training=True,
+                                          features=features[side]) if fused else
             self._segmentation_side(batch, displacement, side, training=True,
                                     prediction=predictions[side])
             for side in ("moving", "fixed")])

@@ -502,17 +502,20 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
 
 # ----------------------------------------------------------------------------- export
 def _float32(model):
-    """The same DeepAtlas computing in float32 everywhere (weights copied): the segmenter
+    """The same DeepAtlas computing in float32 everywhere (weights copied): both networks
     rebuilt with the standard ``dtype="float32"`` policy."""
-    from dazoo.models import DeepAtlas, SegmentationNet
+    from dazoo.models import DeepAtlas, RegistrationNet, SegmentationNet
 
-    seg = model.segmentation_net
+    seg, reg = model.segmentation_net, model.registration_net
     plain_seg = SegmentationNet.from_config(dict(seg.get_config(), dtype="float32"))
-    plain = DeepAtlas(model.registration_net, plain_seg, mode=model.mode,
-                      registration_steps=model.registration_steps,
-                      segmentation_steps=model.segmentation_steps)
     plain_seg.set_weights(seg.get_weights())
-    return plain
+    if reg.dtype_policy.name != "float32":
+        plain_reg = RegistrationNet.from_config(dict(reg.get_config(), dtype="float32"))
+        plain_reg.set_weights(reg.get_weights())
+        reg = plain_reg
+    return DeepAtlas(reg, plain_seg, mode=model.mode,
+                     registration_steps=model.registration_steps,
+                     segmentation_steps=model.segmentation_steps)
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = "best",

@@ -168,8 +168,13 @@ def _subfolder_layout(folder, image, labels):
             label_files = []
         if not images:
             continue
-        if len(images) > 1 or len(label_files) > 1:
-            raise DazooInputError(sub, f"several files match {image!r} or {labels!r}")
+        for pattern, matches, option in ((image, images, "--image / data.image"),
+                                         (labels, label_files, "--labels / data.labels")):
+            if len(matches) > 1:
+                names = ", ".join(os.path.basename(m) for m in matches)
+                raise DazooInputError(sub, f"the pattern {pattern!r} ({option}) matches "
+                                           f"{len(matches)} files: {names}; give a pattern "
+                                           f"that matches one")
         subjects.append(Subject(images[0], label_files[0] if label_files else None, name))
     return subjects
 

@@ -1,0 +1,217 @@
+"""Quality-control pictures (PNG, matplotlib): a result checked at a glance.
+
+:func:`label_overlay` draws three orthogonal slices through a scan in world orientation
+(nibabel's RAS+: the patient's left on the picture's left, anterior up in axial slices,
+superior up in coronal and sagittal ones, letters at the edges say which way is which), with
+a translucent overlay and contours of a label map. The slices are taken after reorienting to
+RAS, with each panel's aspect ratio from the voxel sizes, so anisotropic scans are not
+squashed.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from dazoo.io import Source, Volume, read_image, read_labels
+
+__all__ = ["label_overlay", "registration_overlay"]
+
+
+def _ras(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The array reoriented to RAS (axes flipped / permuted, no interpolation) and the voxel
+    size along each RAS axis."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(volume.affine)
+    array = nib.orientations.apply_orientation(np.asarray(volume.array), ornt)
+    spacing = np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0))
+    ras_spacing = np.empty(3)
+    for axis, (target, _) in enumerate(ornt):
+        ras_spacing[int(target)] = spacing[axis]
+    return array, ras_spacing
+
+
+def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike, *,
+                  title: str | None = None, names: Mapping[int, str] | None = None,
+                  point: Sequence[int] | None = None, alpha: float = 0.35,
+                  dpi: int = 110) -> str:
+    """Writes a PNG of three orthogonal slices of ``image`` with ``labels`` on top.
+
+    Args:
+        image: the scan (path, nibabel image, Volume or ``(array, affine)``).
+        labels: its label map on the same grid, or None (the scan alone).
+        path: the PNG to write (atomically).
+        title: the picture's title (default: the image's file name).
+        names: ``{id: name}`` for the legend (ids without a name are listed by id).
+        point: RAS voxel index of the slices' crossing (default: the centre of mass of the
+            labels, else the middle of the volume).
+        alpha: opacity of the label overlay.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    volume = read_image(image)
+    array, spacing = _ras(volume)
+    label_array = None
+    if labels is not None:
+        label_volume = read_labels(labels, like=volume)
+        label_array, _ = _ras(label_volume)
+    low, high = np.percentile(array, [0.5, 99.5])
+    shown = np.clip((array - low) / max(high - low, 1e-6), 0, 1)
+    if point is None:
+        if label_array is not None and np.any(label_array):
+            point = np.round(np.argwhere(label_array > 0).mean(axis=0)).astype(int)
+        else:
+            point = np.array(array.shape) // 2
+    point = [int(np.clip(p, 0, n - 1)) for p, n in zip(point, array.shape)]
+    ids = [] if label_array is None else [int(i) for i in np.unique(label_array) if i != 0]
+    colours = matplotlib.colormaps["tab20"](np.linspace(0, 1, 20))
+    lookup = {label: colours[n % 20] for n, label in enumerate(ids)}
+
+    # (name, slicer, horizontal spacing, vertical spacing, edge letters left/right/bottom/top)
+    panels = [
+        ("axial", lambda a: a[:, :, point[2]].T, spacing[0], spacing[1], "L", "R", "P", "A"),
+        ("coronal", lambda a: a[:, point[1], :].T, spacing[0], spacing[2], "L", "R", "I", "S"),
+        ("sagittal", lambda a: a[point[0], :, :].T, spacing[1], spacing[2], "P", "A", "I", "S"),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=dpi,
+                                gridspec_kw={"wspace": 0.05})
+    for axis, (name, cut, dx, dy, left, right, bottom, top) in zip(axes, panels):
+        axis.imshow(cut(shown), cmap="gray", origin="lower", vmin=0, vmax=1,
+                    aspect=dy / dx, interpolation="nearest")
+        if label_array is not None:
+            slab = cut(label_array)
+            index = np.zeros(slab.shape, int)
+            for n, label in enumerate(ids):
+                index[slab == label] = n + 1
+            cmap = ListedColormap([(0, 0, 0, 0)] + [lookup[i] for i in ids] or [(0, 0, 0, 0)])
+            axis.imshow(np.ma.masked_equal(index, 0), cmap=cmap, origin="lower",
+                        vmin=0, vmax=max(len(ids), 1), alpha=alpha, aspect=dy / dx,
+                        interpolation="nearest")
+            for n, label in enumerate(ids):
+                mask = (slab == label).astype(float)
+                if mask.any() and not mask.all():
+                    axis.contour(mask, levels=[0.5], colors=[lookup[label]], linewidths=0.7)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        for spine in axis.spines.values():
+            spine.set_visible(False)
+        axis.set_title(name, fontsize=9)
+        style = dict(color="yellow", fontsize=9, fontweight="bold", transform=axis.transAxes)
+        axis.text(0.01, 0.5, left, ha="left", va="center", **style)
+        axis.text(0.99, 0.5, right, ha="right", va="center", **style)
+        axis.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
+        axis.text(0.5, 0.99, top, ha="center", va="top", **style)
+    figure.suptitle(title or os.path.basename(volume.path or "image"), fontsize=11)
+    if ids:
+        handles = [plt.Line2D([], [], color=lookup[i], lw=4,
+                              label=(names or {}).get(i, str(i))) for i in ids[:20]]
+        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6),
+                      fontsize=8, frameon=False)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.png"
+    figure.savefig(tmp, bbox_inches="tight", facecolor="black")
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+def registration_overlay(fixed: Source, moved: Source, displacement: Volume,
+                         path: str | os.PathLike, *, title: str | None = None,
+                         dpi: int = 110) -> str:
+    """Writes a PNG to check a registration: for the axial, coronal and sagittal slices
+    through the fixed image's centre, a checkerboard of the fixed and moved images, the
+    deformed grid, and the Jacobian determinant of ``x -> x + d(x)`` (colour bar; folding,
+    determinant <= 0, in red).
+
+    Args:
+        fixed: the fixed image.
+        moved: the moved image on the fixed grid.
+        displacement: the pull-back field on the fixed grid (``(X, Y, Z, 3)`` RAS mm), as
+            :class:`dazoo.pipeline.Registration` holds it.
+        path: the PNG to write (atomically).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dazoo.metrics import jacobian_determinant
+
+    fixed_volume, moved_volume = read_image(fixed), read_image(moved)
+    fixed_array, spacing = _ras(fixed_volume)
+    moved_array, _ = _ras(moved_volume)
+    affine = displacement.affine
+    u = np.asarray(displacement.array, np.float64) @ np.linalg.inv(affine[:3, :3]).T
+    det = jacobian_determinant(u).astype(np.float32)
+    det_ras, _ = _ras(Volume(det, affine, None))
+    # Displacement in RAS voxel units, axes reoriented like the images.
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    u_ras = np.stack([nib.orientations.apply_orientation(u[..., c], ornt) for c in range(3)], -1)
+    perm = np.empty(3, int)
+    for axis, (target, flip) in enumerate(ornt):
+        perm[int(target)] = axis
+    u_ras = np.stack([u_ras[..., perm[t]] * ornt[perm[t], 1] for t in range(3)], -1)
+
+    def norm(a):
+        low, high = np.percentile(a, [0.5, 99.5])
+        return np.clip((a - low) / max(high - low, 1e-6), 0, 1)
+
+    fixed_array, moved_array = norm(fixed_array), norm(moved_array)
+    centre = np.array(fixed_array.shape) // 2
+    cuts = [("axial", 2, (0, 1), spacing[0], spacing[1]),
+            ("coronal", 1, (0, 2), spacing[0], spacing[2]),
+            ("sagittal", 0, (1, 2), spacing[1], spacing[2])]
+    figure, axes = plt.subplots(3, 3, figsize=(11, 11), dpi=dpi)
+    for row, (name, axis, (h, v), dx, dy) in enumerate(cuts):
+        index = [slice(None)] * 3
+        index[axis] = int(centre[axis])
+        index = tuple(index)
+        a, b = fixed_array[index].T, moved_array[index].T
+        tiles = max(a.shape) // 8 or 1
+        yy, xx = np.indices(a.shape)
+        board = np.where(((yy // tiles) + (xx // tiles)) % 2 == 0, a, b)
+        axes[row, 0].imshow(board, cmap="gray", origin="lower", aspect=dy / dx)
+        axes[row, 0].set_title(f"{name}: fixed / moved checkerboard", fontsize=8)
+        axes[row, 1].imshow(a, cmap="gray", origin="lower", aspect=dy / dx, alpha=0.6)
+        step = max(2, max(a.shape) // 24)
+        uh, uv = u_ras[index][..., h].T, u_ras[index][..., v].T
+        gy, gx = np.indices(a.shape).astype(float)
+        px, py = gx + uh, gy + uv
+        for k in range(0, a.shape[0], step):
+            axes[row, 1].plot(px[k, :], py[k, :], color="cyan", lw=0.5)
+        for k in range(0, a.shape[1], step):
+            axes[row, 1].plot(px[:, k], py[:, k], color="cyan", lw=0.5)
+        axes[row, 1].set_xlim(0, a.shape[1] - 1)
+        axes[row, 1].set_ylim(0, a.shape[0] - 1)
+        axes[row, 1].set_title(f"{name}: deformed grid", fontsize=8)
+        d = det_ras[index].T
+        shown = axes[row, 2].imshow(d, cmap="coolwarm", origin="lower", aspect=dy / dx,
+                                    vmin=0, vmax=2)
+        folds = np.ma.masked_where(d > 0, np.ones_like(d))
+        axes[row, 2].imshow(folds, cmap=matplotlib.colors.ListedColormap(["red"]),
+                            origin="lower", aspect=dy / dx, vmin=0, vmax=1)
+        axes[row, 2].set_title(f"{name}: Jacobian determinant "
+                               f"(folding {100 * float(np.mean(det <= 0)):.3f} %: red)",
+                               fontsize=8)
+        figure.colorbar(shown, ax=axes[row, 2], fraction=0.046, pad=0.02)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    figure.suptitle(title or os.path.basename(fixed_volume.path or "registration"), fontsize=11)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.png"
+    figure.savefig(tmp, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,158 @@
+"""Everyday CLI use: folders in, keep going past a bad file, volumes / probabilities / QC
+pictures out, dazoo warp reproducing dazoo register, quiet logs, clear pattern errors.
+
+On the tiny untrained preset of test_pipeline (plumbing and geometry, not accuracy)."""
+import csv
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dazoo.cli import main
+
+from test_pipeline import IDS, preset_dir, scans  # noqa: F401  (fixtures)
+
+
+def _png(path):
+    import matplotlib.image
+
+    picture = matplotlib.image.imread(path)
+    assert picture.shape[0] > 200 and picture.shape[1] > 400
+    assert picture[..., :3].std() > 0.05  # not blank
+    return picture
+
+
+def test_segment_a_folder_past_a_bad_file_with_volumes_probabilities_and_qc(
+        preset_dir, scans, tmp_path, capsys):  # noqa: F811
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for n, (image, _) in enumerate(scans):
+        os.symlink(image, folder / f"s{n}.nii.gz")
+    (folder / "broken.nii.gz").write_bytes(b"not a nifti")
+    (folder / "notes.txt").write_text("ignored")
+    out, table = tmp_path / "segs", tmp_path / "volumes.csv"
+    code = main(["segment", str(folder), "-o", str(out), "--preset", str(preset_dir),
+                 "--continue-on-error", "--volumes", str(table), "--probabilities",
+                 str(tmp_path / "probs"), "--probabilities-dtype", "float32",
+                 "--qc", str(tmp_path / "qc")])
+    err = capsys.readouterr().err
+    assert code == 2  # one input failed
+    errors = [line for line in err.splitlines() if line.startswith("dazoo: error")]
+    assert len(errors) == 1 and "broken.nii.gz" in errors[0]
+    assert "2 segmented, 1 failed" in err
+    assert sorted(os.listdir(out)) == ["s0_seg.nii.gz", "s1_seg.nii.gz"]
+    rows = list(csv.reader(table.open()))
+    assert rows[0][0] == "image" and len(rows) == 3 and len(rows[0]) == len(IDS)
+    for row in rows[1:]:
+        labels = nib.load(out / f"{os.path.basename(row[0]).split('.')[0]}_seg.nii.gz")
+        array = np.asarray(labels.dataobj)
+        voxel = abs(np.linalg.det(labels.affine[:3, :3]))
+        # The regions' volumes add up to the labelled volume.
+        assert sum(float(v) for v in row[1:]) == pytest.approx((array > 0).sum() * voxel,
+                                                                abs=0.1 * len(row))
+        probs = nib.load(tmp_path / "probs" / os.path.basename(labels.get_filename())
+                         .replace("_seg", "_prob"))
+        assert probs.shape == array.shape + (len(IDS),)
+        assert b"float32" in probs.header["descrip"].tobytes()
+        p = np.asarray(probs.dataobj, np.float32)
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=5e-3)
+        assert np.mean(np.array(IDS)[np.argmax(p, -1)] == array) > 0.99
+    for n in range(2):
+        _png(tmp_path / "qc" / f"s{n}_seg.png")
+
+
+def test_output_with_an_unknown_extension_is_a_one_line_error(preset_dir, scans, tmp_path,  # noqa: F811
+                                                              capsys):
+    image = scans[0][0]
+    assert main(["segment", image, "-o", str(tmp_path / "seg.nrrd"),
+                 "--preset", str(preset_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'.nrrd'" in err
+    assert not (tmp_path / "seg.nrrd").exists()
+    assert main(["segment", image, scans[1][0], "-o", str(tmp_path / "x.nii.gz"),
+                 "--preset", str(preset_dir)]) == 2
+    assert "2 inputs" in capsys.readouterr().err
+
+
+def test_warp_reproduces_register(preset_dir, scans, tmp_path, capsys):  # noqa: F811
+    (moving, moving_labels), (fixed, _) = scans
+    paths = {k: str(tmp_path / f"{k}.nii.gz") for k in ("moved", "warp", "ml", "jac", "w16")}
+    assert main(["register", moving, fixed, "--preset", str(preset_dir), "--moved",
+                 paths["moved"], "--warp", paths["warp"], "--moving-labels", moving_labels,
+                 "--moved-labels", paths["ml"], "--jacobian", paths["jac"],
+                 "--qc", str(tmp_path / "qc")]) == 0
+    assert main(["warp", moving_labels, "--warp", paths["warp"], "--reference", fixed,
+                 "-o", str(tmp_path / "again_labels.nii.gz"), "--labels"]) == 0
+    expected = np.asarray(nib.load(paths["ml"]).dataobj)
+    again = np.asarray(nib.load(tmp_path / "again_labels.nii.gz").dataobj)
+    np.testing.assert_array_equal(again, expected)  # exactly the moved labels of register
+    assert main(["warp", moving, "--warp", paths["warp"], "--reference", fixed,
+                 "-o", str(tmp_path / "again.nii.gz")]) == 0
+    np.testing.assert_allclose(nib.load(tmp_path / "again.nii.gz").get_fdata(),
+                               nib.load(paths["moved"]).get_fdata(), rtol=1e-5, atol=1e-4)
+    jac = nib.load(paths["jac"])
+    assert jac.shape == nib.load(fixed).shape and np.isfinite(jac.get_fdata()).all()
+    pictures = os.listdir(tmp_path / "qc")
+    assert len(pictures) == 1
+    _png(tmp_path / "qc" / pictures[0])
+    # int16 warps: half the size, within max|d| / 32000 of the float32 one.
+    assert main(["register", moving, fixed, "--preset", str(preset_dir), "--warp",
+                 paths["w16"], "--warp-dtype", "int16"]) == 0
+    assert nib.load(paths["w16"]).get_data_dtype() == np.int16
+    full = nib.load(paths["warp"]).get_fdata()
+    np.testing.assert_allclose(nib.load(paths["w16"]).get_fdata(), full,
+                               atol=np.abs(full).max() / 32000 + 1e-6)
+    from dazoo import io as dio
+    np.testing.assert_allclose(dio.read_displacement(paths["w16"]).array,
+                               dio.read_displacement(paths["warp"]).array,
+                               atol=np.abs(full).max() / 32000 + 1e-6)
+    # A warp applied on another grid is refused in one line, nothing written.
+    other = tmp_path / "other_grid.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), other)
+    capsys.readouterr()
+    assert main(["warp", moving, "--warp", paths["warp"], "--reference", str(other),
+                 "-o", str(tmp_path / "no.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not on the grid" in err
+    assert not (tmp_path / "no.nii.gz").exists()
+
+
+def test_qc_verb_draws_labels(scans, tmp_path):  # noqa: F811
+    image, labels = scans[0]
+    assert main(["qc", image, "--labels", labels, "-o", str(tmp_path / "q.png")]) == 0
+    _png(tmp_path / "q.png")
+    assert main(["qc", image, "-o", str(tmp_path / "q.jpg")]) == 2
+
+
+def test_stderr_has_no_tensorflow_log_lines(preset_dir, scans, tmp_path):  # noqa: F811
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "ABSL"))}
+    for args in (["--help"], ["segment", scans[0][0], "-o", str(tmp_path / "s.nii.gz"),
+                              "--preset", str(preset_dir)]):
+        result = subprocess.run([sys.executable, "-m", "dazoo", *args], capture_output=True,
+                                text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        noise = [line for line in result.stderr.splitlines()
+                 if line[:5] in ("W0000", "I0000", "E0000") or "cuInit" in line
+                 or "oneDNN" in line or "absl" in line or "TensorFlow binary" in line
+                 or "tensorflow/" in line or "cuda" in line.lower()]
+        assert noise == [], noise
+    verbose = subprocess.run([sys.executable, "-m", "dazoo", "--verbose", "segment",
+                              scans[0][0], "-o", str(tmp_path / "v.nii.gz"), "--preset",
+                              str(preset_dir)], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert verbose.returncode == 0
+
+
+def test_evaluate_pattern_error_names_the_pattern_and_the_files(tmp_path, capsys):
+    subject = tmp_path / "data" / "s1"
+    subject.mkdir(parents=True)
+    for name in ("t1weighted.nii.gz", "t1weighted_brain.nii.gz", "labels.nii.gz"):
+        (subject / name).write_bytes(b"")
+    assert main(["evaluate", str(tmp_path / "data"), "--image", "t1*.nii.gz",
+                 "--labels", "labels*.nii.gz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'t1*.nii.gz'" in err and "t1weighted_brain.nii.gz" in err and "matches 2" in err

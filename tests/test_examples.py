@@ -1,0 +1,81 @@
+"""The example scripts run as their --help says (on the tiny test preset and synthetic scans)."""
+import csv
+import importlib.util
+import os
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from test_pipeline import IDS, preset_dir, scans  # noqa: F401  (fixtures)
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["segment_folder.py", "register_and_warp.py",
+                                  "qc_pictures.py", "train_your_own.py",
+                                  "finetune_on_your_cohort.py", "knee/evaluate.py"])
+def test_every_example_has_help(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        _script(name).main(["--help"])
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_segment_folder_register_and_warp_and_qc_examples(preset_dir, scans, tmp_path):  # noqa: F811
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for n, (image, _) in enumerate(scans):
+        os.symlink(image, folder / f"s{n}.nii.gz")
+    table = tmp_path / "v.csv"
+    assert _script("segment_folder.py").main([str(folder), "-o", str(tmp_path / "segs"),
+                                              "--preset", str(preset_dir),
+                                              "--volumes", str(table)]) == 0
+    rows = list(csv.reader(table.open()))
+    assert len(rows) == 3 and len(rows[0]) == len(IDS)
+
+    (moving, labels), (fixed, _) = scans
+    out = tmp_path / "reg"
+    assert _script("register_and_warp.py").main(
+        [moving, fixed, "-o", str(out), "--also", moving, "--labels", labels,
+         "--preset", str(preset_dir)]) == 0
+    np.testing.assert_allclose(nib.load(out / "s0_moved.nii.gz").get_fdata(),
+                               nib.load(out / "moved.nii.gz").get_fdata(), atol=1e-4)
+    moved_labels = np.asarray(nib.load(out / "s0_labels_moved.nii.gz").dataobj)
+    assert set(np.unique(moved_labels)) <= set(IDS)
+
+    assert _script("qc_pictures.py").main([moving, "--fixed", fixed, "-o", str(tmp_path / "qc"),
+                                           "--preset", str(preset_dir)]) == 0
+    assert sorted(os.listdir(tmp_path / "qc")) == ["s0_seg.png", "s0_to_s1.png"]
+
+
+def test_train_your_own_example_trains_and_exports(tmp_path):
+    from dazoo import io
+    from dazoo.synthetic import make_subjects
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    rows = []
+    for n, (image, labels) in enumerate(make_subjects(3, (32, 32, 32), num_classes=3, seed=1)):
+        io.write_image((image, affine), tmp_path / f"s{n}.nii.gz")
+        io.write_labels((labels.astype(np.int16) * 10, affine), tmp_path / f"s{n}_seg.nii.gz")
+        rows.append(f"s{n}.nii.gz,s{n}_seg.nii.gz")
+    (tmp_path / "cohort.csv").write_text("image,labels\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "mine"
+    assert _script("train_your_own.py").main(
+        ["--data", str(tmp_path / "cohort.csv"), "--ids", "10,20", "-o", str(out),
+         "--labelled", "1", "--steps", "4", "--checkpoint-every", "2", "--shape", "32,32,32",
+         "--template", "none"]) == 0
+    from dazoo.presets import get_preset
+
+    preset = get_preset(out)
+    preset.verify()
+    names = [c["id"] for c in preset.read_json("labels.json")["classes"]]
+    assert names == [0, 10, 20]
