@@ -60,17 +60,23 @@ def _add_demo(sub) -> None:
 
 
 # --------------------------------------------------------------------------- segment
-def _expand_inputs(inputs: Sequence[str], *, keep_going: bool) -> tuple[list[str], list[str]]:
+def _expand_inputs(inputs: Sequence[str], *, keep_going: bool,
+                   outputs: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """Files as given and the NIfTI/MGZ files inside folders (sorted); with ``keep_going``,
-    paths that do not exist are returned apart (reported later) instead of raising."""
-    from dazoo.io import WRITABLE
+    paths that do not exist are returned apart (reported later) instead of raising. In a
+    folder that is also an output folder, dazoo's own outputs (``*_seg``, ``*_prob``) are
+    not inputs."""
+    from dazoo.io import WRITABLE, stem
 
+    own = {os.path.realpath(o) for o in outputs if o}
     files, missing = [], []
     for path in inputs:
         if os.path.isdir(path):
+            mine = os.path.realpath(path) in own
             found = sorted(os.path.join(path, name) for name in os.listdir(path)
                            if name.endswith(WRITABLE) and not name.startswith(".")
-                           and os.path.isfile(os.path.join(path, name)))
+                           and os.path.isfile(os.path.join(path, name))
+                           and not (mine and stem(name).endswith(("_seg", "_prob"))))
             if not found:
                 raise DazooInputError(path, "folder holds no .nii, .nii.gz or .mgz file")
             files += found
@@ -152,13 +158,23 @@ def _segment(args: argparse.Namespace) -> int:
     from dazoo.io import stem
 
     keep_going = args.continue_on_error
-    inputs, missing = _expand_inputs(args.inputs, keep_going=keep_going)
+    inputs, missing = _expand_inputs(args.inputs, keep_going=keep_going,
+                                     outputs=[args.output, args.probabilities])
     targets = _segment_targets(inputs, args.output) if inputs else []
+    if args.probabilities and args.probabilities.endswith(".mgz"):
+        raise DazooInputError(args.probabilities, "probabilities are written as .nii or .nii.gz")
     probabilities = (_targets(inputs, args.probabilities, "_prob.nii.gz", "probabilities")
                      if args.probabilities and inputs else [None] * len(inputs))
     if args.volumes and not args.volumes.endswith(".csv"):
         raise DazooInputError(args.volumes, "the volumes table is written as .csv")
-    _check_outputs(targets + [p for p in probabilities if p] + [args.volumes], inputs)
+    outputs = targets + [p for p in probabilities if p] + ([args.volumes] if args.volumes else [])
+    _check_outputs(outputs, inputs)
+    seen = set()
+    for path in outputs:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DazooInputError(path, "is asked for as two outputs")
+        seen.add(real)
     failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
     for path, err in failed:
         print(f"dazoo: error: {err}", file=sys.stderr)
@@ -168,7 +184,8 @@ def _segment(args: argparse.Namespace) -> int:
     rows = []
     for number, (path, target, prob) in enumerate(zip(inputs, targets, probabilities), 1):
         try:
-            result = pipeline.segment(path, probabilities=prob is not None)
+            result = pipeline.segment(
+                path, probabilities=args.probabilities_dtype if prob is not None else False)
             result.save(target, protect=inputs)
             if prob is not None:
                 result.save_probabilities(prob, dtype=args.probabilities_dtype, protect=inputs)
@@ -344,9 +361,10 @@ def _qc(args: argparse.Namespace) -> int:
     if not args.output.endswith(".png"):
         raise DazooInputError(args.output, "QC pictures are written as .png")
     if args.warp:
-        if not args.moved:
-            raise DazooInputError("--warp", "needs --moved (the moved image on IMAGE's grid)")
         field = io.read_displacement(args.warp)
+        if not io.same_grid(field, io.read_image(args.image)):
+            raise DazooInputError(args.warp, f"is not on the grid of {args.image} (the fixed "
+                                             "image of dazoo register)")
         registration_overlay(args.image, args.moved, field, args.output, title=args.title)
     else:
         label_overlay(args.image, args.labels, args.output, title=args.title)
@@ -363,7 +381,8 @@ def _add_qc(sub) -> None:
     p.add_argument("image", help="the image (the fixed image for a registration)")
     p.add_argument("--labels", help="label map on IMAGE's grid")
     p.add_argument("--warp", help="displacement field from dazoo register (on IMAGE's grid)")
-    p.add_argument("--moved", help="the moved image from dazoo register (with --warp)")
+    p.add_argument("--moved", help="the moved image from dazoo register (with --warp: a "
+                                   "fixed/moved checkerboard)")
     p.add_argument("--title", help="picture title (default: the file name)")
     p.add_argument("-o", "--output", required=True, help="output .png")
     p.set_defaults(run=_qc)
@@ -621,13 +640,13 @@ def quiet_tensorflow(*, verbose: bool = False, threads: int | None = None) -> No
             os.dup2(saved, 2)
             os.close(saved)
             os.close(devnull)
-    if threads is not None and "tensorflow" in sys.modules:
-        import tensorflow as tf
-
+    if threads is not None:
         try:
+            import tensorflow as tf
+
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(1 if threads == 1 else 2)
-        except RuntimeError:  # already initialised
+        except (ImportError, RuntimeError):  # reported by the verb / already initialised
             pass
 
 

@@ -473,7 +473,8 @@ def write_probabilities(volume: Volume | tuple, path: str | os.PathLike, *,
     if np.ndim(array) != 4:
         raise DazooInputError(label, f"probabilities must be (X, Y, Z, K), got {np.shape(array)}")
     if dtype == "uint8":
-        data = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+        data = (array if np.asarray(array).dtype == np.uint8  # already p x 255
+                else np.round(np.clip(array, 0, 1) * 255).astype(np.uint8))
     elif dtype == "float32":
         data = np.asarray(array, np.float32)
     else:

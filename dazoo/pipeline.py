@@ -90,9 +90,13 @@ class Registration:
     seconds: float = 0.0
 
     def jacobian_map(self) -> Volume:
-        """Jacobian determinant of ``x -> x + d(x)`` on the fixed grid (world mm, the affine
-        pre-alignment included: 1 where volume is kept, below 1 where the fixed image's region
-        is smaller than the moving image's; <= 0 marks folding)."""
+        """Jacobian determinant of ``x -> x + d(x)`` (fixed world -> moving world) on the fixed
+        grid, the affine pre-alignments included: 1 where volume is kept, below 1 where the
+        moving image's region is smaller than the fixed image's; <= 0 marks folding. If the
+        two scans were aligned to the template on different sides (``mirror="auto"`` reflected
+        one of them), the transform contains a reflection and every determinant is negative:
+        its sign then says nothing about folding (``folding_fraction``, on the model grid, is
+        not affected)."""
         from dazoo.metrics import jacobian_determinant
 
         affine = self.displacement.affine
@@ -193,13 +197,14 @@ class Pipeline:
         return self.preprocessor.apply(image)
 
     # ----------------------------------------------------------------- segment
-    def segment(self, image: Source, *, probabilities: bool = False) -> Segmentation:
+    def segment(self, image: Source, *, probabilities: bool | str = False) -> Segmentation:
         """Segments one image and returns the label map on its own grid.
 
         Args:
             image: a path (NIfTI or MGZ), nibabel image, or ``(array, affine)``.
             probabilities: also return the class probabilities on the input's grid
-                (``result.probabilities``, ``(X, Y, Z, K)``).
+                (``result.probabilities``, ``(X, Y, Z, K)``): True or ``"float32"``, or
+                ``"uint8"`` (``round(255 p)``, a quarter of the memory).
         """
         start = time.perf_counter()
         pre = self.preprocess(image)
@@ -208,7 +213,9 @@ class Pipeline:
         if probabilities:
             from dazoo.postprocess import probabilities_to_native
 
-            maps = Volume(probabilities_to_native(scores, pre), pre.native_affine, None)
+            dtype = "uint8" if probabilities == "uint8" else "float32"
+            maps = Volume(probabilities_to_native(scores, pre, dtype=dtype), pre.native_affine,
+                          None)
         names = {0: "background", **self.label_names}
         return Segmentation(labels=labels, seconds=time.perf_counter() - start,
                             probabilities=maps, names=names)

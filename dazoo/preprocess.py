@@ -108,7 +108,9 @@ class PreprocessConfig:
             mirrored left-right, and the better of the two (correlation with the template
             after alignment) is kept, so that a left limb is processed on the (right)
             template's side; the reflection is part of the recorded alignment, so results go
-            back onto the input's grid unmirrored. Needs an alignment.
+            back onto the input's grid unmirrored. Needs an alignment. Only for label tables
+            without left/right structures (knee: medial/lateral are kept by a reflection; a
+            brain's Left-X/Right-X would be swapped): ``dazoo train`` refuses the others.
     """
 
     voxel_size: tuple[float, float, float]

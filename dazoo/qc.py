@@ -33,6 +33,28 @@ def _ras(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     return array, ras_spacing
 
 
+def _window(array: np.ndarray) -> np.ndarray:
+    """Intensities to [0, 1] between the 0.5 and 99.5 percentiles of the foreground (voxels
+    above the minimum: a skull-stripped or masked scan's zeros do not set the window)."""
+    array = np.asarray(array, np.float32)
+    step = max(1, int(round((array.size / 2e6) ** (1 / 3))))
+    sample = array[::step, ::step, ::step]
+    foreground = sample[sample > sample.min()]
+    values = foreground if foreground.size > 0.05 * sample.size else sample.ravel()
+    low, high = np.percentile(values, [0.5, 99.5])
+    return np.clip((array - low) / max(high - low, 1e-6), 0, 1)
+
+
+def _foreground_centre(array: np.ndarray) -> np.ndarray:
+    """Voxel index of the intensity centre of mass above the minimum."""
+    weights = np.asarray(array, np.float64) - float(np.min(array))
+    total = weights.sum()
+    if total <= 0:
+        return np.array(array.shape) // 2
+    grids = np.meshgrid(*[np.arange(n) for n in array.shape], indexing="ij", sparse=True)
+    return np.array([int(round((weights * g).sum() / total)) for g in grids])
+
+
 def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike, *,
                   title: str | None = None, names: Mapping[int, str] | None = None,
                   point: Sequence[int] | None = None, alpha: float = 0.35,
@@ -64,8 +86,7 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
     if labels is not None:
         label_volume = read_labels(labels, like=volume)
         label_array, _ = _ras(label_volume)
-    low, high = np.percentile(array, [0.5, 99.5])
-    shown = np.clip((array - low) / max(high - low, 1e-6), 0, 1)
+    shown = _window(array)
     if point is None:
         if label_array is not None and np.any(label_array):
             point = np.round(np.argwhere(label_array > 0).mean(axis=0)).astype(int)
@@ -110,12 +131,18 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
         axis.text(0.99, 0.5, right, ha="right", va="center", **style)
         axis.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
         axis.text(0.5, 0.99, top, ha="center", va="top", **style)
-    figure.suptitle(title or os.path.basename(volume.path or "image"), fontsize=11)
+    figure.suptitle(title or os.path.basename(volume.path or "image"), fontsize=11,
+                    color="white")
     if ids:
         handles = [plt.Line2D([], [], color=lookup[i], lw=4,
-                              label=(names or {}).get(i, str(i))) for i in ids[:20]]
-        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6),
-                      fontsize=8, frameon=False)
+                              label=(names or {}).get(i, str(i))) for i in ids[:24]]
+        more = f" (+{len(ids) - 24} more)" if len(ids) > 24 else ""
+        legend = figure.legend(handles=handles, loc="lower center",
+                               ncol=min(len(handles), 6), fontsize=7, frameon=False,
+                               labelcolor="white", bbox_to_anchor=(0.5, -0.12),
+                               title=f"labels{more}" if more else None)
+        if more:
+            legend.get_title().set_color("white")
     path = os.fspath(path)
     tmp = f"{path}.tmp.png"
     figure.savefig(tmp, bbox_inches="tight", facecolor="black")
@@ -124,7 +151,7 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
     return path
 
 
-def registration_overlay(fixed: Source, moved: Source, displacement: Volume,
+def registration_overlay(fixed: Source, moved: Source | None, displacement: Volume,
                          path: str | os.PathLike, *, title: str | None = None,
                          dpi: int = 110) -> str:
     """Writes a PNG to check a registration: for the axial, coronal and sagittal slices
@@ -134,7 +161,8 @@ def registration_overlay(fixed: Source, moved: Source, displacement: Volume,
 
     Args:
         fixed: the fixed image.
-        moved: the moved image on the fixed grid.
+        moved: the moved image on the fixed grid, or None (the first column then shows the
+            fixed image alone).
         displacement: the pull-back field on the fixed grid (``(X, Y, Z, 3)`` RAS mm), as
             :class:`dazoo.pipeline.Registration` holds it.
         path: the PNG to write (atomically).
@@ -146,9 +174,9 @@ def registration_overlay(fixed: Source, moved: Source, displacement: Volume,
 
     from dazoo.metrics import jacobian_determinant
 
-    fixed_volume, moved_volume = read_image(fixed), read_image(moved)
+    fixed_volume = read_image(fixed)
     fixed_array, spacing = _ras(fixed_volume)
-    moved_array, _ = _ras(moved_volume)
+    moved_array = fixed_array if moved is None else _ras(read_image(moved))[0]
     affine = displacement.affine
     u = np.asarray(displacement.array, np.float64) @ np.linalg.inv(affine[:3, :3]).T
     det = jacobian_determinant(u).astype(np.float32)
@@ -163,12 +191,8 @@ def registration_overlay(fixed: Source, moved: Source, displacement: Volume,
         perm[int(target)] = axis
     u_ras = np.stack([u_ras[..., perm[t]] * ornt[perm[t], 1] for t in range(3)], -1)
 
-    def norm(a):
-        low, high = np.percentile(a, [0.5, 99.5])
-        return np.clip((a - low) / max(high - low, 1e-6), 0, 1)
-
-    fixed_array, moved_array = norm(fixed_array), norm(moved_array)
-    centre = np.array(fixed_array.shape) // 2
+    centre = _foreground_centre(fixed_array)
+    fixed_array, moved_array = _window(fixed_array), _window(moved_array)
     cuts = [("axial", 2, (0, 1), spacing[0], spacing[1]),
             ("coronal", 1, (0, 2), spacing[0], spacing[2]),
             ("sagittal", 0, (1, 2), spacing[1], spacing[2])]
@@ -182,7 +206,8 @@ def registration_overlay(fixed: Source, moved: Source, displacement: Volume,
         yy, xx = np.indices(a.shape)
         board = np.where(((yy // tiles) + (xx // tiles)) % 2 == 0, a, b)
         axes[row, 0].imshow(board, cmap="gray", origin="lower", aspect=dy / dx)
-        axes[row, 0].set_title(f"{name}: fixed / moved checkerboard", fontsize=8)
+        axes[row, 0].set_title(f"{name}: " + ("fixed image" if moved is None
+                                               else "fixed / moved checkerboard"), fontsize=8)
         axes[row, 1].imshow(a, cmap="gray", origin="lower", aspect=dy / dx, alpha=0.6)
         step = max(2, max(a.shape) // 24)
         uh, uv = u_ras[index][..., h].T, u_ras[index][..., v].T

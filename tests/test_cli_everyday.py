@@ -98,6 +98,8 @@ def test_warp_reproduces_register(preset_dir, scans, tmp_path, capsys):  # noqa:
     pictures = os.listdir(tmp_path / "qc")
     assert len(pictures) == 1
     _png(tmp_path / "qc" / pictures[0])
+    assert main(["qc", fixed, "--warp", paths["warp"], "-o", str(tmp_path / "w.png")]) == 0
+    _png(tmp_path / "w.png")
     # int16 warps: half the size, within max|d| / 32000 of the float32 one.
     assert main(["register", moving, fixed, "--preset", str(preset_dir), "--warp",
                  paths["w16"], "--warp-dtype", "int16"]) == 0
@@ -156,3 +158,24 @@ def test_evaluate_pattern_error_names_the_pattern_and_the_files(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "'t1*.nii.gz'" in err and "t1weighted_brain.nii.gz" in err and "matches 2" in err
+
+
+@pytest.mark.parametrize("codes", ["LIA", "RAS", "PSL"])
+def test_qc_slices_are_in_world_orientation(codes):
+    """The pictures' arrays are the scan reoriented to RAS exactly as nibabel's canonical
+    form (so the patient's left is drawn on the left), with the voxel sizes along RAS."""
+    from dazoo.io import Volume
+    from dazoo.qc import _ras
+
+    rng = np.random.default_rng(0)
+    array = rng.random((6, 7, 8)).astype(np.float32)
+    axes = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    affine = np.eye(4)
+    spacing = (1.0, 2.0, 3.0)
+    for column, code in enumerate(codes):
+        row, sign = axes[code]
+        affine[:3, :3][row, column] = sign * spacing[column]
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
+    shown, ras_spacing = _ras(Volume(array, affine, None))
+    np.testing.assert_array_equal(shown, np.asarray(canonical.dataobj))
+    np.testing.assert_allclose(ras_spacing, canonical.header.get_zooms()[:3])

@@ -37,7 +37,7 @@ import numpy as np
 
 from dazoo import __version__, io
 from dazoo.errors import DazooInputError
-from dazoo.labels import LabelMap
+from dazoo.labels import LabelMap, left_id
 from dazoo.training.recipe import Recipe, network_precisions
 
 __all__ = ["train", "export", "finetune", "Run"]
@@ -105,11 +105,21 @@ def split_subjects(subjects, validation, *, source: str, seed: int = 0):
     return [s for s in subjects if s.name not in set(validation)], held
 
 
+def _relabelled(array: np.ndarray, subject) -> np.ndarray:
+    """A label map with its subject's ``relabel`` applied (label maps from another protocol)."""
+    if not getattr(subject, "relabel", ()):
+        return array
+    ids = np.unique(array)
+    table = dict(subject.relabel)
+    return np.array([table.get(int(i), int(i)) for i in ids], np.int32)[np.searchsorted(ids, array)]
+
+
 def _label_map(recipe: Recipe, train, parent) -> LabelMap:
     spec = recipe["labels"]
     from_data = spec["from_data"] or bool((recipe["init"] or {}).get("labels_from_data"))
     if from_data:
-        maps = [io.read_labels(s.labels).array for s in train if s.labels is not None]
+        maps = [_relabelled(io.read_labels(s.labels).array, s) for s in train
+                if s.labels is not None]
         if not maps:
             raise DazooInputError(recipe.source, "labels from the data need labelled images")
         ids = sorted(set().union(*(np.unique(m).tolist() for m in maps)) - {0})
@@ -394,7 +404,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                                                  f"registration), one of them real; found "
                                                  f"{len(train_subjects)} images and "
                                                  f"{len(label_maps)} label maps")
-        if not any(s.labels for s in train_subjects) and c["model"]["mode"] != \
+        if not any(s.labels for s in train_subjects + label_maps) and c["model"]["mode"] != \
                 "registration_only":
             raise DazooInputError(data["train"], "no training image has a label map: "
                                                  "segmentation needs at least 1")
@@ -403,7 +413,13 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
             raise DazooInputError(recipe.source, f"validation subject(s) {unlabelled_val} "
                                                  "have no label map")
         parent = get_preset(c["init"]["preset"]) if (c["init"] or {}).get("preset") else None
-        label_map = _label_map(recipe, train_subjects, parent)
+        label_map = _label_map(recipe, train_subjects + label_maps, parent)
+        if recipe["preprocess"].get("mirror") == "auto" and any(
+                left_id(i) != i for i in label_map.ids.tolist()):
+            raise DazooInputError(recipe.source, "preprocess.mirror \"auto\" reflects some scans "
+                                                 "onto the template's side, which would swap "
+                                                 "left/right labels: not with a label table "
+                                                 "that has left and right structures")
         table = label_map.to_table()
         _write_json(folder / "labels.json", {"classes": table})
         preprocessor = _preprocessing(recipe, folder, train_subjects, parent, say)
@@ -463,7 +479,9 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                     "name": type(strategy).__name__,
                     "replicas": int(strategy.num_replicas_in_sync), "workers": workers},
             }
-        say(f"{len(train_subjects)} training images ({len(labelled)} labelled), "
+        say(f"{len(train_subjects)} training images"
+            + (f" + {len(label_maps)} label maps (synthesised)" if label_maps else "")
+            + f" ({len(labelled)} labelled), "
             f"{len(val_subjects)} validation; {label_map.num_classes} classes; steps "
             f"{done} -> {total}")
         session = {"started": _now(), "from_step": done}

@@ -110,7 +110,7 @@ def network_precisions(precision) -> dict:
     ``"float32"``: both float32. ``"mixed_bfloat16"``: the segmenter in mixed bfloat16, the
     registration network float32 (the meaning this value has always had).
     ``{"registration": P, "segmentation": P}`` sets each (P one of :data:`PRECISIONS`),
-    e.g. both ``"mixed_bfloat16"``: ~1.7x faster joint steps on CPUs with AMX/AVX512-BF16
+    e.g. both ``"mixed_bfloat16"``: 1.2-1.35x faster joint steps on CPUs with AMX/AVX512-BF16
     (``benchmarks/bench_training.py``), a change of arithmetic, never the default.
     """
     if isinstance(precision, str):
@@ -380,7 +380,10 @@ class Recipe:
                 or not 0 <= probability <= 1:
             self._fail("synth.probability must be a number in [0, 1]")
         if "groups" in options and isinstance(options["groups"], dict):
-            options["groups"] = {int(k): v for k, v in options["groups"].items()}
+            try:
+                options["groups"] = {int(k): v for k, v in options["groups"].items()}
+            except (TypeError, ValueError):
+                self._fail("synth.groups must map label ids to group names")
         for key in ("mean", "std"):
             if isinstance(options.get(key), list):
                 options[key] = tuple(options[key])

@@ -191,7 +191,7 @@ class LabelSynth:
         coords = self.coordinates(shape, rng)
         moved = ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0,
                                     output=labels.dtype)
-        ids = np.unique(labels)
+        ids = np.union1d(np.unique(labels), [0])  # 0: also what lies outside the map
         means, stds = self._gaussians(ids, rng)
         index = np.searchsorted(ids, moved)
         image = (means[index] + stds[index] * rng.standard_normal(shape, np.float32)
