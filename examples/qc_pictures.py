@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--output", required=True, help="folder for the PNG files")
     parser.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
     args = parser.parse_args(argv)
+    from dazoo.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # TensorFlow's import-time log lines, as the dazoo command hides them
 
     import dazoo
     from dazoo.io import stem

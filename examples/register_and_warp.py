@@ -27,6 +27,9 @@ def main(argv=None) -> int:
                         help="a label map in the moving scan's space (repeatable)")
     parser.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
     args = parser.parse_args(argv)
+    from dazoo.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # TensorFlow's import-time log lines, as the dazoo command hides them
 
     import dazoo
     from dazoo import io

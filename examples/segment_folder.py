@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
     parser.add_argument("--volumes", default="volumes.csv", help="table to write (CSV)")
     args = parser.parse_args(argv)
+    from dazoo.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # TensorFlow's import-time log lines, as the dazoo command hides them
 
     import dazoo
     from dazoo.errors import DazooInputError

@@ -36,6 +36,9 @@ def main(argv=None) -> int:
                              "or 'none' (no alignment)")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    from dazoo.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # TensorFlow's import-time log lines, as the dazoo command hides them
 
     from dazoo.training import export, train
 

@@ -562,9 +562,7 @@ class DeepAtlas(keras.Model):
             ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
         supervised = _weighted_sum(self._supervised(batch, side, prediction), flags,
                                    labelled_count)
-        if displacement is None:
-            anatomy = ops.zeros(())
-        else:
+        if displacement is not None:
             # This side unlabelled, the other labelled: the other's manual labels against
             # this side's prediction.
             mask = (1.0 - flags) * batch[f"{other}_labelled"]
@@ -575,10 +573,20 @@ class DeepAtlas(keras.Model):
                 def per_sample():
                     return self._manual_anatomy(batch["moving_classes"], prediction,
                                                 displacement)
-            pairs_count = _global_count(_exactly_one(batch))
+            return self._segmentation_terms(batch, supervised, mask, per_sample)
+        return self._segmentation_terms(batch, supervised)
+
+    def _segmentation_terms(self, batch, supervised, mask=None, per_sample_anatomy=None):
+        """``(total, terms)`` of one side: its supervised part and, on the pairs of ``mask``
+        (exactly one image labelled), ``L_a`` from ``per_sample_anatomy()``, only computed
+        when some pair needs it."""
+        if mask is None:
+            anatomy = ops.zeros(())
+        else:
+            pairs_count = _global_count(_exactly_one(batch))  # outside the cond (replicas)
             anatomy = ops.cond(
                 ops.any(mask > 0),
-                lambda: _weighted_sum(per_sample(), mask, pairs_count),
+                lambda: _weighted_sum(per_sample_anatomy(), mask, pairs_count),
                 lambda: ops.zeros((), dtype="float32"))
         total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
         return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))
@@ -644,9 +652,7 @@ class DeepAtlas(keras.Model):
         per_sample = (loss.dice_weight * (1.0 - ops.mean(dice, axis=-1))
                       + loss.ce_weight * cross_entropy)
         supervised = _weighted_sum(per_sample, flags, labelled_count)
-        if displacement is None:
-            anatomy = ops.zeros(())
-        else:
+        if displacement is not None:
             mask = (1.0 - flags) * batch[f"{other}_labelled"]
 
             def per_sample_anatomy():
@@ -667,13 +673,8 @@ class DeepAtlas(keras.Model):
                 fixed_sum = class_sums(in_range, ops.clip(fixed, 0, k - 1), k)
                 return self._dice_loss_from_sums(parts["dense"], fixed_sum, parts["weighted"])
 
-            pairs_count = _global_count(_exactly_one(batch))
-            anatomy = ops.cond(
-                ops.any(mask > 0),
-                lambda: _weighted_sum(per_sample_anatomy(), mask, pairs_count),
-                lambda: ops.zeros((), dtype="float32"))
-        total = self.supervised_weight * supervised + self.segmentation_anatomy_weight * anatomy
-        return total, dict(zip(_SEGMENTATION_METRICS, (total, supervised, anatomy)))
+            return self._segmentation_terms(batch, supervised, mask, per_sample_anatomy)
+        return self._segmentation_terms(batch, supervised)
 
     def _supervised(self, batch, side, prediction):
         """Per-sample supervised loss of ``side``'s prediction against its label map (the
