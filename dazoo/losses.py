@@ -337,14 +337,19 @@ class DiceCE(keras.losses.Loss):
         classes = ops.clip(classes, 0, k - 1)
         at_label = ops.take_along_axis(probabilities, classes[..., None], axis=2)[..., 0]
         log_p = ops.log(ops.clip(at_label, self._ce.epsilon, 1.0))
-        cross_entropy = -ops.mean(log_p * valid, axis=-1)
-        intersection = class_sums(at_label * valid, classes, k)
-        true_sum = class_sums(valid, classes, k)
-        dice = dice_from_sums(intersection, true_sum, ops.sum(probabilities, axis=1))
+        return self.from_sums(class_sums(at_label * valid, classes, k),
+                              class_sums(valid, classes, k), ops.sum(probabilities, axis=1),
+                              ops.mean(log_p * valid, axis=-1))
+
+    def from_sums(self, intersection, true_sum, pred_sum, mean_log_likelihood):
+        """The per-sample loss from its sums: per class ``(batch, K)`` the intersection
+        ``sum p_c [c = k]``, the label count and the probability sum, and per sample the mean
+        over voxels of ``log(clip(p_c, epsilon, 1))`` (0 where no class)."""
+        dice = dice_from_sums(intersection, true_sum, pred_sum)
         if not self.include_background:
             dice = dice[:, 1:]
         return (self.dice_weight * (1.0 - ops.mean(dice, axis=-1))
-                + self.ce_weight * cross_entropy)
+                - self.ce_weight * mean_log_likelihood)
 
     def get_config(self):
         return {**super().get_config(), "dice_weight": self.dice_weight,

@@ -70,6 +70,14 @@ def jacobian_determinant(displacement: np.ndarray,
     return np.linalg.det(jac)
 
 
+def world_jacobian_determinant(field: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Jacobian determinant of ``x -> x + d(x)`` for a displacement ``(X, Y, Z, 3)`` in world
+    mm on the grid of ``affine`` (any orientation): the field in that grid's voxel units,
+    whose Jacobian is similar to the world one (same determinant)."""
+    u = np.asarray(field, np.float64) @ np.linalg.inv(np.asarray(affine)[:3, :3]).T
+    return jacobian_determinant(u)
+
+
 def folding_fraction(displacement: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                      mask: np.ndarray | None = None) -> float:
     """Fraction of voxels (within ``mask`` if given) whose Jacobian determinant is <= 0."""

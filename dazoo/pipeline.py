@@ -97,13 +97,11 @@ class Registration:
         one of them), the transform contains a reflection and every determinant is negative:
         its sign then says nothing about folding (``folding_fraction``, on the model grid, is
         not affected)."""
-        from dazoo.metrics import jacobian_determinant
+        from dazoo.metrics import world_jacobian_determinant
 
         affine = self.displacement.affine
-        # Displacement in voxel units of the fixed grid (for its spacing and axes).
-        to_voxel = np.linalg.inv(affine[:3, :3])
-        u = np.asarray(self.displacement.array, np.float64) @ to_voxel.T
-        return Volume(jacobian_determinant(u).astype(np.float32), affine, None)
+        det = world_jacobian_determinant(self.displacement.array, affine)
+        return Volume(det.astype(np.float32), affine, None)
 
     def save(self, *, moved: str | os.PathLike | None = None,
              warp: str | os.PathLike | None = None,

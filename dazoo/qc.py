@@ -172,14 +172,14 @@ def registration_overlay(fixed: Source, moved: Source | None, displacement: Volu
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dazoo.metrics import jacobian_determinant
+    from dazoo.metrics import world_jacobian_determinant
 
     fixed_volume = read_image(fixed)
     fixed_array, spacing = _ras(fixed_volume)
     moved_array = fixed_array if moved is None else _ras(read_image(moved))[0]
     affine = displacement.affine
     u = np.asarray(displacement.array, np.float64) @ np.linalg.inv(affine[:3, :3]).T
-    det = jacobian_determinant(u).astype(np.float32)
+    det = world_jacobian_determinant(displacement.array, affine).astype(np.float32)
     det_ras, _ = _ras(Volume(det, affine, None))
     # Displacement in RAS voxel units, axes reoriented like the images.
     import nibabel as nib

@@ -438,11 +438,15 @@ class DeepAtlas(keras.Model):
         axes = (1, 2, 3)
         intersection = ops.sum(prediction * adjoint, axis=axes)
         moved_sum = ops.sum(prediction * weight[..., None], axis=axes)
-        classes = batch["fixed_classes"]
-        valid = ops.logical_and(classes >= 0, classes < self.num_classes)
-        fixed_sum = class_sums(valid, ops.clip(classes, 0, self.num_classes - 1),
-                               self.num_classes)
-        return self._dice_loss_from_sums(intersection, fixed_sum, moved_sum)
+        return self._dice_loss_from_sums(intersection,
+                                         self._class_counts(batch["fixed_classes"]), moved_sum)
+
+    def _class_counts(self, classes):
+        """``(batch, K)`` voxels per class of an integer class map (ids outside ``0..K-1``
+        count for no class): the sums of its one-hot map."""
+        k = self.num_classes
+        valid = ops.logical_and(classes >= 0, classes < k)
+        return class_sums(valid, ops.clip(classes, 0, k - 1), k)
 
     def _dice_loss_from_sums(self, intersection, fixed_sum, moved_sum):
         """The default :class:`~dazoo.losses.SoftDice` ``L_a`` per sample from its sums."""
@@ -644,13 +648,8 @@ class DeepAtlas(keras.Model):
         sums = spatial_ops.softmax_class_sums(
             features, kernel, bias, sparse=[(flat[..., None], valid[..., None])],
             log_classes=classes, epsilon=loss._ce.epsilon)
-        true_sum = class_sums(valid, ops.clip(flat, 0, k - 1), k)
-        dice = dice_from_sums(sums["sparse"][0], true_sum, sums["sum"])
-        if not loss.include_background:
-            dice = dice[:, 1:]
-        cross_entropy = -sums["log_likelihood"] / float(n_vox)
-        per_sample = (loss.dice_weight * (1.0 - ops.mean(dice, axis=-1))
-                      + loss.ce_weight * cross_entropy)
+        per_sample = loss.from_sums(sums["sparse"][0], self._class_counts(classes),
+                                    sums["sum"], sums["log_likelihood"] / float(n_vox))
         supervised = _weighted_sum(per_sample, flags, labelled_count)
         if displacement is not None:
             mask = (1.0 - flags) * batch[f"{other}_labelled"]
@@ -668,10 +667,9 @@ class DeepAtlas(keras.Model):
                     batch["fixed_classes"], displacement, k)
                 parts = spatial_ops.softmax_class_sums(features, kernel, bias, dense=adjoint,
                                                        weight=weight)
-                fixed = batch["fixed_classes"]
-                in_range = ops.logical_and(fixed >= 0, fixed < k)
-                fixed_sum = class_sums(in_range, ops.clip(fixed, 0, k - 1), k)
-                return self._dice_loss_from_sums(parts["dense"], fixed_sum, parts["weighted"])
+                return self._dice_loss_from_sums(
+                    parts["dense"], self._class_counts(batch["fixed_classes"]),
+                    parts["weighted"])
 
             return self._segmentation_terms(batch, supervised, mask, per_sample_anatomy)
         return self._segmentation_terms(batch, supervised)

@@ -16,7 +16,7 @@ import numpy as np
 
 from dazoo.errors import DazooInputError
 from dazoo.preprocess import Preprocessed, Preprocessor
-from dazoo.training.subjects import Subject
+from dazoo.training.subjects import Subject, relabelled
 
 __all__ = ["VolumeCache", "CachedSubject"]
 
@@ -82,12 +82,8 @@ class VolumeCache:
 
     def _compute(self, subject: Subject, with_labels: bool) -> CachedSubject:
         if subject.image is None:
-            labels = self.preprocessor.apply_label_map(subject.labels)
-            if subject.relabel:
-                ids = np.unique(labels)
-                table = dict(subject.relabel)
-                lookup = np.array([table.get(int(i), int(i)) for i in ids], np.int32)
-                labels = lookup[np.searchsorted(ids, labels)]
+            labels = relabelled(self.preprocessor.apply_label_map(subject.labels),
+                                subject.relabel)
             return CachedSubject(None, labels)
         pre = self.preprocessor.apply(subject.image)
         labels = None

@@ -105,20 +105,13 @@ def split_subjects(subjects, validation, *, source: str, seed: int = 0):
     return [s for s in subjects if s.name not in set(validation)], held
 
 
-def _relabelled(array: np.ndarray, subject) -> np.ndarray:
-    """A label map with its subject's ``relabel`` applied (label maps from another protocol)."""
-    if not getattr(subject, "relabel", ()):
-        return array
-    ids = np.unique(array)
-    table = dict(subject.relabel)
-    return np.array([table.get(int(i), int(i)) for i in ids], np.int32)[np.searchsorted(ids, array)]
-
-
 def _label_map(recipe: Recipe, train, parent) -> LabelMap:
     spec = recipe["labels"]
     from_data = spec["from_data"] or bool((recipe["init"] or {}).get("labels_from_data"))
     if from_data:
-        maps = [_relabelled(io.read_labels(s.labels).array, s) for s in train
+        from dazoo.training.subjects import relabelled
+
+        maps = [relabelled(io.read_labels(s.labels).array, s.relabel) for s in train
                 if s.labels is not None]
         if not maps:
             raise DazooInputError(recipe.source, "labels from the data need labelled images")

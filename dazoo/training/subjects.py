@@ -28,7 +28,8 @@ import os
 from dazoo.errors import DazooInputError
 from dazoo.io import WRITABLE, stem
 
-__all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects", "find_label_maps"]
+__all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects", "find_label_maps",
+           "relabelled"]
 
 # ----------------------------------------------------------------------------- manifests
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,19 @@ def load_subjects(source: str | os.PathLike, **kwargs) -> list[Subject]:
     if source.lower().endswith(".csv"):
         return read_manifest(source)
     return find_subjects(source, **kwargs)
+
+
+def relabelled(array, relabel):
+    """``array`` (label ids) with ``relabel`` (``{id: new id}`` or ``((id, new id), ...)``)
+    applied; ids not listed are kept."""
+    import numpy as np
+
+    table = dict(relabel or ())
+    if not table:
+        return array
+    ids = np.unique(array)
+    lookup = np.array([table.get(int(i), int(i)) for i in ids], np.int32)
+    return lookup[np.searchsorted(ids, array)]
 
 
 def find_label_maps(spec, *, source: str = "data.label_maps") -> list[Subject]:

@@ -67,6 +67,7 @@ def main(argv=None):
     from dazoo.qc import label_overlay
     from dazoo.training import LabelSynth
     from dazoo.training.augment import Augmentation
+    from dazoo.training.subjects import relabelled
 
     data = pathlib.Path(args.data)
     out = pathlib.Path(args.out)
@@ -103,10 +104,8 @@ def main(argv=None):
         if not os.path.isfile(path):  # the recipe's absolute path is from another machine
             path = str(data / "knee-labels" / pathlib.Path(path).name)
         raw = pre.apply_label_map(path)
-        relabel = {int(k): int(v) for k, v in (entry.get("relabel") or {}).items()} \
-            if isinstance(entry, dict) else {}
-        if relabel:
-            raw = np.vectorize(lambda v: relabel.get(int(v), int(v)), otypes=[np.int32])(raw)
+        if isinstance(entry, dict):
+            raw = relabelled(raw, {int(k): int(v) for k, v in (entry.get("relabel") or {}).items()})
         maps[pathlib.Path(path).name.split(".")[0]] = raw
 
     results = {"preset": str(pipeline.preset.path), "samples": args.samples,
