@@ -293,6 +293,26 @@ def test_intensity_augmentation_and_validation():
         data.Augmentation(rotation=-1)
 
 
+def test_flip_mirrors_image_and_labels_and_keeps_ids():
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 7, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, (6, 7, 8)).astype(np.int32)
+    for axis in range(3):
+        out, moved = data.Augmentation(flip=1.0, flip_axis=axis)(image, labels, rng)
+        np.testing.assert_array_equal(out, np.flip(image, axis))
+        np.testing.assert_array_equal(moved, np.flip(labels, axis))
+        assert out.flags.c_contiguous and moved.flags.c_contiguous
+    out, moved = data.Augmentation(flip=0.0)(image, labels, rng)
+    np.testing.assert_array_equal(out, image)
+    flips = [not np.array_equal(data.Augmentation(flip=0.5)(image, None, rng)[0], image)
+             for _ in range(200)]
+    assert 70 < sum(flips) < 130
+    with pytest.raises(DazooInputError, match="flip <= 1"):
+        data.Augmentation(flip=1.5)
+    with pytest.raises(DazooInputError, match="flip_axis"):
+        data.Augmentation(flip=0.5, flip_axis=3)
+
+
 def test_dataset_with_augmentation_is_reproducible():
     images, labels = _arrays()
     augment = data.Augmentation(rotation=10, elastic=1.0, gamma=0.2)

@@ -40,6 +40,46 @@ def test_per_label_intensities_are_the_gaussians_drawn():
     assert np.all((sample.stds >= 0.02) & (sample.stds <= 0.1))
 
 
+def test_background_regions_have_their_own_gaussians():
+    """background=k splits label 0 into 1..k smooth regions, each drawn from its own Gaussian;
+    the labelled voxels and the label map are untouched."""
+    labels = _label_map((32, 32, 32))
+    plain = dict(rotation=0, scale=0, shear=0, translation=0, nonlinear=0, blur=0, thickness=1,
+                 bias=0, noise=0, gamma=0, std=(0.02, 0.05))
+    counts = set()
+    for seed in range(6):
+        sample = LabelSynth(background=5, background_spacing=6, **plain).draw(labels, seed)
+        np.testing.assert_array_equal(sample.labels, labels)
+        np.testing.assert_array_equal(sample.regions >= 0, labels == 0)
+        raw = sample.image * sample.scale + sample.offset
+        present = np.unique(sample.regions[sample.regions >= 0])
+        counts.add(len(sample.region_means))
+        assert len(present) <= len(sample.region_means) <= 5
+        for region in present:
+            values = raw[sample.regions == region]
+            tolerance = 4 * sample.region_stds[region] / np.sqrt(values.size) + 1e-5
+            assert abs(values.mean() - sample.region_means[region]) < tolerance
+            if values.size > 50:
+                assert values.std() == pytest.approx(sample.region_stds[region], rel=0.3)
+        for position, label in enumerate(sample.ids[1:], start=1):  # labelled voxels as before
+            values = raw[labels == label]
+            assert abs(values.mean() - sample.means[position]) < 4 * sample.stds[position] \
+                / np.sqrt(values.size) + 1e-5
+        if len(present) > 1:  # regions are smooth blobs, not salt and pepper
+            inner = sample.regions[1:-1, 1:-1, 1:-1]
+            same = (inner == sample.regions[2:, 1:-1, 1:-1]) & (inner >= 0)
+            assert same.sum() > 0.8 * (inner >= 0).sum()
+    assert len(counts) > 1  # the number of regions is drawn
+    # Without background (or with it drawn as zero) there are no regions.
+    assert LabelSynth(**plain).draw(labels, 0).regions is None
+    zero = LabelSynth(background=5, zero_background=1.0, **plain).draw(labels, 0)
+    assert zero.regions is None and np.all(zero.image[labels == 0] == zero.image.min())
+    one, two = (LabelSynth(background=5, **plain).draw(labels, 9) for _ in range(2))
+    np.testing.assert_array_equal(one.image, two.image)
+    with pytest.raises(DazooInputError, match="background must be an integer"):
+        LabelSynth(background=2.5)
+
+
 def test_groups_share_one_gaussian():
     synth = LabelSynth(nonlinear=0, rotation=0, scale=0, shear=0, translation=0,
                        groups={7: 1, 42: 1})

@@ -351,3 +351,20 @@ def test_training_with_label_maps_synthesised_and_simultaneous(tmp_path):
     path.write_text(json.dumps(recipe))
     with pytest.raises(DazooInputError, match="needs a \"synth\" section"):
         Recipe.load(path)
+
+
+@pytest.mark.parametrize("change", ["flip", "mirror"])
+def test_reflections_refused_with_left_right_label_tables(tmp_path, change):
+    """Mirroring keeps label ids: with left/right structures it would teach swapped labels."""
+    from dazoo.training.engine import train
+
+    folder = _cohort(tmp_path, count=3, unlabelled=())
+    recipe = json.loads(_recipe(folder).read_text())
+    recipe["labels"] = {"ids": [10, 1002, 2002]}
+    if change == "flip":
+        recipe["augmentation"]["flip"] = 0.5
+    else:
+        recipe["preprocess"].update(mirror="auto", alignment="affine", template="s0.nii.gz")
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(DazooInputError, match="left/right labels"):
+        train(Recipe.load(folder / "recipe.json"), tmp_path / "run")

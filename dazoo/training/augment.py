@@ -25,6 +25,11 @@ class Augmentation:
         elastic_spacing: float. Spacing of its control points, voxels (smoothness).
         gamma: float. Standard deviation of ``log(gamma)``; ``x -> x ** gamma`` on [0, 1].
         noise: float. Standard deviation of additive Gaussian noise (normalised units).
+        flip: float. Probability of mirroring image and labels along ``flip_axis`` (after the
+            spatial transform). Label ids are kept: right for tissues named by anatomy
+            (a knee's medial and lateral compartments swap sides with the knee), wrong for
+            tables with left and right structures (the training engine refuses those).
+        flip_axis: int. The mirrored array axis (0: left-right on an RAS model grid).
     """
 
     rotation: float = 0.0
@@ -34,12 +39,17 @@ class Augmentation:
     elastic_spacing: float = 16.0
     gamma: float = 0.0
     noise: float = 0.0
+    flip: float = 0.0
+    flip_axis: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
                 raise DazooInputError("augmentation", f"{field.name} must be >= 0, got {value!r}")
+        if self.flip > 1 or self.flip_axis not in (0, 1, 2):
+            raise DazooInputError("augmentation", "needs flip <= 1 (a probability) and "
+                                                  "flip_axis 0, 1 or 2")
         if self.elastic_spacing < 2 or self.scale >= 1:
             raise DazooInputError("augmentation", "needs elastic_spacing >= 2 and scale < 1")
 
@@ -79,11 +89,15 @@ class Augmentation:
             image = ndi.map_coordinates(image, coords, order=1, cval=0.0, output=np.float32)
             if labels is not None:
                 labels = ndi.map_coordinates(labels, coords, order=0, cval=0)
+        if self.flip and rng.random() < self.flip:
+            image = np.flip(image, self.flip_axis)
+            if labels is not None:
+                labels = np.ascontiguousarray(np.flip(labels, self.flip_axis))
         if self.gamma:
             image = np.clip(image, 0, None) ** np.float32(np.exp(rng.normal(0, self.gamma)))
         if self.noise:
             image = image + rng.normal(0, self.noise, image.shape).astype(np.float32)
-        return image.astype(np.float32, copy=False), labels
+        return np.ascontiguousarray(image, dtype=np.float32), labels
 
 
 def _axis_rotation(axis: int, angle: float) -> np.ndarray:

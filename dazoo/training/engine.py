@@ -407,12 +407,17 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                                                  "have no label map")
         parent = get_preset(c["init"]["preset"]) if (c["init"] or {}).get("preset") else None
         label_map = _label_map(recipe, train_subjects + label_maps, parent)
-        if recipe["preprocess"].get("mirror") == "auto" and any(
-                left_id(i) != i for i in label_map.ids.tolist()):
+        sided = any(left_id(i) != i for i in label_map.ids.tolist())
+        if recipe["preprocess"].get("mirror") == "auto" and sided:
             raise DazooInputError(recipe.source, "preprocess.mirror \"auto\" reflects some scans "
                                                  "onto the template's side, which would swap "
                                                  "left/right labels: not with a label table "
                                                  "that has left and right structures")
+        if c["augmentation"].get("flip") and sided:
+            raise DazooInputError(recipe.source, "augmentation.flip mirrors images and keeps "
+                                                 "their label ids, which would swap left/right "
+                                                 "labels: not with a label table that has left "
+                                                 "and right structures")
         table = label_map.to_table()
         _write_json(folder / "labels.json", {"classes": table})
         preprocessor = _preprocessing(recipe, folder, train_subjects, parent, say)

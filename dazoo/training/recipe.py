@@ -32,8 +32,8 @@ one takes the default shown by ``Recipe.defaults()``)::
                    "validate_every": 500, "validation_pairs": 6, "monitor": "native_dice",
                    "labelled_fraction": null},
       "augmentation": {"rotation": 0, "scale": 0, "translation": 0, "elastic": 0,
-                       "elastic_spacing": 16, "gamma": 0, "noise": 0,
-                       "phases": ["registration", "segmentation"]},
+                       "elastic_spacing": 16, "gamma": 0, "noise": 0, "flip": 0,
+                       "flip_axis": 0, "phases": ["registration", "segmentation"]},
       "synth": null,                           or {"probability": p, LabelSynth options...}:
                                                labelled training images are replaced, with
                                                probability p, by images synthesised from their
@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
                    "intensity": {"method": "percentile", "lower": 0.5, "upper": 99.5,
                                  "nonzero": True},
                    "template": None, "alignment": "none", "metric": "correlation",
-                   "centre": "mass", "levels": 4},
+                   "centre": "mass", "levels": 4, "mirror": "none"},
     "model": {"mode": "joint", "registration_steps": 1, "segmentation_steps": 1,
               "registration": {}, "segmentation": {}},
     "losses": {"similarity": "ncc", "ncc_window": 9, "smoothness_weight": 1.0,
@@ -90,8 +90,8 @@ DEFAULTS: dict[str, Any] = {
     "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100, "validate_every": 500,
                  "validation_pairs": 6, "monitor": "native_dice", "labelled_fraction": None},
     "augmentation": {"rotation": 0.0, "scale": 0.0, "translation": 0.0, "elastic": 0.0,
-                     "elastic_spacing": 16.0, "gamma": 0.0, "noise": 0.0,
-                     "phases": ["registration", "segmentation"]},
+                     "elastic_spacing": 16.0, "gamma": 0.0, "noise": 0.0, "flip": 0.0,
+                     "flip_axis": 0, "phases": ["registration", "segmentation"]},
     "synth": None,
     "precision": "float32",
     "init": None,
@@ -404,5 +404,5 @@ class Recipe:
 
         values = {k: v for k, v in self.config["augmentation"].items() if k != "phases"}
         augment = Augmentation(**values)
-        active = augment.spatial or augment.gamma or augment.noise
+        active = augment.spatial or augment.gamma or augment.noise or augment.flip
         return augment if active else None

@@ -13,7 +13,9 @@ scanner's contrast:
    random stationary velocity field (B-spline-smooth control values, integrated at half
    resolution); labels are resampled with nearest neighbour (ids exact, no new ids);
 2. **intensities**: per label (or per group of labels) a Gaussian with a random mean and
-   standard deviation;
+   standard deviation; optionally (``background``) label 0 is split into random smooth
+   regions with Gaussians of their own, for the unlabelled tissue around the labelled
+   anatomy (muscle, fat, fluid around a knee's bones);
 3. **acquisition**: partial-volume blur, a random slice thickness along a random axis
    (blurred by the slice profile, sampled at that spacing and interpolated back to the
    grid), a smooth multiplicative bias field, Gaussian noise, min-max normalisation to
@@ -52,6 +54,10 @@ class SynthSample:
             before the gamma (``gamma`` 1 means none).
         gamma: the exponent applied to the normalised image.
         axis, thickness: the simulated slice axis and thickness in voxels (1: none).
+        regions: ``(D, H, W)`` int8, the background region of each voxel whose label is 0
+            (-1 elsewhere); None without ``background``.
+        region_means, region_stds: the Gaussian of each background region (region 0 uses
+            the background's ``means``/``stds`` entry).
     """
 
     image: np.ndarray
@@ -65,6 +71,9 @@ class SynthSample:
     gamma: float
     axis: int
     thickness: float
+    regions: np.ndarray | None = None
+    region_means: np.ndarray | None = None
+    region_stds: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,6 +97,11 @@ class LabelSynth:
             left and right of a structure); unlisted ids are their own group.
         zero_background: probability that label 0 is drawn as intensity 0 (a skull-stripped
             or masked scan) instead of a random Gaussian.
+        background: maximum number of random smooth regions label 0 is split into (each
+            sample draws 1..background), each with its own Gaussian: unlabelled tissue
+            around the labelled anatomy. 0 or 1: label 0 is one tissue.
+        background_spacing: size of those regions (control-point spacing of the random
+            fields whose argmax makes them), voxels.
         blur: maximum partial-volume blur (Gaussian sigma, voxels, per axis).
         thickness: maximum simulated slice thickness along a random axis, voxels (1: off).
         bias: maximum standard deviation of the log bias field's control values.
@@ -107,6 +121,8 @@ class LabelSynth:
     std: tuple[float, float] = (0.0, 0.08)
     groups: Mapping[int, int] | None = None
     zero_background: float = 0.0
+    background: int = 0
+    background_spacing: float = 12.0
     blur: float = 1.0
     thickness: float = 3.0
     bias: float = 0.3
@@ -127,6 +143,12 @@ class LabelSynth:
         if self.nonlinear_spacing < 2 or self.bias_spacing < 2 or self.thickness < 1:
             raise DazooInputError("synth", "needs nonlinear_spacing, bias_spacing >= 2 and "
                                            "thickness >= 1")
+        if isinstance(self.background, bool) or not isinstance(self.background, int) \
+                or not 0 <= self.background <= 100:
+            raise DazooInputError("synth", f"background must be an integer 0..100, got "
+                                           f"{self.background!r}")
+        if not self.background_spacing >= 2:
+            raise DazooInputError("synth", "needs background_spacing >= 2")
         if int(self.integration_steps) < 0:
             raise DazooInputError("synth", "integration_steps must be >= 0")
         for name in ("mean", "std"):
@@ -194,8 +216,13 @@ class LabelSynth:
         ids = np.union1d(np.unique(labels), [0])  # 0: also what lies outside the map
         means, stds = self._gaussians(ids, rng)
         index = np.searchsorted(ids, moved)
-        image = (means[index] + stds[index] * rng.standard_normal(shape, np.float32)
-                 ).astype(np.float32)
+        mean, std = means[index], stds[index]
+        regions, region_means, region_stds = self._background(moved, ids, means, stds, rng)
+        if regions is not None:
+            outside = regions >= 0
+            mean[outside] = region_means[regions[outside]]
+            std[outside] = region_stds[regions[outside]]
+        image = (mean + std * rng.standard_normal(shape, np.float32)).astype(np.float32)
         if self.blur:
             image = ndi.gaussian_filter(image, rng.uniform(0, self.blur, 3), mode="nearest")
         axis, thickness = int(rng.integers(3)), float(rng.uniform(1, self.thickness))
@@ -219,7 +246,8 @@ class LabelSynth:
             image = np.clip(image, 0, 1) ** np.float32(gamma)
         return SynthSample(image=image.astype(np.float32), labels=moved, coordinates=coords,
                            ids=ids, means=means, stds=stds, offset=offset, scale=scale,
-                           gamma=gamma, axis=axis, thickness=thickness)
+                           gamma=gamma, axis=axis, thickness=thickness, regions=regions,
+                           region_means=region_means, region_stds=region_stds)
 
     def __call__(self, labels: np.ndarray, rng: np.random.Generator | int | None = None,
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +265,29 @@ class LabelSynth:
             position = int(np.searchsorted(ids, 0))
             means[position] = stds[position] = 0.0
         return means, stds
+
+
+    def _background(self, moved, ids, means, stds, rng):
+        """Background regions (``-1`` off the background), their means and stds; ``(None,
+        None, None)`` without ``background`` or when the background was drawn as zero."""
+        position = int(np.searchsorted(ids, 0))
+        if self.background < 2 or (means[position] == 0 and stds[position] == 0):
+            return None, None, None
+        count = int(rng.integers(1, self.background + 1))
+        region_means = np.concatenate([[means[position]],
+                                       rng.uniform(*self.mean, count - 1)]).astype(np.float32)
+        region_stds = np.concatenate([[stds[position]],
+                                      rng.uniform(*self.std, count - 1)]).astype(np.float32)
+        shape = moved.shape
+        regions = np.full(shape, -1, np.int8)
+        background = moved == 0
+        if count == 1:
+            regions[background] = 0
+            return regions, region_means, region_stds
+        coarse = tuple(int(np.ceil(n / self.background_spacing)) + 1 for n in shape)
+        fields = np.stack([_zoom_to(rng.standard_normal(coarse), shape) for _ in range(count)])
+        regions[background] = np.argmax(fields[:, background], axis=0).astype(np.int8)
+        return regions, region_means, region_stds
 
 
 def integrate_svf(velocity: np.ndarray, steps: int = 7) -> np.ndarray:
