@@ -23,6 +23,17 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _warn(path: str, warnings) -> None:
+    """The input's failed sanity checks, one ``warning: FILE: ...`` line each."""
+    for line in warnings:
+        print(f"warning: {path}: {line}", file=sys.stderr, flush=True)
+
+
+_STRICT_HELP = ("make a failed input sanity check (implausible size, failed alignment, not "
+                "skull-stripped, ...: printed as a warning otherwise) an error: exit 2, "
+                "nothing written for that input")
+
+
 # --------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
     """Train a tiny DeepAtlas on synthetic anatomies and write its results as NIfTI."""
@@ -185,7 +196,9 @@ def _segment(args: argparse.Namespace) -> int:
     for number, (path, target, prob) in enumerate(zip(inputs, targets, probabilities), 1):
         try:
             result = pipeline.segment(
-                path, probabilities=args.probabilities_dtype if prob is not None else False)
+                path, probabilities=args.probabilities_dtype if prob is not None else False,
+                strict=args.strict)
+            _warn(path, result.warnings)
             result.save(target, protect=inputs)
             if prob is not None:
                 result.save_probabilities(prob, dtype=args.probabilities_dtype, protect=inputs)
@@ -235,6 +248,7 @@ def _add_segment(sub) -> None:
     p.add_argument("--continue-on-error", action="store_true",
                    help="skip a bad input (its one-line error is printed), process the rest, "
                         "print a summary; exit status 2 if any failed")
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.set_defaults(run=_segment)
 
 
@@ -259,7 +273,11 @@ def _register(args: argparse.Namespace) -> int:
     _check_outputs([args.moved, args.warp, args.moved_labels, args.jacobian], inputs)
     pipeline = load(args.preset)
     _log(f"registering {args.moving} -> {args.fixed}")
-    result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels)
+    result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels,
+                               strict=args.strict)
+    for line in result.warnings:
+        role, _, text = line.partition(": ")
+        _warn(args.moving if role == "moving" else args.fixed, [text])
     written = result.save(moved=args.moved, warp=args.warp, moved_labels=args.moved_labels,
                           warp_convention=args.warp_convention, warp_dtype=args.warp_dtype,
                           jacobian=args.jacobian, protect=inputs)
@@ -299,6 +317,7 @@ def _add_register(sub) -> None:
     p.add_argument("--qc", metavar="DIR", help="write a picture (checkerboard, deformed grid, "
                                                "Jacobian) to DIR")
     p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
+    p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.set_defaults(run=_register)
 
 

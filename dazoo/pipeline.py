@@ -31,12 +31,14 @@ class Segmentation:
         labels: :class:`~dazoo.io.Volume` of label ids (the preset's ids, 0 = background),
             on the input image's grid and affine.
         seconds: wall-clock time of the whole call.
+        warnings: the input's failed sanity checks (:mod:`dazoo.checks`), one line each.
     """
 
     labels: Volume
     seconds: float = 0.0
     probabilities: Volume | None = None
     names: dict | None = None
+    warnings: list = dataclasses.field(default_factory=list)
 
     def save(self, path: str | os.PathLike, *, protect: Iterable = ()) -> str:
         """Writes the label map (integers, atomically); refuses to overwrite ``protect``."""
@@ -80,6 +82,7 @@ class Registration:
             Jacobian determinant <= 0.
         jacobian: summary of that determinant (min, max, mean, std).
         seconds: wall-clock time of the whole call.
+        warnings: failed sanity checks of either input, ``"moving: ..."`` / ``"fixed: ..."``.
     """
 
     moved: Volume
@@ -88,6 +91,7 @@ class Registration:
     folding_fraction: float
     jacobian: dict
     seconds: float = 0.0
+    warnings: list = dataclasses.field(default_factory=list)
 
     def jacobian_map(self) -> Volume:
         """Jacobian determinant of ``x -> x + d(x)`` (fixed world -> moving world) on the fixed
@@ -150,9 +154,13 @@ class Pipeline:
     def __init__(self, preset: Preset):
         from dazoo.models.deep_atlas import DeepAtlas
 
+        from dazoo.checks import InputChecks
+
         model = DeepAtlas.from_preset(preset)  # verifies the weights' sha256
         self._setup(model, model.preprocessor, model.label_table, preset.name)
         self.preset = preset
+        if preset.file("checks.json").exists():
+            self.checks = InputChecks.from_json(preset.file("checks.json"))
 
     @classmethod
     def from_model(cls, model, preprocessor, label_table: list[dict], *,
@@ -173,6 +181,7 @@ class Pipeline:
         self.model = model
         self.preprocessor = preprocessor
         self._name = name
+        self.checks = None  # InputChecks from the preset's checks.json, if it has one
         classes = sorted(label_table, key=lambda c: c["class"])
         if [c["class"] for c in classes] != list(range(model.num_classes)):
             raise DazooInputError(name, f"label table classes must be 0..{model.num_classes - 1},"
@@ -194,8 +203,33 @@ class Pipeline:
         """The image on the model grid (:class:`dazoo.preprocess.Preprocessed`)."""
         return self.preprocessor.apply(image)
 
+    def check(self, volume: Volume, pre=None) -> list[str]:
+        """The failed sanity checks of an input (:mod:`dazoo.checks`; ``pre``: its
+        :class:`~dazoo.preprocess.Preprocessed`, for the alignment checks), one line each;
+        empty when the preset has no ``checks.json`` or all pass."""
+        from dazoo.checks import check_input, measure_input
+
+        if self.checks is None:
+            return []
+        measured = measure_input(volume, self.preprocessor.template,
+                                 None if pre is None else pre.alignment,
+                                 outside_margin_mm=self.checks.outside_margin_mm)
+        return check_input(measured, self.checks)
+
+    def _prepare(self, image: Source, strict: bool, role: str = ""):
+        """Reads and preprocesses an input and runs the checks; ``strict``: a failed check
+        is a :class:`DazooInputError` (before anything is computed or written)."""
+        volume = io.read_image(image)
+        pre = self.preprocess(volume)
+        warnings = self.check(volume, pre)
+        if strict and warnings:
+            more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
+            raise DazooInputError(volume.name, warnings[0] + more + " [--strict]")
+        return volume, pre, [role + w for w in warnings]
+
     # ----------------------------------------------------------------- segment
-    def segment(self, image: Source, *, probabilities: bool | str = False) -> Segmentation:
+    def segment(self, image: Source, *, probabilities: bool | str = False,
+                strict: bool = False) -> Segmentation:
         """Segments one image and returns the label map on its own grid.
 
         Args:
@@ -203,9 +237,11 @@ class Pipeline:
             probabilities: also return the class probabilities on the input's grid
                 (``result.probabilities``, ``(X, Y, Z, K)``): True or ``"float32"``, or
                 ``"uint8"`` (``round(255 p)``, a quarter of the memory).
+            strict: a failed sanity check (``result.warnings`` otherwise) raises
+                :class:`~dazoo.errors.DazooInputError`.
         """
         start = time.perf_counter()
-        pre = self.preprocess(image)
+        _, pre, warnings = self._prepare(image, strict)
         labels, scores = self._segment(pre)
         maps = None
         if probabilities:
@@ -216,7 +252,7 @@ class Pipeline:
                           None)
         names = {0: "background", **self.label_names}
         return Segmentation(labels=labels, seconds=time.perf_counter() - start,
-                            probabilities=maps, names=names)
+                            probabilities=maps, names=names, warnings=warnings)
 
     def segment_preprocessed(self, pre) -> Volume:
         """The label map (ids) on the native grid of an image already preprocessed."""
@@ -237,23 +273,25 @@ class Pipeline:
 
     # ----------------------------------------------------------------- register
     def register(self, moving: Source, fixed: Source, *,
-                 moving_labels: Source | None = None) -> Registration:
+                 moving_labels: Source | None = None, strict: bool = False) -> Registration:
         """Registers ``moving`` onto ``fixed``; results are on the fixed image's own grid.
 
         Args:
             moving: the image to deform (path, nibabel image or ``(array, affine)``).
             fixed: the reference image.
             moving_labels: optional label map of ``moving`` (same grid) to carry along.
+            strict: a failed sanity check of either image (``result.warnings`` otherwise)
+                raises :class:`~dazoo.errors.DazooInputError`.
         """
         start = time.perf_counter()
-        moving_volume = io.read_image(moving)
-        fixed_volume = io.read_image(fixed)
+        moving_volume, moving_pre, moving_warnings = self._prepare(moving, strict, "moving: ")
         labels_volume = None
         if moving_labels is not None:
             labels_volume = io.read_labels(moving_labels, like=moving_volume)
-        result = self.register_preprocessed(moving_volume, self.preprocess(moving_volume),
-                                            fixed_volume.affine, self.preprocess(fixed_volume),
-                                            moving_labels=labels_volume)
+        fixed_volume, fixed_pre, fixed_warnings = self._prepare(fixed, strict, "fixed: ")
+        result = self.register_preprocessed(moving_volume, moving_pre, fixed_volume.affine,
+                                            fixed_pre, moving_labels=labels_volume)
+        result.warnings = moving_warnings + fixed_warnings
         result.seconds = time.perf_counter() - start
         return result
 

@@ -1,0 +1,168 @@
+"""Input sanity checks: is this the kind of scan the preset was trained on?
+
+A network segments whatever it is given: a head with its scalp and skull, a brain whose header
+says 10 mm voxels, or a knee given to the brain preset all come out as label maps. These checks
+look at the input before the network does, with thresholds stored in the preset
+(``checks.json``) and measured on real scans and on damaged copies of them
+(``benchmarks/sanity_thresholds.py``):
+
+- **size**: the foreground's physical extent along each world axis (RAS mm, robust 1st-99th
+  percentile span of the voxels above 10 % of the robust intensity range), as a ratio of the
+  preset's reference extent: catches wrong voxel sizes in the header and wrong anatomy;
+- **alignment**: the correlation between the template and the image after the affine
+  pre-alignment (:func:`dazoo.preprocess.alignment_score`): catches failed alignments;
+- **outside**: for presets trained on masked scans (skull-stripped brains), the fraction of
+  the aligned image's bright voxels that fall outside the template's foreground (dilated):
+  catches scans that were not skull-stripped.
+
+:func:`check_input` returns one line per failed check (empty when all pass). The pipeline
+attaches them to its results (``result.warnings``), the CLI prints them as ``warning: FILE:
+...`` and, with ``--strict``, refuses the input (exit 2, nothing written).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from dazoo.errors import DazooInputError
+from dazoo.io import Volume
+
+__all__ = ["InputChecks", "measure_input", "check_input", "foreground_extent"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InputChecks:
+    """Thresholds of the sanity checks (``checks.json`` in a preset).
+
+    Args:
+        extent_mm: the reference foreground extent along the world R, A, S axes (mm).
+        extent_ratio: ``(low, high)``: each axis's extent / the reference must lie within.
+        min_alignment: lowest accepted template correlation after alignment (None: no check).
+        max_outside: highest accepted fraction of bright voxels outside the template's
+            dilated foreground (None: no check; for presets trained on masked scans).
+        outside_margin_mm: the dilation of the template's foreground for ``max_outside``.
+        needs: what the preset expects, for the messages (e.g. "a skull-stripped T1 brain").
+    """
+
+    extent_mm: tuple[float, float, float]
+    extent_ratio: tuple[float, float] = (0.6, 1.6)
+    min_alignment: float | None = None
+    max_outside: float | None = None
+    outside_margin_mm: float = 6.0
+    needs: str = "the anatomy this preset was trained on"
+
+    def __post_init__(self):
+        extent = tuple(float(v) for v in self.extent_mm)
+        low, high = (float(v) for v in self.extent_ratio)
+        if len(extent) != 3 or not all(v > 0 for v in extent) or not 0 < low < 1 < high:
+            raise DazooInputError("checks", "needs 3 positive extent_mm and extent_ratio "
+                                            "(low < 1 < high)")
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], *, source: str = "checks") -> InputChecks:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - fields - {"measured"})
+        if unknown:
+            raise DazooInputError(source, f"unknown key(s) {unknown}")
+        values = {k: v for k, v in config.items() if k in fields}
+        for key in ("extent_mm", "extent_ratio"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> InputChecks:
+        with open(path) as handle:
+            return cls.from_dict(json.load(handle), source=os.fspath(path))
+
+
+def foreground_extent(volume: Volume) -> np.ndarray:
+    """Physical extent (mm) of an image's foreground along the world R, A, S axes: the span
+    between the 1st and 99th percentiles of the world positions of the voxels above 10 % of
+    the robust intensity range (0.5th-99.5th percentiles); zeros if there is none."""
+    array = np.asarray(volume.array)
+    step = max(1, int(round((array.size / 2e6) ** (1 / 3))))
+    sample = np.asarray(array[::step, ::step, ::step], np.float32)
+    low, high = np.percentile(sample, [0.5, 99.5])
+    index = np.argwhere(sample > low + 0.1 * (high - low)) * step
+    if len(index) < 10:
+        return np.zeros(3)
+    world = index @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+    lower, upper = np.percentile(world, [1, 99], axis=0)
+    return upper - lower
+
+
+def measure_input(volume: Volume, template: Volume | None, alignment: np.ndarray | None,
+                  *, outside_margin_mm: float = 6.0) -> dict[str, Any]:
+    """The raw measurements behind the checks (for calibration and the messages):
+    ``extent_mm`` (3), and with a template and alignment ``alignment`` (correlation) and
+    ``outside`` (fraction of bright aligned voxels outside the dilated template
+    foreground)."""
+    from dazoo.preprocess import alignment_score
+
+    out: dict[str, Any] = {"extent_mm": foreground_extent(volume).tolist()}
+    if template is None or alignment is None:
+        return out
+    out["alignment"] = alignment_score(volume, template, alignment)
+    out["outside"] = _outside_fraction(volume, template, alignment, outside_margin_mm)
+    return out
+
+
+def _outside_fraction(volume: Volume, template: Volume, alignment: np.ndarray,
+                      margin_mm: float) -> float:
+    """Of the template-grid voxels where the aligned image is bright (above 20 % of its robust
+    range), the fraction outside the template's foreground dilated by ``margin_mm``."""
+    t = np.asarray(template.array, np.float32)
+    spacing = np.sqrt((template.affine[:3, :3] ** 2).sum(axis=0))
+    inside_template = t > t.min() + 0.02 * (np.percentile(t, 99.5) - t.min())
+    distance = ndi.distance_transform_edt(~inside_template, sampling=spacing)
+    near = distance <= margin_mm
+    index = np.argwhere(np.ones(t.shape, bool))
+    world = template.affine[:3, :3] @ index.T + template.affine[:3, 3:4]
+    native = np.linalg.inv(volume.affine) @ (alignment @ np.vstack([world, np.ones((1, len(index)))]))
+    valid = np.all((native[:3] >= 0) & (native[:3] <= np.array(volume.shape[:3])[:, None] - 1),
+                   axis=0)
+    array = np.asarray(volume.array, np.float32)
+    values = np.zeros(len(index), np.float32)
+    values[valid] = ndi.map_coordinates(array, native[:3, valid], order=1)
+    low, high = np.percentile(values[valid], [0.5, 99.5]) if valid.any() else (0.0, 0.0)
+    bright = valid & (values > low + 0.2 * (high - low))
+    if not bright.any():
+        return 0.0
+    return float(np.mean(~near.ravel()[bright]))
+
+
+def check_input(measured: Mapping[str, Any], checks: InputChecks) -> list[str]:
+    """One line per failed check of :func:`measure_input`'s ``measured`` (empty: all pass)."""
+    problems = []
+    extent = np.asarray(measured["extent_mm"], float)
+    reference = np.asarray(checks.extent_mm, float)
+    ratio = extent / reference
+    low, high = checks.extent_ratio
+    if not np.all((ratio >= low) & (ratio <= high)):
+        shown = " x ".join(f"{v:.0f}" for v in extent)
+        expected = " x ".join(f"{v:.0f}" for v in reference)
+        problems.append(f"implausible physical size: the foreground spans {shown} mm (R x A x S)"
+                        f", {checks.needs} spans about {expected} mm; check the voxel size "
+                        "in the header and the anatomy")
+    score = measured.get("alignment")
+    if checks.min_alignment is not None and score is not None and score < checks.min_alignment:
+        problems.append(f"the affine alignment to the template looks failed (correlation "
+                        f"{score:.2f} < {checks.min_alignment:.2f}); is this {checks.needs}?")
+    outside = measured.get("outside")
+    if checks.max_outside is not None and outside is not None and outside > checks.max_outside:
+        problems.append(f"{100 * outside:.0f} % of the bright voxels lie outside the template's "
+                        f"brain (more than {100 * checks.max_outside:.0f} %): not skull-stripped? "
+                        f"this preset expects {checks.needs}")
+    return problems
+
+
+def extent_summary(values: Sequence[Sequence[float]]) -> list[float]:
+    """The reference extent of a set of scans (median per axis)."""
+    return np.median(np.asarray(values, float), axis=0).tolist()

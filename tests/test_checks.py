@@ -1,0 +1,145 @@
+"""Input sanity checks (dazoo.checks): physical size, failed alignment, not skull-stripped;
+warnings by default, errors with strict / --strict (exit 2, nothing written)."""
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from dazoo.checks import InputChecks, check_input, foreground_extent, measure_input
+from dazoo.cli import main
+from dazoo.errors import DazooInputError
+from dazoo.io import Volume
+
+from test_pipeline import preset_dir, scans  # noqa: F401  (fixtures)
+
+
+def _ball(shape, radius, spacing=1.0, centre=None):
+    centre = (np.array(shape) - 1) / 2 if centre is None else np.asarray(centre)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    return (np.sqrt((((grid - centre) * spacing) ** 2).sum(-1)) <= radius)
+
+
+def test_foreground_extent_is_the_physical_size_along_world_axes():
+    box = np.zeros((60, 50, 40), np.float32)
+    box[10:50, 5:45, 8:28] = 100.0  # 40 x 40 x 20 voxels
+    affine = np.diag([0.5, 2.0, 1.5, 1.0])
+    extent = foreground_extent(Volume(box, affine, None))
+    # the 1st..99th percentile span of uniformly spread positions: 0.98 of the size
+    np.testing.assert_allclose(extent, 0.98 * np.array([20.0, 80.0, 30.0]), rtol=0.05)
+    # stored with the axes permuted (A, S, R), the world extents are the same
+    permuted = np.zeros((4, 4))
+    permuted[[1, 2, 0], [0, 1, 2]] = [2.0, 1.5, 0.5]
+    permuted[3, 3] = 1
+    moved = foreground_extent(Volume(np.transpose(box, (1, 2, 0)), permuted, None))
+    np.testing.assert_allclose(moved, extent, rtol=0.05)
+    # a header claiming 10x the voxel size gives 10x the extent
+    np.testing.assert_allclose(foreground_extent(Volume(box, affine * [10, 10, 10, 1], None)),
+                               10 * extent, rtol=0.02)
+
+
+def test_outside_fraction_counts_bright_voxels_beyond_the_template():
+    shape = (40, 40, 40)
+    template = Volume(_ball(shape, 10).astype(np.float32), np.eye(4), None)
+    brain = Volume(template.array * 90.0, np.eye(4), None)
+    clean = measure_input(brain, template, np.eye(4))
+    assert clean["outside"] == 0.0 and clean["alignment"] > 0.99
+    shell = _ball(shape, 17) & ~_ball(shape, 14)  # a bright "scalp" 4-7 mm beyond the brain
+    head = Volume(brain.array + 90.0 * shell, np.eye(4), None)
+    measured = measure_input(head, template, np.eye(4), outside_margin_mm=2.0)
+    expected = shell.sum() / (shell.sum() + _ball(shape, 10).sum())
+    assert measured["outside"] == pytest.approx(expected, rel=0.02)
+    # a margin wider than the gap counts nothing
+    assert measure_input(head, template, np.eye(4), outside_margin_mm=8.0)["outside"] == 0.0
+
+
+def test_check_input_flags_each_failure_in_one_line():
+    checks = InputChecks(extent_mm=(120, 150, 110), extent_ratio=(0.6, 1.6),
+                         min_alignment=0.6, max_outside=0.1, needs="a skull-stripped T1 brain")
+    good = {"extent_mm": [118, 160, 100], "alignment": 0.9, "outside": 0.01}
+    assert check_input(good, checks) == []
+    big = check_input({**good, "extent_mm": [1180, 1600, 1000]}, checks)
+    assert len(big) == 1 and "implausible physical size" in big[0] and "1180" in big[0]
+    assert "size" in check_input({**good, "extent_mm": [12, 16, 10]}, checks)[0]
+    assert "alignment" in check_input({**good, "alignment": 0.3}, checks)[0]
+    assert "skull-stripped" in check_input({**good, "outside": 0.4}, checks)[0]
+    assert len(check_input({"extent_mm": [1, 1, 1], "alignment": 0.1, "outside": 0.9},
+                           checks)) == 3
+    assert all("\n" not in line for line in big)
+    # checks without alignment thresholds ignore those measurements
+    plain = InputChecks(extent_mm=(120, 150, 110))
+    assert check_input({**good, "alignment": -1.0, "outside": 1.0}, plain) == []
+    with pytest.raises(DazooInputError, match="extent_ratio"):
+        InputChecks(extent_mm=(1, 1, 1), extent_ratio=(1.2, 2.0))
+    with pytest.raises(DazooInputError, match="unknown key"):
+        InputChecks.from_dict({"extent_mm": [1, 1, 1], "size": 3})
+
+
+@pytest.fixture
+def checked_preset(preset_dir, scans, tmp_path):  # noqa: F811
+    """The tiny preset with a checks.json whose reference extent is the test scans'."""
+    folder = tmp_path / "checked"
+    shutil.copytree(preset_dir, folder)
+    image = nib.load(scans[0][0])
+    extent = foreground_extent(Volume(np.asarray(image.dataobj), image.affine, None))
+    (folder / "checks.json").write_text(json.dumps(
+        {"extent_mm": extent.tolist(), "extent_ratio": [0.6, 1.6], "needs": "a test phantom"}))
+    return folder
+
+
+def _ten_mm(path, out):
+    image = nib.load(path)
+    affine = image.affine.copy()
+    affine[:3, :3] *= 10 / 1.5
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), out)
+    return str(out)
+
+
+def test_pipeline_warns_and_strict_refuses(checked_preset, preset_dir, scans,  # noqa: F811
+                                           tmp_path):
+    import dazoo
+
+    pipeline = dazoo.load(str(checked_preset))
+    assert pipeline.segment(scans[0][0]).warnings == []
+    assert pipeline.segment(scans[1][0]).warnings == []
+    big = _ten_mm(scans[0][0], tmp_path / "big.nii.gz")
+    result = pipeline.segment(big)
+    assert len(result.warnings) == 1 and "implausible physical size" in result.warnings[0]
+    with pytest.raises(DazooInputError, match="implausible physical size.*strict"):
+        pipeline.segment(big, strict=True)
+    registration = pipeline.register(scans[0][0], big)
+    assert [w.split(":")[0] for w in registration.warnings] == ["fixed"]
+    with pytest.raises(DazooInputError, match="big.nii.gz"):
+        pipeline.register(big, scans[0][0], strict=True)
+    # presets without checks.json do not check
+    unchecked = dazoo.load(str(preset_dir))
+    assert unchecked.checks is None and unchecked.segment(big).warnings == []
+
+
+def test_cli_warning_line_and_strict_exit(checked_preset, scans, tmp_path, capsys):  # noqa: F811
+    big = _ten_mm(scans[0][0], tmp_path / "big.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", big, "-o", str(out), "--preset", str(checked_preset)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {big}: implausible")
+    assert out.exists()
+    strict = tmp_path / "strict.nii.gz"
+    assert main(["segment", big, "-o", str(strict), "--preset", str(checked_preset),
+                 "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert not strict.exists() and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("dazoo: error")] == [
+        line for line in err.splitlines() if big in line]
+    # clean input is untouched by --strict
+    clean = tmp_path / "clean.nii.gz"
+    assert main(["segment", scans[0][0], "-o", str(clean), "--preset", str(checked_preset),
+                 "--strict"]) == 0
+    assert "warning:" not in capsys.readouterr().err and clean.exists()
+    moved = tmp_path / "moved.nii.gz"
+    assert main(["register", scans[0][0], big, "--moved", str(moved), "--preset",
+                 str(checked_preset), "--strict"]) == 2
+    assert not moved.exists()
