@@ -274,7 +274,7 @@ def _register(args: argparse.Namespace) -> int:
     pipeline = load(args.preset)
     _log(f"registering {args.moving} -> {args.fixed}")
     result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels,
-                               strict=args.strict)
+                               strict=args.strict, refine=args.refine)
     for line in result.warnings:
         role, _, text = line.partition(": ")
         _warn(args.moving if role == "moving" else args.fixed, [text])
@@ -318,6 +318,11 @@ def _add_register(sub) -> None:
                                                "Jacobian) to DIR")
     p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
+    p.add_argument("--refine", type=int, metavar="N",
+                   help="iterations of anatomy-guided test-time refinement of the network's "
+                        "velocity (image similarity + smoothness + soft Dice of the warped "
+                        "segmentations; --moving-labels guide it when given); default: the "
+                        "preset's (0: the network alone)")
     p.set_defaults(run=_register)
 
 

@@ -140,6 +140,14 @@ class Registration:
         return written
 
 
+def _classes_of(ids: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """Class index of each label id (ids outside the table: class 0, the background)."""
+    order = np.argsort(class_ids)
+    position = np.clip(np.searchsorted(class_ids[order], ids), 0, len(class_ids) - 1)
+    found = class_ids[order][position] == ids
+    return np.where(found, order[position], 0)
+
+
 class Pipeline:
     """A loaded preset: segmentation and registration of native-space scans.
 
@@ -266,6 +274,31 @@ class Pipeline:
         classes = labels_to_native(scores, pre)
         return Volume(self.class_ids[classes], pre.native_affine, None), scores
 
+    def _refine(self, out, moving_pre, fixed_pre, labels_volume, iterations, options):
+        """The refined model-grid displacement (see :func:`dazoo.refine.refine_velocity`)."""
+        from dazoo.refine import refine_velocity
+
+        net = self.model.registration_net
+        # The network's "flow" output is what it integrates (already resized to the
+        # integration resolution), or its displacement at flow resolution without integration.
+        resolution = net.int_resolution if net.int_steps > 0 else (2 if net.half_res else 1)
+        velocity = np.asarray(out["flow"], np.float32)
+        seg = self.model.segmentation_net
+        fixed_probs = np.asarray(seg.predict_on_batch(fixed_pre.array[None, ..., None]),
+                                 np.float32)
+        if labels_volume is not None:
+            ids = self.preprocessor.apply_labels(labels_volume, moving_pre)
+            classes = _classes_of(ids, self.class_ids)
+            moving_probs = np.eye(len(self.class_ids), dtype=np.float32)[classes][None]
+        else:
+            moving_probs = np.asarray(seg.predict_on_batch(moving_pre.array[None, ..., None]),
+                                      np.float32)
+        u, _ = refine_velocity(velocity, moving_pre.array[None, ..., None],
+                               fixed_pre.array[None, ..., None], moving_probs, fixed_probs,
+                               iterations=iterations, int_steps=net.int_steps,
+                               int_resolution=resolution, **options)
+        return u[0]
+
     def segment_many(self, images: Iterable[Source]) -> Iterator[Segmentation]:
         """Segments each image in turn (the model stays loaded)."""
         for image in images:
@@ -273,15 +306,25 @@ class Pipeline:
 
     # ----------------------------------------------------------------- register
     def register(self, moving: Source, fixed: Source, *,
-                 moving_labels: Source | None = None, strict: bool = False) -> Registration:
+                 moving_labels: Source | None = None, strict: bool = False,
+                 refine: int | None = None, refine_options: dict | None = None,
+                 ) -> Registration:
         """Registers ``moving`` onto ``fixed``; results are on the fixed image's own grid.
 
         Args:
             moving: the image to deform (path, nibabel image or ``(array, affine)``).
             fixed: the reference image.
-            moving_labels: optional label map of ``moving`` (same grid) to carry along.
+            moving_labels: optional label map of ``moving`` (same grid) to carry along; with
+                ``refine`` it also guides the refinement (instead of the segmenter's
+                probabilities of the moving image).
             strict: a failed sanity check of either image (``result.warnings`` otherwise)
                 raises :class:`~dazoo.errors.DazooInputError`.
+            refine: iterations of anatomy-guided test-time refinement
+                (:func:`dazoo.refine.refine_velocity`); None: the preset's default
+                (:attr:`default_refine`), 0: the network's output alone.
+            refine_options: keyword arguments of :func:`dazoo.refine.refine_velocity`
+                (``learning_rate``, ``smoothness``, ``anatomy``), the preset's defaults
+                otherwise.
         """
         start = time.perf_counter()
         moving_volume, moving_pre, moving_warnings = self._prepare(moving, strict, "moving: ")
@@ -290,13 +333,23 @@ class Pipeline:
             labels_volume = io.read_labels(moving_labels, like=moving_volume)
         fixed_volume, fixed_pre, fixed_warnings = self._prepare(fixed, strict, "fixed: ")
         result = self.register_preprocessed(moving_volume, moving_pre, fixed_volume.affine,
-                                            fixed_pre, moving_labels=labels_volume)
+                                            fixed_pre, moving_labels=labels_volume,
+                                            refine=refine, refine_options=refine_options)
         result.warnings = moving_warnings + fixed_warnings
         result.seconds = time.perf_counter() - start
         return result
 
+    @property
+    def default_refine(self) -> dict:
+        """The preset's refinement defaults (``metadata.json`` ``"refine"``: ``iterations``
+        and :func:`dazoo.refine.refine_velocity` options); no refinement without them."""
+        meta = self.preset.metadata.get("refine") if self.preset is not None else None
+        return dict(meta or {"iterations": 0})
+
     def register_preprocessed(self, moving_volume: Volume, moving_pre, fixed_affine: np.ndarray,
-                              fixed_pre, *, moving_labels: Volume | None = None) -> Registration:
+                              fixed_pre, *, moving_labels: Volume | None = None,
+                              refine: int | None = None, refine_options: dict | None = None,
+                              ) -> Registration:
         """:meth:`register` on images already preprocessed (``moving_volume``: the native
         moving image; ``fixed_affine``: the fixed image's native affine)."""
         from dazoo.metrics import jacobian_determinant
@@ -306,6 +359,12 @@ class Pipeline:
         out = self.model.registration_net.predict_on_batch(
             [moving_pre.array[None, ..., None], fixed_pre.array[None, ..., None]])
         u = np.asarray(out["displacement"])[0]
+        options = self.default_refine
+        iterations = int(options.pop("iterations", 0) if refine is None else refine)
+        options.pop("iterations", None)
+        options.update(refine_options or {})
+        if iterations > 0:
+            u = self._refine(out, moving_pre, fixed_pre, labels_volume, iterations, options)
         field = displacement_to_world(u, fixed_pre, moving_pre)
         moved = warp_native(moving_volume, field, fixed_affine, order=1)
         moved_labels = None
