@@ -274,11 +274,24 @@ class Pipeline:
         classes = labels_to_native(scores, pre)
         return Volume(self.class_ids[classes], pre.native_affine, None), scores
 
-    def _refine(self, out, moving_pre, fixed_pre, labels_volume, iterations, options):
-        """The refined model-grid displacement (see :func:`dazoo.refine.refine_velocity`)."""
+    def refine(self, moving_pre, fixed_pre, *, moving_labels: Volume | None = None,
+               iterations: int, out=None, **options):
+        """Anatomy-guided refinement of the network's registration of a preprocessed pair
+        (:func:`dazoo.refine.refine_velocity`; ``moving_labels``: the moving label map on its
+        native grid, else the segmenter's probabilities of the moving image; ``out``: the
+        registration network's outputs for the pair if already computed).
+
+        Returns:
+            ``(u, history)``: the model-grid displacement ``(D, H, W, 3)`` and the loss terms
+            per iteration.
+        """
         from dazoo.refine import refine_velocity
 
+        labels_volume = moving_labels
         net = self.model.registration_net
+        if out is None:
+            out = net.predict_on_batch([moving_pre.array[None, ..., None],
+                                        fixed_pre.array[None, ..., None]])
         # The network's "flow" output is what it integrates (already resized to the
         # integration resolution), or its displacement at flow resolution without integration.
         resolution = net.int_resolution if net.int_steps > 0 else (2 if net.half_res else 1)
@@ -288,16 +301,16 @@ class Pipeline:
                                  np.float32)
         if labels_volume is not None:
             ids = self.preprocessor.apply_labels(labels_volume, moving_pre)
-            classes = _classes_of(ids, self.class_ids)
-            moving_probs = np.eye(len(self.class_ids), dtype=np.float32)[classes][None]
+            moving_classes = _classes_of(ids, self.class_ids)[None]
         else:
-            moving_probs = np.asarray(seg.predict_on_batch(moving_pre.array[None, ..., None]),
-                                      np.float32)
-        u, _ = refine_velocity(velocity, moving_pre.array[None, ..., None],
-                               fixed_pre.array[None, ..., None], moving_probs, fixed_probs,
-                               iterations=iterations, int_steps=net.int_steps,
-                               int_resolution=resolution, **options)
-        return u[0]
+            moving_classes = np.argmax(seg.predict_on_batch(moving_pre.array[None, ..., None]),
+                                       axis=-1)
+        u, history = refine_velocity(velocity, moving_pre.array[None, ..., None],
+                                     fixed_pre.array[None, ..., None], moving_classes,
+                                     fixed_probs, iterations=iterations,
+                                     int_steps=net.int_steps, int_resolution=resolution,
+                                     **options)
+        return u[0], history
 
     def segment_many(self, images: Iterable[Source]) -> Iterator[Segmentation]:
         """Segments each image in turn (the model stays loaded)."""
@@ -352,9 +365,6 @@ class Pipeline:
                               ) -> Registration:
         """:meth:`register` on images already preprocessed (``moving_volume``: the native
         moving image; ``fixed_affine``: the fixed image's native affine)."""
-        from dazoo.metrics import jacobian_determinant
-        from dazoo.postprocess import displacement_to_world, warp_native
-
         labels_volume = moving_labels
         out = self.model.registration_net.predict_on_batch(
             [moving_pre.array[None, ..., None], fixed_pre.array[None, ..., None]])
@@ -364,7 +374,20 @@ class Pipeline:
         options.pop("iterations", None)
         options.update(refine_options or {})
         if iterations > 0:
-            u = self._refine(out, moving_pre, fixed_pre, labels_volume, iterations, options)
+            u, _ = self.refine(moving_pre, fixed_pre, moving_labels=labels_volume,
+                               iterations=iterations, out=out, **options)
+        return self.registration_from(u, moving_volume, moving_pre, fixed_affine, fixed_pre,
+                                      moving_labels=labels_volume)
+
+    def registration_from(self, u: np.ndarray, moving_volume: Volume, moving_pre,
+                          fixed_affine: np.ndarray, fixed_pre, *,
+                          moving_labels: Volume | None = None) -> Registration:
+        """The :class:`Registration` of a model-grid displacement ``u`` ``(D, H, W, 3)``
+        (voxels): the moving image (and labels) resampled once onto the fixed native grid."""
+        from dazoo.metrics import jacobian_determinant
+        from dazoo.postprocess import displacement_to_world, warp_native
+
+        labels_volume = moving_labels
         field = displacement_to_world(u, fixed_pre, moving_pre)
         moved = warp_native(moving_volume, field, fixed_affine, order=1)
         moved_labels = None

@@ -11,8 +11,10 @@ takes ``iterations`` Adam steps on
     phi = exp(v) (scaling and squaring, as the network), upsampled to the model grid,
 
 where ``P_moving`` is the moving image's one-hot label map when it is given, else the
-segmenter's probabilities, and ``P_fixed`` the segmenter's probabilities of the fixed image
-(classes without voxels in both are left out). The result stays an integrated velocity:
+one-hot argmax of the segmenter's probabilities (linearly warped: the soft-Dice sums come
+from the 8 interpolation corners' labels, :func:`dazoo.ops.warped_label_overlap`, with no
+K-channel warp), and ``P_fixed`` the segmenter's probabilities of the fixed image (classes
+without voxels in both are left out). The result stays an integrated velocity:
 diffeomorphic up to discretisation, as the network's own output.
 
 Gradients come from the backend (TensorFlow ``GradientTape``, torch autograd or
@@ -20,6 +22,7 @@ Gradients come from the backend (TensorFlow ``GradientTape``, torch autograd or
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import keras
@@ -32,8 +35,8 @@ from dazoo.losses import NCC, Grad, dice_from_sums
 __all__ = ["refine_velocity"]
 
 
-def _loss_terms(velocity, moving, fixed, moving_probs, fixed_probs, *, int_steps,
-                int_resolution, ncc, smoothness, anatomy, present):
+def _loss_terms(velocity, moving, fixed, moving_classes, fixed_probs, *, int_steps,
+                int_resolution, ncc, smoothness, anatomy, present, num_classes):
     displacement = dops.integrate_velocity(velocity, steps=int_steps)
     if int_resolution > 1:
         displacement = dops.rescale_displacement(displacement, int_resolution)
@@ -43,10 +46,12 @@ def _loss_terms(velocity, moving, fixed, moving_probs, fixed_probs, *, int_steps
     total = similarity + smoothness * smooth
     overlap = ops.zeros(())
     if anatomy:
-        warped = dops.warp(moving_probs, displacement)
-        axes = (0, 1, 2, 3)
-        dice = dice_from_sums(ops.sum(warped * fixed_probs, axis=axes),
-                              ops.sum(fixed_probs, axis=axes), ops.sum(warped, axis=axes))
+        # soft Dice of the linearly warped one-hot moving labels against the fixed
+        # probabilities, from corner-weight sums (no K-channel warp)
+        intersection, warped_sum = dops.warped_label_overlap(moving_classes, displacement,
+                                                             fixed_probs, num_classes)
+        fixed_sum = ops.sum(fixed_probs, axis=(1, 2, 3))
+        dice = dice_from_sums(intersection, fixed_sum, warped_sum)[0]
         overlap = ops.sum(dice * present) / ops.maximum(ops.sum(present), 1.0)
         total = total + anatomy * (1.0 - overlap)
     return total, (similarity, smooth, overlap, displacement)
@@ -84,10 +89,11 @@ def _value_and_grad(function):
                               f"not {backend}")
 
 
-def refine_velocity(velocity, moving, fixed, moving_probs=None, fixed_probs=None, *,
+def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=None, *,
                     iterations: int = 20, learning_rate: float = 0.05,
                     int_steps: int = 7, int_resolution: int = 2, ncc_window: int = 9,
                     smoothness: float = 1.0, anatomy: float = 1.0,
+                    snapshots: tuple[int, ...] = (),
                     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Refines a registration network's velocity on one pair (see the module docstring).
 
@@ -95,57 +101,73 @@ def refine_velocity(velocity, moving, fixed, moving_probs=None, fixed_probs=None
         velocity: ``(1, d, h, w, 3)`` the network's velocity at the integration resolution
             (model grid / ``int_resolution``), voxels of that grid.
         moving, fixed: ``(1, D, H, W, 1)`` the pair on the model grid.
-        moving_probs, fixed_probs: ``(1, D, H, W, K)`` the moving one-hot labels (or the
-            segmenter's probabilities) and the fixed probabilities; None: no anatomy term.
+        moving_classes: ``(1, D, H, W)`` class indices ``0..K-1`` of the moving image (its
+            label map, or the argmax of the segmenter's probabilities).
+        fixed_probs: ``(1, D, H, W, K)`` the segmenter's probabilities of the fixed image.
+            Either None: no anatomy term.
         iterations: Adam steps (0 returns the network's displacement).
         learning_rate: Adam step size, voxels of the velocity grid.
         int_steps, int_resolution: as the network (scaling-and-squaring steps; the velocity
             grid's downsampling of the model grid).
         ncc_window, smoothness, anatomy: the loss's NCC window and term weights.
+        snapshots: iteration counts whose history entry also holds the ``"displacement"``
+            (NumPy) reached there (to measure several iteration counts in one run).
 
     Returns:
         ``(displacement, history)``: the refined ``(1, D, H, W, 3)`` displacement (model grid
-        voxels, float32 NumPy) and per iteration ``{"loss", "ncc", "smoothness", "dice"}``
-        (the values before that iteration's update; the last entry after the last update).
+        voxels, float32 NumPy) and per iteration ``{"loss", "ncc", "smoothness", "dice",
+        "seconds"}`` (the values before that iteration's update, and the time of its
+        gradient; the last entry: after the last update).
     """
     v = ops.convert_to_tensor(np.asarray(velocity, np.float32))
     m = ops.convert_to_tensor(np.asarray(moving, np.float32))
     f = ops.convert_to_tensor(np.asarray(fixed, np.float32))
-    use_anatomy = bool(anatomy) and moving_probs is not None and fixed_probs is not None
+    use_anatomy = bool(anatomy) and moving_classes is not None and fixed_probs is not None
     if use_anatomy:
-        mp = ops.convert_to_tensor(np.asarray(moving_probs, np.float32))
+        num_classes = int(np.shape(fixed_probs)[-1])
+        classes = np.asarray(moving_classes, np.int32)
         fp = ops.convert_to_tensor(np.asarray(fixed_probs, np.float32))
+        mc = ops.convert_to_tensor(classes)
         # Classes present in both images (a soft Dice of an absent class is 0 and would pull
-        # the warp towards nothing); the background channel 0 is left out.
-        hard_m = np.asarray(moving_probs).reshape(-1, np.shape(moving_probs)[-1]).max(axis=0)
-        hard_f = np.asarray(fixed_probs).reshape(-1, np.shape(fixed_probs)[-1]).max(axis=0)
-        present = ((hard_m > 0.5) & (hard_f > 0.5)).astype(np.float32)
+        # the warp towards nothing); the background (class 0) is left out.
+        hard_f = np.asarray(fixed_probs).reshape(-1, num_classes).max(axis=0) > 0.5
+        present = (np.bincount(classes.ravel(), minlength=num_classes)[:num_classes] > 0) \
+            & hard_f
+        present = present.astype(np.float32)
         present[0] = 0.0
     else:
-        mp = fp = ops.zeros((1, 1, 1, 1, 1))
+        num_classes = 1
+        mc = ops.zeros((1, 1, 1, 1), dtype="int32")
+        fp = ops.zeros((1, 1, 1, 1, 1))
         present = np.zeros((1,), np.float32)
     present = ops.convert_to_tensor(present)
     ncc = NCC(ncc_window)
     options = dict(int_steps=int(int_steps), int_resolution=int(int_resolution), ncc=ncc,
                    smoothness=float(smoothness), anatomy=float(anatomy) if use_anatomy else 0.0,
-                   present=present)
+                   present=present, num_classes=num_classes)
 
     def function(x):
-        return _loss_terms(x, m, f, mp, fp, **options)
+        return _loss_terms(x, m, f, mc, fp, **options)
 
     step = _value_and_grad(function)
     history = []
     first, second = ops.zeros_like(v), ops.zeros_like(v)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for t in range(1, int(iterations) + 1):
-        (loss, (similarity, smooth, overlap, _)), grad = step(v)
+        started = time.perf_counter()
+        (loss, (similarity, smooth, overlap, displacement)), grad = step(v)
         history.append(_record(loss, similarity, smooth, overlap))
+        history[-1]["seconds"] = time.perf_counter() - started
+        if t - 1 in snapshots:
+            history[-1]["displacement"] = np.asarray(ops.convert_to_numpy(displacement))
         first = beta1 * first + (1 - beta1) * grad
         second = beta2 * second + (1 - beta2) * grad * grad
         corrected = learning_rate * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
         v = v - corrected * first / (ops.sqrt(second) + eps)
     loss, (similarity, smooth, overlap, displacement) = function(v)
     history.append(_record(loss, similarity, smooth, overlap))
+    if int(iterations) in snapshots:
+        history[-1]["displacement"] = np.asarray(ops.convert_to_numpy(displacement))
     return np.asarray(ops.convert_to_numpy(displacement), np.float32), history
 
 

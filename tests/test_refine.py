@@ -44,12 +44,14 @@ def test_refinement_recovers_a_known_translation(terms):
     if terms == "image":
         probs = (None, None)
     else:  # anatomy only: the image term sees two constant images
-        probs = (_soft(classes_m, 3), _soft(classes_f, 3))
+        probs = (classes_m[None], _soft(classes_f, 3))
         moving = fixed = np.full(SHAPE, 0.5, np.float32)
     velocity = np.zeros((1, 12, 12, 12, 3), np.float32)
+    # hard moving labels pull only where interpolation corners straddle a boundary: slower
+    iterations = 60 if terms == "image" else 150
     u, history = refine_velocity(velocity, moving[None, ..., None], fixed[None, ..., None],
-                                 *probs, iterations=60, anatomy=1.0, **kwargs)
-    assert len(history) == 61 and history[-1]["loss"] < history[0]["loss"]
+                                 *probs, iterations=iterations, anatomy=1.0, **kwargs)
+    assert len(history) == iterations + 1 and history[-1]["loss"] < history[0]["loss"]
     inner = u[0, 6:-6, 6:-6, 6:-6]
     error = np.abs(inner.reshape(-1, 3).mean(axis=0) - SHIFT)
     assert np.all(error < 0.35), (inner.reshape(-1, 3).mean(axis=0), SHIFT)
