@@ -8,7 +8,8 @@ brainmasks. Damaged copies (all must be flagged):
            8-14 mm, air beyond;
   voxel10  the header says 10 mm voxels (a 2.5 m head);
   voxel01  the header says 0.1 mm voxels (a 2.5 cm head);
-  axes     the header's first two axes swapped (the anatomy lies on its side);
+  axes     the header's first two axes swapped: the anatomy rotated and mirrored (a 12-
+           parameter affine cannot undo the reflection: left and right would swap);
   knee     a knee MRI (wrong anatomy).
 
 Usage:
@@ -55,30 +56,15 @@ def _damaged(volume, kind, rng):
     raise ValueError(kind)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="brain")
-    parser.add_argument("--data", default="../shared/data")
-    parser.add_argument("--out", default="work_cache/sanity.json")
-    parser.add_argument("--write", action="store_true",
-                        help="write the proposed thresholds into the preset's checks.json")
-    args = parser.parse_args(argv)
-
+def measure_all(pre, template, data, rows):
     from dazoo import io
-    from dazoo.checks import InputChecks, check_input, measure_input
-    from dazoo.presets import get_preset
-    from dazoo.preprocess import Preprocessor
+    from dazoo.checks import measure_input
 
-    preset = get_preset(args.preset)
-    pre = Preprocessor.from_json(preset.file("preprocess.json"))
-    template = pre.template
-    data = pathlib.Path(args.data)
     good = sorted(data.glob("mindboggle-oasis-trt20/*/t1weighted_brain.nii.gz")) + sorted(
         data.glob("freesurfer-cohort/*/brainmask.mgz"))
     if not good:
         sys.exit(f"no scans under {data}")
     rng = np.random.default_rng(0)
-    rows = []
 
     def measure(volume, name, kind, align=True):
         # The header-size copies are flagged by their size alone; aligning a 2.5 m head to
@@ -103,6 +89,33 @@ def main(argv=None):
     if knee.exists():
         measure(io.read_image(knee), knee.name, "knee")
 
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="brain")
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--out", default="work_cache/sanity.json")
+    parser.add_argument("--write", action="store_true",
+                        help="write the proposed thresholds into the preset's checks.json")
+    parser.add_argument("--from-json", metavar="JSON",
+                        help="propose thresholds from the rows of an earlier --out (no measuring)")
+    args = parser.parse_args(argv)
+
+    from dazoo.checks import InputChecks, check_input
+    from dazoo.presets import get_preset
+    from dazoo.preprocess import Preprocessor
+
+    preset = get_preset(args.preset)
+    pre = Preprocessor.from_json(preset.file("preprocess.json"))
+    template = pre.template
+    data = pathlib.Path(args.data)
+    rows = []
+    if args.from_json:
+        rows = json.loads(pathlib.Path(args.from_json).read_text())["rows"]
+    else:
+        measure_all(pre, template, data, rows)
+
     real = [r for r in rows if r["kind"] == "real"]
     reference = np.median([r["extent_mm"] for r in real], axis=0)
     ratios = np.array([np.asarray(r["extent_mm"]) / reference for r in real])
@@ -110,11 +123,17 @@ def main(argv=None):
     # Thresholds: a margin beyond the real scans' extremes (none of the damaged cases is
     # near them: printed below), geometric for the size ratio.
     extent_ratio = (float(np.round(low * 0.8, 2)), float(np.round(high * 1.25, 2)))
+    # Alignment and outside thresholds: midway between the real scans' worst value and the
+    # damaged copies' best (the cases each check is for), when they separate.
     worst_alignment = min(r["alignment"] for r in real)
+    failed = [r["alignment"] for r in rows if r["kind"] in ("axes", "knee")]
+    best_failed = max(failed) if failed else worst_alignment - 0.3
     worst_outside = max(r["outside"] for r in real)
     scalp_outside = min(r["outside"] for r in rows if r["kind"] == "scalp")
-    min_alignment = float(np.round(worst_alignment - 0.15, 2))
+    min_alignment = float(np.round((worst_alignment + best_failed) / 2, 3))
     max_outside = float(np.round((worst_outside + scalp_outside) / 2, 3))
+    print(f"alignment: real >= {worst_alignment:.3f}, axes/knee <= {best_failed:.3f}"
+          + ("" if best_failed < worst_alignment else "  (NOT separable)"))
     checks = InputChecks(extent_mm=tuple(float(v) for v in np.round(reference, 1)),
                          extent_ratio=extent_ratio, min_alignment=min_alignment,
                          max_outside=max_outside, needs="a skull-stripped T1 brain")

@@ -207,7 +207,8 @@ def render_card(meta: dict) -> str:
     data = meta.get("data", {})
     grid = meta.get("input", {}).get("model_grid", {})
     lines = [f"# {name}", "", meta.get("description", ""), ""]
-    lines += [f"**License of the weights and template: {meta.get('license', 'unspecified')}.** "
+    what = "weights and template" if grid.get("template") else "weights"
+    lines += [f"**License of the {what}: {meta.get('license', 'unspecified')}.** "
               + (meta.get("license_note") or ""), ""]
     lines += ["## Use", "", "```python", "import dazoo",
               f"model = dazoo.load({name!r})          # or the preset folder's path"]

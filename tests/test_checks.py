@@ -1,13 +1,11 @@
 """Input sanity checks (dazoo.checks): physical size, failed alignment, not skull-stripped;
 warnings by default, errors with strict / --strict (exit 2, nothing written)."""
 import json
-import os
 import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 
 from dazoo.checks import InputChecks, check_input, foreground_extent, measure_input
 from dazoo.cli import main

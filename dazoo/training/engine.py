@@ -491,7 +491,18 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         if validator:
             cbs.append(Validation(validator, preprocessor, folder, every=t["validate_every"],
                                   last_step=total, monitor=monitor, log=say))
+        started = time.perf_counter()
+
+        def record_session(epoch, logs=None):
+            # run.json says how far this session got at every checkpoint: a run stopped
+            # between checkpoints (a session cut off) keeps its steps and training time.
+            steps = steps_done(model)
+            session.update(to_step=steps, seconds=round(time.perf_counter() - started, 1))
+            record["steps_completed"] = steps
+            _write_json(folder / "run.json", record)
+
         cbs += [RunCheckpoint(checkpoint, log=None),
+                keras.callbacks.LambdaCallback(on_epoch_end=record_session),
                 keras.callbacks.CSVLogger(str(folder / "log.csv"), append=True)]
         if keras.backend.backend() == "tensorflow":
             cbs.append(keras.callbacks.TensorBoard(str(folder / "tensorboard"),
@@ -499,7 +510,6 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         cbs += list(callbacks)
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
-        started = time.perf_counter()
         if done < total:
             # One iterator over the remaining steps (item i = step done + i), never shuffled:
             # each step gets its own batch whatever the epoch bookkeeping.
