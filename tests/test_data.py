@@ -313,6 +313,28 @@ def test_flip_mirrors_image_and_labels_and_keeps_ids():
         data.Augmentation(flip=0.5, flip_axis=3)
 
 
+def test_pairs_are_mirrored_together():
+    """Both images of a pair are flipped or neither (a left knee does not register onto a
+    right one), and both cases occur."""
+    images, labels = _arrays(count=3)
+    dataset = data.PairDataset(images, labels, augment=data.Augmentation(flip=0.5),
+                               batch_size=4, steps_per_epoch=10, seed=3)
+    seen = set()
+    for step in range(10):
+        batch = dataset.at_step(step)
+        for b in range(4):
+            states = []
+            for side in ("moving", "fixed"):
+                image = batch[side][b, ..., 0]
+                plain = [np.array_equal(image, i) for i in images]
+                flipped = [np.array_equal(image, np.flip(i, 0)) for i in images]
+                assert any(plain) != any(flipped)
+                states.append(any(flipped))
+            assert states[0] == states[1]
+            seen.add(states[0])
+    assert seen == {True, False}
+
+
 def test_dataset_with_augmentation_is_reproducible():
     images, labels = _arrays()
     augment = data.Augmentation(rotation=10, elastic=1.0, gamma=0.2)

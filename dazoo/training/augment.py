@@ -82,14 +82,21 @@ class Augmentation:
         return coords
 
     def __call__(self, image: np.ndarray, labels: np.ndarray | None,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        """Augment ``image`` ``(D, H, W)`` and ``labels`` (same spatial transform)."""
+                 rng: np.random.Generator, *, flip: bool | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Augment ``image`` ``(D, H, W)`` and ``labels`` (same spatial transform).
+
+        ``flip``: whether to mirror, decided by the caller (a pair's two images are mirrored
+        together: a left knee does not register onto a right one); None: drawn here with
+        probability ``self.flip``."""
         if self.spatial:
             coords = self.coordinates(image.shape, rng)
             image = ndi.map_coordinates(image, coords, order=1, cval=0.0, output=np.float32)
             if labels is not None:
                 labels = ndi.map_coordinates(labels, coords, order=0, cval=0)
-        if self.flip and rng.random() < self.flip:
+        if flip is None:
+            flip = bool(self.flip) and rng.random() < self.flip
+        if flip:
             image = np.flip(image, self.flip_axis)
             if labels is not None:
                 labels = np.ascontiguousarray(np.flip(labels, self.flip_axis))

@@ -243,17 +243,21 @@ class PairDataset(keras.utils.PyDataset):
         augment = self.augment if augmented else None
         samples = []
         for moving, fixed in [self._pair(rng, phase) for _ in range(self.batch_size)]:
-            samples.append(self._sample(moving, rng, augment) + self._sample(fixed, rng, augment))
+            # Both images of a pair are mirrored or neither: the registration network never
+            # sees a pair that only a reflection would align.
+            flip = bool(augment.flip) and rng.random() < augment.flip if augment else None
+            samples.append(self._sample(moving, rng, augment, flip)
+                           + self._sample(fixed, rng, augment, flip))
         return make_batch(samples)
 
-    def _sample(self, subject, rng, augment):
+    def _sample(self, subject, rng, augment, flip=None):
         image, classes = self.images[subject], self.classes[subject]
         if self.raw_labels[subject] is not None and (
                 image is None or rng.random() < self.synth_probability):
             image, raw = self.synth(self.raw_labels[subject], rng)
             classes = self._classes(raw, self.names[subject])
         if augment is not None:
-            image, classes = augment(image, classes, rng)
+            image, classes = augment(image, classes, rng, flip=flip)
         return image, classes
 
 
