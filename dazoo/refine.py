@@ -57,20 +57,20 @@ def _loss_terms(velocity, moving, fixed, moving_classes, fixed_probs, *, int_ste
     return total, (similarity, smooth, overlap, displacement)
 
 
-def _value_and_grad(function):
-    """``f(x) -> (loss, aux)`` to ``x -> ((loss, aux), d loss / d x)`` on this backend."""
+def _value_and_grad(function, compiled: bool = True):
+    """``f(x) -> (loss, aux)`` to ``x -> ((loss, aux), d loss / d x)`` on this backend
+    (``compiled``: a traced TensorFlow graph; eager otherwise)."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(reduce_retracing=True)
         def step(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 loss, aux = function(x)
             return (loss, aux), tape.gradient(loss, x)
 
-        return step
+        return tf.function(step, reduce_retracing=True) if compiled else step
     if backend == "torch":
         import torch
 
@@ -93,7 +93,7 @@ def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=No
                     iterations: int = 20, learning_rate: float = 0.05,
                     int_steps: int = 7, int_resolution: int = 2, ncc_window: int = 9,
                     smoothness: float = 1.0, anatomy: float = 1.0,
-                    snapshots: tuple[int, ...] = (),
+                    snapshots: tuple[int, ...] = (), compiled: bool = True,
                     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Refines a registration network's velocity on one pair (see the module docstring).
 
@@ -112,6 +112,8 @@ def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=No
         ncc_window, smoothness, anatomy: the loss's NCC window and term weights.
         snapshots: iteration counts whose history entry also holds the ``"displacement"``
             (NumPy) reached there (to measure several iteration counts in one run).
+        compiled: trace the gradient step once (TensorFlow graph: faster steps, a one-time
+            tracing cost) or run it eagerly.
 
     Returns:
         ``(displacement, history)``: the refined ``(1, D, H, W, 3)`` displacement (model grid
@@ -149,7 +151,7 @@ def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=No
     def function(x):
         return _loss_terms(x, m, f, mc, fp, **options)
 
-    step = _value_and_grad(function)
+    step = _value_and_grad(function, compiled)
     history = []
     first, second = ops.zeros_like(v), ops.zeros_like(v)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
