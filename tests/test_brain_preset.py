@@ -68,3 +68,31 @@ def test_brain_preset_on_a_validation_scan():
     assert reg["mean_dice"] == pytest.approx(card_reg, abs=0.02)
     assert reg["folding_fraction"] < 0.01
     assert json.dumps(seg["dice"])  # per-region scores are plain numbers
+
+
+@needs_data
+def test_brain_input_checks_pass_real_scans_and_flag_damaged_copies():
+    """The shipped checks.json thresholds (benchmarks/sanity_thresholds.py) on a real scan, a
+    not skull-stripped copy (synthetic scalp and skull), a 10 mm header and a knee."""
+    import sys
+
+    import dazoo
+    from dazoo import io
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+    from sanity_thresholds import _damaged
+
+    pipeline = dazoo.load("brain")
+    assert pipeline.checks is not None
+    volume = io.read_image(DATA / "OASIS-TRT-20-12" / "t1weighted_brain.nii.gz")
+    rng = np.random.default_rng(0)
+    assert pipeline.check(volume, pipeline.preprocess(volume)) == []
+    scalp = _damaged(volume, "scalp", rng)
+    assert pipeline.check(scalp, pipeline.preprocess(scalp))
+    big = _damaged(volume, "voxel10", rng)
+    assert any("physical size" in w for w in pipeline.check(big))
+    knee = DATA.parent / "knee-dess" / "dess_echo1.nii.gz"
+    if knee.exists():
+        knee_volume = io.read_image(knee)
+        assert any("alignment" in w for w in pipeline.check(knee_volume,
+                                                            pipeline.preprocess(knee_volume)))
