@@ -143,6 +143,9 @@ def check_input(measured: Mapping[str, Any], checks: InputChecks) -> list[str]:
     problems = []
     extent = np.asarray(measured["extent_mm"], float)
     reference = np.asarray(checks.extent_mm, float)
+    if not np.any(extent > 0):
+        return [f"no foreground (nothing above 10 % of the intensity range); this preset "
+                f"expects {checks.needs}"]
     ratio = extent / reference
     low, high = checks.extent_ratio
     if not np.all((ratio >= low) & (ratio <= high)):
@@ -153,13 +156,13 @@ def check_input(measured: Mapping[str, Any], checks: InputChecks) -> list[str]:
                         "in the header and the anatomy")
     score = measured.get("alignment")
     if checks.min_alignment is not None and score is not None and score < checks.min_alignment:
-        problems.append(f"the affine alignment to the template looks failed (correlation "
+        problems.append(f"the alignment to the template looks failed (correlation "
                         f"{score:.2f} < {checks.min_alignment:.2f}); is this {checks.needs}?")
     outside = measured.get("outside")
     if checks.max_outside is not None and outside is not None and outside > checks.max_outside:
         problems.append(f"{100 * outside:.0f} % of the bright voxels lie outside the template's "
-                        f"brain (more than {100 * checks.max_outside:.0f} %): not skull-stripped? "
-                        f"this preset expects {checks.needs}")
+                        f"foreground (more than {100 * checks.max_outside:.0f} %): not "
+                        f"skull-stripped or masked? this preset expects {checks.needs}")
     return problems
 
 

@@ -226,14 +226,22 @@ class Pipeline:
 
     def _prepare(self, image: Source, strict: bool, role: str = ""):
         """Reads and preprocesses an input and runs the checks; ``strict``: a failed check
-        is a :class:`DazooInputError` (before anything is computed or written)."""
+        is a :class:`DazooInputError`, the size check before the (then possibly slow or
+        failing) alignment, the others right after it, before the networks run."""
         volume = io.read_image(image)
+        size = self.check(volume)  # physical size only: no alignment needed
+        if strict and size:
+            self._refuse(volume, size)
         pre = self.preprocess(volume)
-        warnings = self.check(volume, pre)
+        warnings = self.check(volume, pre) if self.checks is not None else []
         if strict and warnings:
-            more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
-            raise DazooInputError(volume.name, warnings[0] + more + " [--strict]")
+            self._refuse(volume, warnings)
         return volume, pre, [role + w for w in warnings]
+
+    @staticmethod
+    def _refuse(volume, warnings):
+        more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
+        raise DazooInputError(volume.name, warnings[0] + more + " (strict)")
 
     # ----------------------------------------------------------------- segment
     def segment(self, image: Source, *, probabilities: bool | str = False,
@@ -357,6 +365,9 @@ class Pipeline:
         """The preset's refinement defaults (``metadata.json`` ``"refine"``: ``iterations``
         and :func:`dazoo.refine.refine_velocity` options); no refinement without them."""
         meta = self.preset.metadata.get("refine") if self.preset is not None else None
+        if meta is not None and not isinstance(meta, dict):
+            raise DazooInputError(self.name, "metadata.json: \"refine\" must be an object "
+                                             "({\"iterations\": N, ...})")
         return dict(meta or {"iterations": 0})
 
     def register_preprocessed(self, moving_volume: Volume, moving_pre, fixed_affine: np.ndarray,
@@ -370,9 +381,11 @@ class Pipeline:
             [moving_pre.array[None, ..., None], fixed_pre.array[None, ..., None]])
         u = np.asarray(out["displacement"])[0]
         options = self.default_refine
+        options.update(refine_options or {})
         iterations = int(options.pop("iterations", 0) if refine is None else refine)
         options.pop("iterations", None)
-        options.update(refine_options or {})
+        if iterations < 0:
+            raise DazooInputError("refine", f"needs a number of iterations >= 0, got {iterations}")
         if iterations > 0:
             u, _ = self.refine(moving_pre, fixed_pre, moving_labels=labels_volume,
                                iterations=iterations, out=out, **options)

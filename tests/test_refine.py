@@ -83,6 +83,15 @@ def test_register_refine_improves_the_pair(preset_dir, scans):  # noqa: F811
     plain = pipeline.register(moving, fixed, moving_labels=moving_labels)
     again = pipeline.register(moving, fixed, moving_labels=moving_labels, refine=0)
     np.testing.assert_array_equal(plain.displacement.array, again.displacement.array)
+    # refine's starting point is the network's own displacement (its "flow" output is the
+    # velocity it integrates)
+    m_pre, f_pre = pipeline.preprocess(moving), pipeline.preprocess(fixed)
+    out = pipeline.model.registration_net.predict_on_batch(
+        [m_pre.array[None, ..., None], f_pre.array[None, ..., None]])
+    start, _ = pipeline.refine(m_pre, f_pre, iterations=0)
+    np.testing.assert_allclose(start, np.asarray(out["displacement"])[0], atol=1e-5)
+    with pytest.raises(Exception, match="iterations >= 0"):
+        pipeline.register(moving, fixed, refine=-1)
     refined = pipeline.register(moving, fixed, moving_labels=moving_labels, refine=40,
                                 refine_options={"learning_rate": 0.2})
     truth = np.asarray(nib.load(fixed_labels).dataobj)

@@ -28,7 +28,8 @@ class Augmentation:
         flip: float. Probability of mirroring image and labels along ``flip_axis`` (after the
             spatial transform). Label ids are kept: right for tissues named by anatomy
             (a knee's medial and lateral compartments swap sides with the knee), wrong for
-            tables with left and right structures (the training engine refuses those).
+            tables with left and right structures (the training engine refuses those it
+            recognises by FreeSurfer's ids; a custom left/right id scheme is not recognised).
         flip_axis: int. The mirrored array axis (0: left-right on an RAS model grid).
     """
 

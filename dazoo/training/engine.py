@@ -407,7 +407,10 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                                                  "have no label map")
         parent = get_preset(c["init"]["preset"]) if (c["init"] or {}).get("preset") else None
         label_map = _label_map(recipe, train_subjects + label_maps, parent)
-        sided = any(left_id(i) != i for i in label_map.ids.tolist())
+        # Left/right tables, by FreeSurfer's ids (a heuristic: a right-side id, or a DK/DKT
+        # or Destrieux cortical id of either side; custom id schemes are not recognised).
+        sided = any(left_id(i) != i or 1000 <= i < 3000 or 11000 <= i < 13000
+                    for i in label_map.ids.tolist())
         if recipe["preprocess"].get("mirror") == "auto" and sided:
             raise DazooInputError(recipe.source, "preprocess.mirror \"auto\" reflects some scans "
                                                  "onto the template's side, which would swap "
