@@ -255,7 +255,9 @@ def render_card(meta: dict) -> str:
                       for h in history]
             lines.append("")
     else:
-        lines += ["No validation subjects: nothing was measured on held-out data.", ""]
+        lines += ["No validation subjects during training" + (
+            ": the sections below were measured afterwards." if meta.get("evaluations")
+            else ": nothing was measured on held-out data."), ""]
     for section in meta.get("evaluations", []):  # added later, e.g. by dazoo evaluate
         lines += [f"### {section.get('title', 'Evaluation')}", "", section.get("text", ""), ""]
     lines += ["## Training", ""]
@@ -297,7 +299,8 @@ def add_evaluation(preset: str | os.PathLike | Preset, title: str, text: str) ->
     atomically; the weights and their sha256 are untouched)."""
     from dazoo.io import write_text_atomic
 
-    preset = preset if isinstance(preset, Preset) else get_preset(preset)
+    # Read from disk: a Preset object's metadata may predate an earlier section.
+    preset = get_preset(preset.path if isinstance(preset, Preset) else preset)
     meta = dict(preset.metadata)
     sections = [s for s in meta.get("evaluations", []) if s.get("title") != title]
     meta["evaluations"] = sections + [{"title": title, "text": text}]

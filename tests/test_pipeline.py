@@ -253,3 +253,21 @@ def test_score_labels_merges_left_and_right():
     scores = score_labels(truth, swapped, [1002, 2002])
     assert scores["mean_dice"] == 0.0          # left and right swapped...
     assert scores["mean_merged_dice"] == 1.0   # ...but the same region once merged
+
+
+def test_add_evaluation_keeps_earlier_sections(preset_dir, tmp_path):
+    """Two sections added through the same (stale) Preset object both stay in the card."""
+    import shutil
+
+    from dazoo.presets import add_evaluation, get_preset
+
+    folder = tmp_path / "card"
+    shutil.copytree(preset_dir, folder)
+    preset = get_preset(folder)
+    add_evaluation(preset, "First", "one")
+    add_evaluation(preset, "Second", "two")
+    again = add_evaluation(preset, "First", "one, again")  # replaced by title, order kept last
+    titles = [s["title"] for s in again.metadata["evaluations"]]
+    assert titles == ["Second", "First"]
+    card = (folder / "README.md").read_text()
+    assert "### Second" in card and "one, again" in card and "\none\n" not in card
