@@ -229,11 +229,12 @@ class Pipeline:
         is a :class:`DazooInputError`, the size check before the (then possibly slow or
         failing) alignment, the others right after it, before the networks run."""
         volume = io.read_image(image)
-        size = self.check(volume)  # physical size only: no alignment needed
-        if strict and size:
-            self._refuse(volume, size)
+        if strict and self.checks is not None:  # physical size only: no alignment needed
+            size = self.check(volume)
+            if size:
+                self._refuse(volume, size)
         pre = self.preprocess(volume)
-        warnings = self.check(volume, pre) if self.checks is not None else []
+        warnings = self.check(volume, pre)
         if strict and warnings:
             self._refuse(volume, warnings)
         return volume, pre, [role + w for w in warnings]
