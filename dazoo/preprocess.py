@@ -808,11 +808,17 @@ class Preprocessor:
     def apply_label_map(self, labels: Source) -> np.ndarray:
         """Put a label map that has no image onto the model grid (nearest neighbour).
 
-        There is no image to align, so the map is placed by position only: reoriented and
-        resampled onto the model grid with its foreground's centre of mass at the template's
-        centre (``config.centre``), or at the grid's centre without a template. Used for
-        label maps that training synthesises images from (:class:`dazoo.training.LabelSynth`,
-        whose random affine covers the remaining difference in pose).
+        There is no image to align. With a template and ``config.alignment`` (affine or
+        rigid), the map's foreground (every nonzero id, holes filled) is aligned to the
+        template's (voxels above a tenth of its maximum, holes filled) by
+        :func:`align_affine` with correlation: the outline of the anatomy, not its contrast.
+        Measured on two Mindboggle subjects whose images are here: their cortical labels
+        placed this way agree with the same labels placed through their images' alignment
+        at mean Dice 0.68-0.69 (a shift alone: 0.21-0.34). Otherwise the map is placed by
+        position only, its foreground's centre of mass at the template's centre
+        (``config.centre``), or at the grid's centre without a template. Used for label maps
+        that training synthesises images from (:class:`dazoo.training.LabelSynth`, whose
+        random affine covers the remaining difference in pose).
 
         Returns:
             ``(D, H, W)`` int32 label ids on the model grid.
@@ -821,18 +827,29 @@ class Preprocessor:
         foreground = np.argwhere(volume.array != 0)
         if not len(foreground):
             raise DazooInputError(volume.name, "label map is empty (only background)")
-        centre = volume.affine[:3, :3] @ foreground.mean(axis=0) + volume.affine[:3, 3]
         template = self.template
-        if template is not None:
+        if template is not None and self.config.alignment != "none":
+            import scipy.ndimage as ndi
+
             affine = self.model_grid(template)
-            target = image_centre(template, method=self.config.centre)
+            moving = ndi.binary_fill_holes(volume.array != 0).astype(np.float32)
+            fixed = ndi.binary_fill_holes(template.array > 0.1 * float(template.array.max()))
+            alignment = align_affine(Volume(moving, volume.affine, volume.path),
+                                     Volume(fixed.astype(np.float32), template.affine,
+                                            template.path),
+                                     kind=self.config.alignment, metric="correlation")
         else:
-            affine = grid_affine(orientation=self.config.orientation,
-                                 voxel_size=self.config.voxel_size, shape=self.config.shape,
-                                 centre=centre)
-            target = centre
-        alignment = np.eye(4)
-        alignment[:3, 3] = centre - target  # template world -> the map's world: a shift
+            centre = volume.affine[:3, :3] @ foreground.mean(axis=0) + volume.affine[:3, 3]
+            if template is not None:
+                affine = self.model_grid(template)
+                target = image_centre(template, method=self.config.centre)
+            else:
+                affine = grid_affine(orientation=self.config.orientation,
+                                     voxel_size=self.config.voxel_size, shape=self.config.shape,
+                                     centre=centre)
+                target = centre
+            alignment = np.eye(4)
+            alignment[:3, 3] = centre - target  # template world -> the map's world: a shift
         to_native = np.linalg.inv(volume.affine) @ alignment @ affine
         return _affine_sample(volume.array, to_native, self.config.shape, order=0, cval=0)
 

@@ -217,6 +217,33 @@ def test_pair_dataset_synthesises_label_only_subjects_and_replaces_with_probabil
         PairDataset(images, [labels, None, None], synth=synth)
 
 
+@pytest.mark.parametrize("phase_mode", [None, "joint"])
+def test_map_fraction_sets_how_often_label_maps_are_drawn(phase_mode):
+    """With 2 real images and 6 label maps, uniform draws pick a map 75 % of the time;
+    map_fraction=0.2 picks one 20 % of the time (in registration and segmentation pairs)."""
+    from dazoo.training import PairDataset
+    from dazoo.training.batch import Schedule
+
+    labels = _label_map()
+    rng = np.random.default_rng(0)
+    images = [rng.random(SHAPE, dtype=np.float32), rng.random(SHAPE, dtype=np.float32)] \
+        + [None] * 6
+    maps = [labels, None] + [np.roll(labels, k, axis=0) for k in range(6)]
+    schedule = None if phase_mode is None else Schedule(phase_mode)
+
+    def map_share(fraction):
+        data = PairDataset(images, maps, synth=LabelSynth(), map_fraction=fraction,
+                           steps_per_epoch=1500, seed=3, schedule=schedule)
+        drawn = [s for i in range(1500) for s in data.pairs(i)[0]]
+        return np.mean([s >= 2 for s in drawn])
+
+    assert map_share(None) == pytest.approx(0.75, abs=0.04)
+    assert map_share(0.2) == pytest.approx(0.2, abs=0.04)
+    assert map_share(1.0) == 1.0
+    with pytest.raises(DazooInputError, match="map_fraction"):
+        PairDataset(images, maps, synth=LabelSynth(), map_fraction=1.5)
+
+
 @pytest.mark.parametrize("kernel, order", [("bspline", 3), ("linear", 1)])
 def test_separable_upsampling_equals_scipy_zoom(kernel, order):
     from dazoo.training.synth import _zoom_to

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -347,6 +348,13 @@ def test_training_with_label_maps_synthesised_and_simultaneous(tmp_path):
     path.write_text(json.dumps(recipe))
     with pytest.raises(DazooInputError, match="validation label maps"):
         train(path, tmp_path / "leak", verbose=0, log=lambda m: None)
+    # Another file of a validation subject (named after it) is refused as well.
+    (folder / "other_maps").mkdir()
+    shutil.copy(folder / "s3_seg.nii.gz", folder / "other_maps" / "s3.aseg.nii.gz")
+    recipe["data"]["label_maps"] = [str(folder / "other_maps")]
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(DazooInputError, match="validation label maps"):
+        train(path, tmp_path / "leak2", verbose=0, log=lambda m: None)
     del recipe["synth"]
     path.write_text(json.dumps(recipe))
     with pytest.raises(DazooInputError, match="needs a \"synth\" section"):

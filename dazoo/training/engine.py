@@ -388,7 +388,13 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
 
             label_maps = find_label_maps(data["label_maps"], source=recipe.source)
             held = {os.path.realpath(s.labels) for s in val_subjects if s.labels}
-            leaked = [m.labels for m in label_maps if os.path.realpath(m.labels) in held]
+            names = [s.name for s in val_subjects]
+            # The same file, or another file of a validation subject (a map named after
+            # it, e.g. Mindboggle-101's OASIS-TRT-20-12.aparcNMMjt+aseg.mgz for the
+            # validation subject OASIS-TRT-20-12): both contaminate the validation.
+            leaked = [m.labels for m in label_maps
+                      if os.path.realpath(m.labels) in held
+                      or any(_named_after(os.path.basename(m.labels), n) for n in names)]
             if leaked:
                 raise DazooInputError(recipe.source, f"data.label_maps holds validation "
                                                      f"label maps {leaked}")
@@ -455,7 +461,8 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
             train_subjects + label_maps, preprocessor, cache=cache, label_map=label_map,
             synth=synth, synth_probability=synth_probability,
             batch_size=t["batch_size"], steps_per_epoch=every, seed=c["seed"],
-            labelled_fraction=t["labelled_fraction"], augment=recipe.augmentation(),
+            labelled_fraction=t["labelled_fraction"], map_fraction=t["map_fraction"],
+            augment=recipe.augmentation(),
             schedule=model.schedule, augment_phases=c["augmentation"]["phases"],
             **_labelled_options(data["labelled"]))
         validator = Validator(val_subjects, cache, label_map, max_pairs=t["validation_pairs"])
@@ -527,6 +534,12 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         return Run(folder, model, steps, read_validation(folder))
     finally:
         log_file.close()
+
+
+def _named_after(filename: str, subject: str) -> bool:
+    """Whether ``filename`` is ``subject`` followed by ``.`` or ``_`` (and more): a file of
+    that subject (``"s12.aseg.mgz"`` is one of ``"s12"``, ``"s123.mgz"`` is not)."""
+    return filename.startswith(subject) and filename[len(subject):][:1] in (".", "_")
 
 
 # ----------------------------------------------------------------------------- export

@@ -30,7 +30,9 @@ one takes the default shown by ``Recipe.defaults()``)::
                      "segmentation": {"name": "adam", "learning_rate": 1e-3, "decay": "constant"}},
       "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100,
                    "validate_every": 500, "validation_pairs": 6, "monitor": "native_dice",
-                   "labelled_fraction": null},
+                   "labelled_fraction": null, "map_fraction": null},
+                                               map_fraction: probability of drawing a label
+                                               map (synthesised) instead of a real image
       "augmentation": {"rotation": 0, "scale": 0, "translation": 0, "elastic": 0,
                        "elastic_spacing": 16, "gamma": 0, "noise": 0, "flip": 0,
                        "flip_axis": 0, "phases": ["registration", "segmentation"]},
@@ -88,7 +90,8 @@ DEFAULTS: dict[str, Any] = {
         "segmentation": {"name": "adam", "learning_rate": 1e-3, "decay": "constant"},
     },
     "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100, "validate_every": 500,
-                 "validation_pairs": 6, "monitor": "native_dice", "labelled_fraction": None},
+                 "validation_pairs": 6, "monitor": "native_dice", "labelled_fraction": None,
+                 "map_fraction": None},
     "augmentation": {"rotation": 0.0, "scale": 0.0, "translation": 0.0, "elastic": 0.0,
                      "elastic_spacing": 16.0, "gamma": 0.0, "noise": 0.0, "flip": 0.0,
                      "flip_axis": 0, "phases": ["registration", "segmentation"]},
