@@ -197,7 +197,7 @@ def _segment(args: argparse.Namespace) -> int:
         try:
             result = pipeline.segment(
                 path, probabilities=args.probabilities_dtype if prob is not None else False,
-                strict=args.strict)
+                strict=args.strict, flip=args.flip)
             _warn(path, result.warnings)
             result.save(target, protect=inputs)
             if prob is not None:
@@ -249,6 +249,10 @@ def _add_segment(sub) -> None:
                    help="skip a bad input (its one-line error is printed), process the rest, "
                         "print a summary; exit status 2 if any failed")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="left-right test-time augmentation: average with the mirrored scan "
+                        "(left/right labels swapped back; twice the network time). Default: "
+                        "the preset's choice")
     p.set_defaults(run=_segment)
 
 

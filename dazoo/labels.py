@@ -14,7 +14,7 @@ import numpy as np
 from dazoo.errors import DazooInputError
 from dazoo.io import Volume
 
-__all__ = ["LabelMap", "left_id", "merge_left_right"]
+__all__ = ["LabelMap", "left_id", "merge_left_right", "mirror_id"]
 
 #: FreeSurfer subcortical right -> left ids (FreeSurferColorLUT), plus Mindboggle's basal
 #: forebrain (92 -> 91). Cortical parcellations use 2xxx -> 1xxx (DK/DKT) and 12xxx -> 11xxx
@@ -30,6 +30,21 @@ def left_id(label: int) -> int:
     if 2000 <= label < 3000 or 12000 <= label < 13000:
         return label - 1000
     return _RIGHT_TO_LEFT.get(label, label)
+
+
+_LEFT_TO_RIGHT = {left: right for right, left in _RIGHT_TO_LEFT.items()}
+
+
+def mirror_id(label: int) -> int:
+    """The other side's twin of an id (``1035 <-> 2035``, ``17 <-> 53``, ``11101 <-> 12101``);
+    ids without a side (e.g. 0, brainstem 16) unchanged. What a left-right reflection of the
+    head does to a label."""
+    label = int(label)
+    if 1000 <= label < 2000 or 11000 <= label < 12000:
+        return label + 1000
+    if 2000 <= label < 3000 or 12000 <= label < 13000:
+        return label - 1000
+    return _RIGHT_TO_LEFT.get(label, _LEFT_TO_RIGHT.get(label, label))
 
 
 def merge_left_right(labels: np.ndarray) -> np.ndarray:

@@ -246,7 +246,7 @@ class Pipeline:
 
     # ----------------------------------------------------------------- segment
     def segment(self, image: Source, *, probabilities: bool | str = False,
-                strict: bool = False) -> Segmentation:
+                strict: bool = False, flip: bool | None = None) -> Segmentation:
         """Segments one image and returns the label map on its own grid.
 
         Args:
@@ -256,10 +256,13 @@ class Pipeline:
                 ``"uint8"`` (``round(255 p)``, a quarter of the memory).
             strict: a failed sanity check (``result.warnings`` otherwise) raises
                 :class:`~dazoo.errors.DazooInputError`.
+            flip: left-right test-time augmentation: the probabilities are averaged with
+                those of the mirrored image (left and right labels swapped back); twice the
+                network time. Default: the preset's (:attr:`default_flip`).
         """
         start = time.perf_counter()
         _, pre, warnings = self._prepare(image, strict)
-        labels, scores = self._segment(pre)
+        labels, scores = self._segment(pre, flip)
         maps = None
         if probabilities:
             from dazoo.postprocess import probabilities_to_native
@@ -271,17 +274,54 @@ class Pipeline:
         return Segmentation(labels=labels, seconds=time.perf_counter() - start,
                             probabilities=maps, names=names, warnings=warnings)
 
-    def segment_preprocessed(self, pre) -> Volume:
+    def segment_preprocessed(self, pre, *, flip: bool | None = None) -> Volume:
         """The label map (ids) on the native grid of an image already preprocessed."""
-        return self._segment(pre)[0]
+        return self._segment(pre, flip)[0]
 
-    def _segment(self, pre):
+    def _segment(self, pre, flip=None):
         from dazoo.postprocess import labels_to_native
 
-        probabilities = self.model.segmentation_net.predict_on_batch(pre.array[None, ..., None])
-        scores = np.asarray(probabilities)[0]
+        scores = self.segment_scores(pre.array, flip=flip)
         classes = labels_to_native(scores, pre)
         return Volume(self.class_ids[classes], pre.native_affine, None), scores
+
+    @property
+    def default_flip(self) -> bool:
+        """Whether :meth:`segment` averages with the mirrored image by default (the
+        preset's ``metadata.json`` ``"flip": true``; off without it)."""
+        flip = self.preset.metadata.get("flip", False) if self.preset is not None else False
+        if not isinstance(flip, bool):
+            raise DazooInputError(self.name, "metadata.json: \"flip\" must be true or false")
+        return flip
+
+    def flip_axis(self) -> int:
+        """The model grid's left-right axis (the ``R``/``L`` letter of its orientation)."""
+        code = self.preprocessor.config.orientation
+        return next(i for i, c in enumerate(code) if c in "RL")
+
+    def flip_permutation(self) -> np.ndarray:
+        """``perm[k]``: the class of the other side's twin of class ``k`` (itself when the
+        table has no twin: background, midline structures, one-sided tables)."""
+        from dazoo.labels import mirror_id
+
+        position = {int(i): k for k, i in enumerate(self.class_ids)}
+        return np.array([position.get(mirror_id(i), k) for k, i in enumerate(self.class_ids)])
+
+    def segment_scores(self, array: np.ndarray, *, flip: bool | None = None) -> np.ndarray:
+        """The segmenter's class probabilities ``(D, H, W, K)`` of a model-grid image; with
+        ``flip`` (default :attr:`default_flip`), the mean of those of the image and of its
+        left-right mirror image (mirrored back, left and right classes swapped)."""
+        flip = self.default_flip if flip is None else bool(flip)
+        net = self.model.segmentation_net
+        array = np.asarray(array, np.float32)
+        scores = np.asarray(net.predict_on_batch(array[None, ..., None]), np.float32)[0]
+        if flip:
+            axis = self.flip_axis()
+            mirrored = np.ascontiguousarray(np.flip(array, axis))
+            other = np.asarray(net.predict_on_batch(mirrored[None, ..., None]), np.float32)[0]
+            other = np.flip(other, axis)[..., self.flip_permutation()]
+            scores = 0.5 * (scores + other)
+        return scores
 
     def refine(self, moving_pre, fixed_pre, *, moving_labels: Volume | None = None,
                iterations: int, out=None, **options):
