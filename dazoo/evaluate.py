@@ -47,12 +47,14 @@ def _ids(pipeline) -> list[int]:
     return [int(i) for i in pipeline.class_ids if i != 0]
 
 
-def evaluate_segmentation(pipeline, subjects, *, log: Callable[[str], None] = print) -> list[dict]:
+def evaluate_segmentation(pipeline, subjects, *, flip: bool | None = None,
+                          log: Callable[[str], None] = print) -> list[dict]:
     """Segments every labelled subject and scores it on its native grid.
 
     Args:
         pipeline: a :class:`dazoo.pipeline.Pipeline`.
         subjects: :class:`dazoo.training.Subject` items (those without labels are skipped).
+        flip: left-right test-time augmentation (default: the preset's).
 
     Returns:
         one dict per subject: ``name``, ``seconds`` and the fields of :func:`score_labels`.
@@ -62,7 +64,7 @@ def evaluate_segmentation(pipeline, subjects, *, log: Callable[[str], None] = pr
     for number, subject in enumerate(labelled, 1):
         image = io.read_image(subject.image)
         truth = io.read_labels(subject.labels, like=image).array
-        seg = pipeline.segment(image)
+        seg = pipeline.segment(image, flip=flip)
         scores = score_labels(truth, seg.labels.array, _ids(pipeline))
         results.append({"name": subject.name, "seconds": seg.seconds, **scores})
         log(f"[{number}/{len(labelled)}] segment {subject.name}: mean Dice "

@@ -108,6 +108,8 @@ def test_recipe_defaults_paths_and_strict_keys(tmp_path):
         ({"data": {"train": "d.csv"}, "labels": {"ids": [1]}, "precision": "mixed_float16"},
          "precision must be one of"),
         ({"data": {"train": "d.csv"}}, "labels needs"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]}, "inference": {"flip": "yes"}},
+         "inference.flip must be true or false"),
     ]:
         with pytest.raises(DazooInputError, match=None) as info:
             Recipe.from_dict(bad, root=tmp_path, source="r.json")
@@ -261,6 +263,23 @@ def test_export_writes_a_verified_preset_from_the_run_record(trained, exported):
         np.testing.assert_array_equal(got, expected)
     assert [c["id"] for c in model.label_table] == [0, *IDS]
     assert model.preprocessor.config.shape == SHAPE
+    assert "flip" not in meta  # inference.flip false (the default): no flip by default
+
+
+def test_export_carries_the_recipe_inference_defaults(trained, tmp_path):
+    """inference.flip in the run's recipe becomes the preset's default (metadata "flip")."""
+    from dazoo.hub import load
+    from dazoo.training import export
+
+    folder, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run.folder, copy)
+    recipe = json.loads((copy / "recipe.json").read_text())
+    recipe["inference"] = {"flip": True}
+    (copy / "recipe.json").write_text(json.dumps(recipe))
+    preset = export(copy, tmp_path / "flipping", log=lambda m: None)
+    assert preset.metadata["flip"] is True
+    assert load(preset.path).default_flip is True
 
 
 def test_segment_with_the_exported_preset(trained, exported, tmp_path):

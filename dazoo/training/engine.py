@@ -640,6 +640,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
         "validation": {"at_step": steps if scores else None, "scores": scores,
                        "history": history},
         "summary": summary,
+        **({"flip": True} if c["inference"]["flip"] else {}),
         "notes": list(card["notes"]),
         "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]
                                              if x != DEEPATLAS_CITATION],
@@ -709,7 +710,7 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     if preset.file("recipe.json").is_file():
         base = json.loads(preset.file("recipe.json").read_text())
     config = {key: base[key] for key in ("model", "losses", "optimizers", "augmentation",
-                                         "precision") if key in base}
+                                         "precision", "inference") if key in base}
     model = dict(config.get("model", {}))
     model.pop("registration", None)
     model.pop("segmentation", None)

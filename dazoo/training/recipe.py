@@ -46,6 +46,9 @@ one takes the default shown by ``Recipe.defaults()``)::
                                                or {"registration": P, "segmentation": P}
       "init": null,                            or {"preset": "brain", "labels_from_data": false}
                                                or {"registration_from": RUN, "segmentation_from": RUN}
+      "inference": {"flip": false},            the exported preset's defaults: "flip" true
+                                               averages each segmentation with that of the
+                                               mirrored scan (dazoo segment --flip)
       "card": {"license": ..., "license_note": ..., "citations": [...], "notes": [...],
                "data_name": ...}                model-card prose, copied into the exported preset
     }
@@ -98,6 +101,7 @@ DEFAULTS: dict[str, Any] = {
     "synth": None,
     "precision": "float32",
     "init": None,
+    "inference": {"flip": False},
     "card": {"license": None, "license_note": None, "citations": [], "notes": [],
              "data_name": None},
 }
@@ -305,6 +309,8 @@ class Recipe:
             if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
                 self._fail(f"optimizers.{network}.learning_rate must be a number > 0")
         t = c["training"]
+        if not isinstance(c["inference"]["flip"], bool):
+            self._fail("inference.flip must be true or false")
         for key in ("steps", "batch_size", "checkpoint_every", "validate_every"):
             if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
                 self._fail(f"training.{key} must be an integer >= 1, got {t[key]!r}")

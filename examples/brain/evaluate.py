@@ -2,7 +2,8 @@
 
     python examples/brain/evaluate.py --preset pretrained/brain \
         --data ../shared/data/mindboggle-oasis-trt20 \
-        --out work_cache/brain/evaluation.json [--ants]
+        --out work_cache/brain/evaluation.json [--ants] [--flip | --no-flip] \
+        [--cohort ../shared/data/freesurfer-cohort]
 
 The validation subjects are the ``data.validation`` of the preset's own ``recipe.json``
 (written by ``dazoo export``; the shipped ``pretrained/brain`` has one too) or, for a preset
@@ -190,14 +191,30 @@ def main(argv=None):
     parser.add_argument("--ants", action="store_true", help="also run the ANTs baselines")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=("segmentation", "registration", "consistency", "speed"))
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="left-right test-time augmentation of the segmentations "
+                             "(default: the preset's)")
+    parser.add_argument("--cohort", metavar="DIR",
+                        help="also segment the labelled scans of a FreeSurfer cohort (sub-*/"
+                             "brainmask.mgz, aparc.DKTatlas+aseg.mgz), without fine-tuning: "
+                             "e.g. ../shared/data/freesurfer-cohort")
     args = parser.parse_args(argv)
     subjects = validation_subjects(args.data, args.preset)
     pipeline = load(args.preset)
     ids = label_ids(args.preset)
     report = {"preset": args.preset, "validation": [s.name for s in subjects]}
     if "segmentation" not in args.skip:
-        per = evaluate_segmentation(pipeline, subjects)
-        report["segmentation"] = {"summary": summarise(per), "subjects": per}
+        per = evaluate_segmentation(pipeline, subjects, flip=args.flip)
+        report["segmentation"] = {"summary": summarise(per), "subjects": per,
+                                  "flip": pipeline.default_flip if args.flip is None
+                                  else args.flip}
+    if args.cohort:
+        from dazoo.training import load_subjects
+
+        cohort = load_subjects(args.cohort, image="brainmask.mgz",
+                               labels="aparc.DKTatlas+aseg.mgz")
+        per = evaluate_segmentation(pipeline, cohort, flip=args.flip)
+        report["cohort"] = {"path": args.cohort, "summary": summarise(per), "subjects": per}
     if "registration" not in args.skip:
         per = evaluate_registration(pipeline, subjects)
         report["registration"] = {"summary": summarise(per), "pairs": per}
@@ -223,7 +240,7 @@ def main(argv=None):
             report["speed"] = speed(args.preset, subjects, tmp)
             print(f"speed: {report['speed']}", flush=True)
     io.write_text_atomic(args.out, json.dumps(report, indent=1))
-    for key in ("segmentation", "registration", "ants_affine", "ants_syn"):
+    for key in ("segmentation", "cohort", "registration", "ants_affine", "ants_syn"):
         if key in report:
             s = report[key]["summary"]
             print(f"{key}: mean Dice {s['mean_dice']:.3f} (merged {s['mean_merged_dice']:.3f}) "
