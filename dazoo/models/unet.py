@@ -11,7 +11,7 @@ from typing import Sequence
 
 import keras
 
-from dazoo.layers import LeakyReLU
+from dazoo.layers import GroupNormalization, LeakyReLU
 
 DEFAULT_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
 
@@ -53,7 +53,8 @@ def _normalization(kind: str | None, name: str, dtype=None):
     if kind == "batch":
         return keras.layers.BatchNormalization(name=name, dtype=dtype)
     if kind == "instance":
-        return keras.layers.GroupNormalization(groups=-1, name=name, dtype=dtype)
+        # Keras's GroupNormalization(groups=-1), with a leaner backward pass (same weights).
+        return GroupNormalization(groups=-1, name=name, dtype=dtype)
     if kind == "group":
         return keras.layers.GroupNormalization(groups=8, name=name, dtype=dtype)
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {kind!r}")
