@@ -57,11 +57,16 @@ PRECISIONS = ("float32", "seg_bfloat16", "mixed_bfloat16")
 
 
 def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="joint",
-             fused=True):
+             fused=True, norm="lean"):
     import keras
     import numpy as np
 
     from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
+
+    if norm == "keras":  # Keras's own instance normalisation (its composed-ops gradient)
+        import dazoo.models.unet as unet
+
+        unet.GroupNormalization = keras.layers.GroupNormalization
 
     rng = np.random.default_rng(0)
     batch = {
@@ -79,7 +84,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
         seg_options.update(features=VOXELMORPH_FEATURES, normalization=None)
     seg = SegmentationNet(shape, classes, **seg_options)
     result = {"shape": "x".join(map(str, shape)), "classes": classes, "precision": precision,
-              "segmenter": segmenter}
+              "segmenter": segmenter, "norm": norm}
 
     if not inference_only and mode == "simultaneous":
         result["mode"] = mode
@@ -145,14 +150,14 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
 def _child(args):
     shape = tuple(int(n) for n in args.child.split("x"))
     result = _measure(shape, int(args.classes), args.steps, args.precision, args.segmenter,
-                      args.inference, args.mode, args.fused == "on")
+                      args.inference, args.mode, args.fused == "on", args.norm)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def _run_child(shape, classes, precision, segmenter, args, inference, mode="joint"):
     cmd = [sys.executable, __file__, "--child", shape, "--classes", str(classes),
            "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter,
-           "--mode", mode, "--fused", args.fused]
+           "--mode", mode, "--fused", args.fused, "--norm", args.norm]
     if inference:
         cmd.append("--inference")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -243,6 +248,9 @@ def main(argv=None):
                         help="segmentation losses from the segmenter's features in chunks "
                              "(dazoo.ops.softmax_class_sums; default on) or from its full "
                              "probability maps (off: the comparison)")
+    parser.add_argument("--norm", default="lean", choices=("lean", "keras"),
+                        help="instance normalisation: dazoo's (lean backward pass, default) or "
+                             "Keras's GroupNormalization, for A/B measurements")
     parser.add_argument("--inference-shape", default="160x192x160",
                         help="grid of the inference timing ('' to skip)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per phase")

@@ -176,3 +176,19 @@ def test_one_shot_labels_the_first_real_training_subject(one_shot, tmp_path):
     args = one_shot.parse_args(["--work", str(tmp_path), "--data", str(DATA)])
     recipes = one_shot.run_recipes(args)
     assert recipes["joint"][0]["data"]["labelled"] == ["OASIS-TRT-20-10"]  # as in the card
+
+
+def test_evaluate_card_text_lists_what_was_measured():
+    evaluate = _load("evaluate")
+    summary = {"count": 3, "mean_dice": 0.7123, "mean_merged_dice": 0.7201, "seconds": 4.0}
+    report = {"validation": ["a", "b", "c"],
+              "segmentation": {"summary": summary, "flip": True},
+              "registration": {"summary": dict(summary, count=6, folding_fraction=0.0)},
+              "speed": {"cli_segment_seconds": 9.04, "cli_register_seconds": 17.26}}
+    text = evaluate.card_text(report, "python examples/brain/evaluate.py --preset P")
+    assert "`python examples/brain/evaluate.py --preset P`" in text and "a, b, c" in text
+    assert "| segmentation (per subject), flip test-time augmentation (3) | 0.712 | 0.720 |" \
+        in text
+    assert "| registration (ordered pairs) (6) | 0.712 | 0.720 | 4.0 | 0.0000 % |" in text
+    assert "`dazoo segment` 9.0 s, `dazoo register` 17.3 s" in text
+    assert "cohort" not in text and "ANTs" not in text  # only what the report holds
