@@ -154,10 +154,11 @@ def _child(args):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _run_child(shape, classes, precision, segmenter, args, inference, mode="joint"):
+def _run_child(shape, classes, precision, segmenter, args, inference, mode="joint",
+               norm="lean"):
     cmd = [sys.executable, __file__, "--child", shape, "--classes", str(classes),
            "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter,
-           "--mode", mode, "--fused", args.fused, "--norm", args.norm]
+           "--mode", mode, "--fused", args.fused, "--norm", norm]
     if inference:
         cmd.append("--inference")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -215,6 +216,8 @@ def _table(rows):
             lines.append(f"| {name} | {body} |")
             continue
         mode = r.get("mode", "inference" if "inference_s" in r else "joint")
+        if r.get("norm", "lean") != "lean":
+            mode += f" ({r['norm']} norm)"
         head = (f"| {r['shape']} | {r['classes']} | {r['precision']} | {r['segmenter']} "
                 f"| {mode} | ")
         if "error" in r:
@@ -248,9 +251,9 @@ def main(argv=None):
                         help="segmentation losses from the segmenter's features in chunks "
                              "(dazoo.ops.softmax_class_sums; default on) or from its full "
                              "probability maps (off: the comparison)")
-    parser.add_argument("--norm", default="lean", choices=("lean", "keras"),
-                        help="instance normalisation: dazoo's (lean backward pass, default) or "
-                             "Keras's GroupNormalization, for A/B measurements")
+    parser.add_argument("--norm", default="lean",
+                        help="comma-separated: lean (dazoo's instance normalisation, lean "
+                             "backward pass; default), keras (Keras's GroupNormalization): A/B")
     parser.add_argument("--inference-shape", default="160x192x160",
                         help="grid of the inference timing ('' to skip)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per phase")
@@ -269,6 +272,9 @@ def main(argv=None):
     if args.child:
         return _child(args)
     precisions = args.precision.split(",")
+    norms = args.norm.split(",")
+    if set(norms) - {"lean", "keras"}:
+        parser.error(f"--norm: unknown {sorted(set(norms) - {'lean', 'keras'})}")
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         parser.error(f"--precision: unknown {bad}; choose from {list(PRECISIONS)}")
@@ -291,19 +297,22 @@ def main(argv=None):
         for precision in precisions:
             for segmenter in args.segmenter.split(","):
                 for mode in args.mode.split(","):
-                    jobs += [(shape, k, precision, segmenter, False, mode) for k in counts]
+                    for norm in norms:
+                        jobs += [(shape, k, precision, segmenter, False, mode, norm)
+                                 for k in counts]
     if args.inference_shape:
-        jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint")
-                 for p in precisions]
-    for shape, classes, precision, segmenter, inference, mode in jobs:
-        row = _run_child(shape, classes, precision, segmenter, args, inference, mode)
+        jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint", norm)
+                 for p in precisions for norm in norms]
+    for shape, classes, precision, segmenter, inference, mode, norm in jobs:
+        row = _run_child(shape, classes, precision, segmenter, args, inference, mode, norm)
         if "joint_step_s" in row:
             if shape in references:
                 row["reference_step_s"] = references[shape]
                 row["ratio"] = row["joint_step_s"] / references[shape]
             fewest = [r for r in rows if r.get("shape") == shape and "joint_step_s" in r
                       and r["precision"] == precision and r["segmenter"] == segmenter
-                      and r.get("mode", "joint") == row.get("mode", "joint")]
+                      and r.get("mode", "joint") == row.get("mode", "joint")
+                      and r.get("norm", "lean") == row.get("norm", "lean")]
             if fewest:
                 base = min(fewest, key=lambda r: r["classes"])
                 row["classes_ratio"] = row["joint_step_s"] / base["joint_step_s"]
