@@ -87,9 +87,10 @@ def test_one_shot_recipes(one_shot, fake_data, tmp_path):
         else:  # the first run's template, copied
             assert c["preprocess"]["template"] == str(root / "pretrain_registration"
                                                       / "template.nii.gz")
-        # everything else is the shipped recipe's
+        # everything else is version 1's from-scratch recipe's
+        v1 = json.loads((EXAMPLES / "recipe_v1.json").read_text())
         for key in ("losses", "optimizers", "augmentation", "precision", "seed", "labels"):
-            assert c[key] == Recipe.from_dict(BRAIN_RECIPE, root=BRAIN)[key]
+            assert c[key] == Recipe.from_dict(v1, root=EXAMPLES)[key]
         Recipe.from_dict(json.loads(recipe.to_json()))  # what the run folder keeps is valid
     assert recipes["joint"][0]["training"]["checkpoint_every"] == 100
     assert recipes["pretrain_segmentation"][0]["training"]["checkpoint_every"] == 70
@@ -191,4 +192,6 @@ def test_evaluate_card_text_lists_what_was_measured():
         in text
     assert "| registration (ordered pairs) (6) | 0.712 | 0.720 | 4.0 | 0.0000 % |" in text
     assert "`dazoo segment` 9.0 s, `dazoo register` 17.3 s" in text
+    report["speed"] = {"cli_segment_seconds": [9.04, 8.8], "cli_register_seconds": [17.26]}
+    assert "`dazoo segment` 9.0, 8.8 s" in evaluate.card_text(report, "c")
     assert "cohort" not in text and "ANTs" not in text  # only what the report holds

@@ -717,6 +717,10 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     if freeze:
         model["mode"] = {"registration": "segmentation_only",
                          "segmentation": "registration_only"}[freeze[0]]
+    elif model.get("mode") not in (None, "joint", "simultaneous"):
+        # A parent made by single-network training (e.g. brain v2's segmentation-only
+        # fine-tuning) is still fine-tuned as DeepAtlas: --freeze chooses one network.
+        model["mode"] = "joint"
     config["model"] = model
     if learning_rate is not None:
         config["optimizers"] = {

@@ -204,10 +204,15 @@ def card_text(report: dict, command: str) -> str:
                          f"{s['mean_merged_dice']:.3f} | {s['seconds']:.1f} | {folding} |")
     if "speed" in report:
         sp = report["speed"]
+
+        def runs(value):
+            values = value if isinstance(value, list) else [value]
+            return ", ".join(f"{v:.1f}" for v in values) + " s"
+
         lines += ["", f"End-to-end commands on a 256x256x160 scan (new process: imports, model "
                       f"loading, reading, alignment, prediction, writing): `dazoo segment` "
-                      f"{sp['cli_segment_seconds']:.1f} s, `dazoo register` "
-                      f"{sp['cli_register_seconds']:.1f} s."]
+                      f"{runs(sp['cli_segment_seconds'])}, `dazoo register` "
+                      f"{runs(sp['cli_register_seconds'])}."]
     if "consistency" in report:
         lines += ["", "Orientation invariance (the first validation scan rewritten, compared "
                       "in world space):"]

@@ -44,7 +44,7 @@ import pathlib
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-RECIPE = HERE.parents[1] / "pretrained" / "brain" / "recipe.json"
+RECIPE = HERE / "recipe_v1.json"  # version 1's from-scratch recipe (joint training)
 
 #: run name -> model mode, in the order the runs are trained.
 RUNS = {"pretrain_registration": "registration_only",
