@@ -805,6 +805,12 @@ class Preprocessor:
                               preprocessed.array.shape, order=0, cval=0)
 
 
+    @property
+    def aligns_label_maps(self) -> bool:
+        """Whether :meth:`apply_label_map` aligns a map's outline to the template (a template
+        and an alignment) rather than placing it by a shift."""
+        return self.config.alignment != "none" and self.template_path is not None
+
     def apply_label_map(self, labels: Source) -> np.ndarray:
         """Put a label map that has no image onto the model grid (nearest neighbour).
 
@@ -828,7 +834,7 @@ class Preprocessor:
         if not len(foreground):
             raise DazooInputError(volume.name, "label map is empty (only background)")
         template = self.template
-        if template is not None and self.config.alignment != "none":
+        if self.aligns_label_maps:
             import scipy.ndimage as ndi
 
             affine = self.model_grid(template)

@@ -57,17 +57,13 @@ class VolumeCache:
             # "aligned": placed by the foreground's alignment to the template (see
             # Preprocessor.apply_label_map), not by a shift as before (those keys unchanged).
             parts = [self.preprocessor.fingerprint(), "label map"] + (
-                ["aligned"] if self._aligns_maps() else []) + [
+                ["aligned"] if self.preprocessor.aligns_label_maps else []) + [
                 _file_identity(subject.labels), repr(subject.relabel)]
             return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
         parts = [self.preprocessor.fingerprint(), _file_identity(subject.image)]
         if with_labels and subject.labels is not None:
             parts.append(_file_identity(subject.labels))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
-
-    def _aligns_maps(self) -> bool:
-        return (self.preprocessor.config.alignment != "none"
-                and self.preprocessor.template_path is not None)
 
     def get(self, subject: Subject, *, with_labels: bool = True) -> CachedSubject:
         """The preprocessed subject (labels as ids on the model grid, or None)."""
