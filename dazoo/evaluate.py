@@ -74,6 +74,7 @@ def evaluate_segmentation(pipeline, subjects, *, flip: bool | None = None,
 
 
 def evaluate_registration(pipeline, subjects, *, pairs: Sequence[tuple[int, int]] | None = None,
+                          refine_options: dict | None = None,
                           log: Callable[[str], None] = print) -> list[dict]:
     """Registers ordered pairs of labelled subjects and scores the carried labels.
 
@@ -81,6 +82,8 @@ def evaluate_registration(pipeline, subjects, *, pairs: Sequence[tuple[int, int]
         pipeline: a :class:`dazoo.pipeline.Pipeline`.
         subjects: :class:`dazoo.training.Subject` items with labels.
         pairs: ``(moving index, fixed index)`` into ``subjects``; default every ordered pair.
+        refine_options: passed to :meth:`~dazoo.pipeline.Pipeline.register` (e.g.
+            ``{"guide": "segmenter"}``: the refinement does not see the moving labels).
 
     Returns:
         one dict per pair: ``moving``, ``fixed``, ``seconds``, ``folding_fraction`` and the
@@ -95,7 +98,8 @@ def evaluate_registration(pipeline, subjects, *, pairs: Sequence[tuple[int, int]
         fixed_image = io.read_image(fixed.image)
         truth = io.read_labels(fixed.labels, like=fixed_image).array
         start = time.perf_counter()
-        result = pipeline.register(moving.image, fixed_image, moving_labels=moving.labels)
+        result = pipeline.register(moving.image, fixed_image, moving_labels=moving.labels,
+                                   refine_options=refine_options)
         seconds = time.perf_counter() - start
         scores = score_labels(truth, result.moved_labels.array, _ids(pipeline))
         results.append({"moving": moving.name, "fixed": fixed.name, "seconds": seconds,

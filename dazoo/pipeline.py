@@ -140,6 +140,23 @@ class Registration:
         return written
 
 
+def _infer(net, inputs):
+    """One inference-mode forward pass of ``net``, run eagerly, as NumPy (a dict for a dict
+    output). A single pass is cheaper eagerly than through ``predict_on_batch``, whose first
+    call traces a graph: registration network at 80x96x80 on 2 cores 1.1 s eager against
+    4.0 s (later calls 0.75 vs 0.57 s)."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        with torch.no_grad():
+            out = net(inputs, training=False)
+    else:
+        out = net(inputs, training=False)
+    return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), out)
+
+
 def _classes_of(ids: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     """Class index of each label id (ids outside the table: class 0, the background)."""
     order = np.argsort(class_ids)
@@ -314,11 +331,11 @@ class Pipeline:
         flip = self.default_flip if flip is None else bool(flip)
         net = self.model.segmentation_net
         array = np.asarray(array, np.float32)
-        scores = np.asarray(net.predict_on_batch(array[None, ..., None]), np.float32)[0]
+        scores = np.asarray(_infer(net, array[None, ..., None]), np.float32)[0]
         if flip:
             axis = self.flip_axis()
             mirrored = np.ascontiguousarray(np.flip(array, axis))
-            other = np.asarray(net.predict_on_batch(mirrored[None, ..., None]), np.float32)[0]
+            other = np.asarray(_infer(net, mirrored[None, ..., None]), np.float32)[0]
             other = np.flip(other, axis)[..., self.flip_permutation()]
             scores = 0.5 * (scores + other)
         return scores
@@ -339,20 +356,20 @@ class Pipeline:
         labels_volume = moving_labels
         net = self.model.registration_net
         if out is None:
-            out = net.predict_on_batch([moving_pre.array[None, ..., None],
-                                        fixed_pre.array[None, ..., None]])
+            out = _infer(net, [moving_pre.array[None, ..., None],
+                               fixed_pre.array[None, ..., None]])
         # The network's "flow" output is what it integrates (already resized to the
         # integration resolution), or its displacement at flow resolution without integration.
         resolution = net.int_resolution if net.int_steps > 0 else (2 if net.half_res else 1)
         velocity = np.asarray(out["flow"], np.float32)
         seg = self.model.segmentation_net
-        fixed_probs = np.asarray(seg.predict_on_batch(fixed_pre.array[None, ..., None]),
+        fixed_probs = np.asarray(_infer(seg, fixed_pre.array[None, ..., None]),
                                  np.float32)
         if labels_volume is not None:
             ids = self.preprocessor.apply_labels(labels_volume, moving_pre)
             moving_classes = _classes_of(ids, self.class_ids)[None]
         else:
-            moving_classes = np.argmax(seg.predict_on_batch(moving_pre.array[None, ..., None]),
+            moving_classes = np.argmax(_infer(seg, moving_pre.array[None, ..., None]),
                                        axis=-1)
         u, history = refine_velocity(velocity, moving_pre.array[None, ..., None],
                                      fixed_pre.array[None, ..., None], moving_classes,
@@ -386,7 +403,9 @@ class Pipeline:
                 (:attr:`default_refine`), 0: the network's output alone.
             refine_options: keyword arguments of :func:`dazoo.refine.refine_velocity`
                 (``learning_rate``, ``smoothness``, ``anatomy``), the preset's defaults
-                otherwise.
+                otherwise; ``"guide": "segmenter"`` guides the refinement by the segmenter's
+                prediction of the moving image even when ``moving_labels`` are given (they
+                are still carried along; default ``"labels"``).
         """
         start = time.perf_counter()
         moving_volume, moving_pre, moving_warnings = self._prepare(moving, strict, "moving: ")
@@ -418,17 +437,21 @@ class Pipeline:
         """:meth:`register` on images already preprocessed (``moving_volume``: the native
         moving image; ``fixed_affine``: the fixed image's native affine)."""
         labels_volume = moving_labels
-        out = self.model.registration_net.predict_on_batch(
-            [moving_pre.array[None, ..., None], fixed_pre.array[None, ..., None]])
+        out = _infer(self.model.registration_net,
+                     [moving_pre.array[None, ..., None], fixed_pre.array[None, ..., None]])
         u = np.asarray(out["displacement"])[0]
         options = self.default_refine
         options.update(refine_options or {})
         iterations = int(options.pop("iterations", 0) if refine is None else refine)
         options.pop("iterations", None)
+        guide = options.pop("guide", "labels")
         if iterations < 0:
             raise DazooInputError("refine", f"needs a number of iterations >= 0, got {iterations}")
+        if guide not in ("labels", "segmenter"):
+            raise DazooInputError("refine", f"guide must be 'labels' or 'segmenter', got {guide!r}")
         if iterations > 0:
-            u, _ = self.refine(moving_pre, fixed_pre, moving_labels=labels_volume,
+            u, _ = self.refine(moving_pre, fixed_pre,
+                               moving_labels=labels_volume if guide == "labels" else None,
                                iterations=iterations, out=out, **options)
         return self.registration_from(u, moving_volume, moving_pre, fixed_affine, fixed_pre,
                                       moving_labels=labels_volume)

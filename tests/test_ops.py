@@ -110,6 +110,54 @@ def test_resize_is_corner_aligned_linear():
     np.testing.assert_allclose(got[0, :, 0, 0, 0], np.linspace(0, 4, 10), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, factor", [((2, 7, 9, 5, 2), 2.0), ((1, 8, 10, 6, 3), 0.5),
+                                           ((1, 5, 6, 7, 1), 1.5)])
+def test_separable_resize_equals_interpolation_on_the_grid_with_its_gradient(shape, factor):
+    # the definition: multilinear interpolation at linspace(0, n - 1, int(n * factor))
+    import tensorflow as tf
+
+    volume = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    axes = [np.linspace(0, n - 1, int(n * factor)) for n in shape[1:4]]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).astype(np.float32)
+    expected = np.stack([np.stack([ndimage.map_coordinates(volume[b, ..., c],
+                                                           np.moveaxis(points, -1, 0), order=1,
+                                                           mode="nearest")
+                                   for c in range(shape[-1])], axis=-1)
+                         for b in range(shape[0])])
+    x = tf.constant(volume)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        got = dops.resize(x, factor)
+        reference = dops.interpolate(x, tf.constant(points))
+        weights = tf.constant(np.random.default_rng(4).normal(size=got.shape).astype(np.float32))
+        loss, loss_ref = tf.reduce_sum(got * weights), tf.reduce_sum(reference * weights)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), tape.gradient(loss_ref, x).numpy(),
+                               atol=1e-5)
+
+
+def test_unit_segment_sum_equals_bincount_is_deterministic_and_its_gradient_is_a_gather():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, 7, 5000).astype(np.int32)
+    values = rng.random(5000).astype(np.float32)
+    x = tf.constant(values)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        sums = dops._unit_segment_sum(x, tf.constant(ids), 9)        # bins 7, 8 stay empty
+        loss = tf.reduce_sum(sums * tf.range(9, dtype=tf.float32) ** 2)
+    np.testing.assert_allclose(sums.numpy(), np.bincount(ids, weights=values, minlength=9),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), ids.astype(np.float32) ** 2)
+    # many values into few bins, run again: bit for bit the same (a float bincount is not)
+    ids = tf.constant(rng.integers(0, 63, 2_000_000).astype(np.int32))
+    values = tf.constant(rng.random(2_000_000).astype(np.float32))
+    runs = [dops._unit_segment_sum(values, ids, 63).numpy() for _ in range(4)]
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other, runs[0])
+
+
 @pytest.fixture(scope="module")
 def vxm():
     return np.load(VXM / "inputs.npz"), np.load(VXM / "outputs.npz")
@@ -151,6 +199,17 @@ def test_warped_label_overlap_equals_the_one_hot_warp():
     np.testing.assert_allclose(np.asarray(intersection), (moved * target).sum(axis=(1, 2, 3)),
                                rtol=1e-5)
     np.testing.assert_allclose(np.asarray(moved_sum), moved.sum(axis=(1, 2, 3)), rtol=1e-5)
+    # ids outside 0..K-1 (e.g. -1, K) are no class: their one-hot is all zeros
+    odd = np.where(rng.random(labels.shape) < 0.2, rng.choice([-1, k, k + 3], labels.shape),
+                   labels).astype(np.int32)
+    one_hot = (odd[..., None] == np.arange(k)).astype(np.float32)
+    moved = np.asarray(dops.warp(one_hot, displacement))
+    for fixed_point in (False, True):
+        intersection, moved_sum = dops.warped_label_overlap(odd, displacement, target, k,
+                                                            fixed_point=fixed_point)
+        np.testing.assert_allclose(np.asarray(intersection),
+                                   (moved * target).sum(axis=(1, 2, 3)), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(moved_sum), moved.sum(axis=(1, 2, 3)), rtol=1e-5)
 
 
 def test_warped_one_hot_equals_the_one_hot_warp_with_its_gradient():

@@ -104,6 +104,18 @@ def test_register_refine_improves_the_pair(preset_dir, scans):  # noqa: F811
 
     assert dice(refined) > dice(plain) + 0.02
     assert refined.folding_fraction < 0.005
+    # guide "segmenter": the moving labels are carried along but do not guide: the same
+    # displacement as a registration given no labels
+    guided = pipeline.register(moving, fixed, moving_labels=moving_labels, refine=3,
+                               refine_options={"guide": "segmenter"})
+    unlabelled = pipeline.register(moving, fixed, refine=3)
+    by_labels = pipeline.register(moving, fixed, moving_labels=moving_labels, refine=3)
+    np.testing.assert_allclose(guided.displacement.array, unlabelled.displacement.array,
+                               atol=1e-4)
+    assert np.abs(guided.displacement.array - by_labels.displacement.array).max() > 1e-3
+    assert guided.moved_labels is not None and unlabelled.moved_labels is None
+    with pytest.raises(Exception, match="guide must be"):
+        pipeline.register(moving, fixed, refine=1, refine_options={"guide": "atlas"})
     np.testing.assert_array_equal(_classes_of(np.array([0, 7, 999]), np.array([0, 7, 3])),
                                   [0, 1, 0])
 

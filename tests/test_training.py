@@ -110,6 +110,10 @@ def test_recipe_defaults_paths_and_strict_keys(tmp_path):
         ({"data": {"train": "d.csv"}}, "labels needs"),
         ({"data": {"train": "d.csv"}, "labels": {"ids": [1]}, "inference": {"flip": "yes"}},
          "inference.flip must be true or false"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+          "inference": {"refine": {"iterations": -1}}}, "iterations must be an integer >= 0"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+          "inference": {"refine": {"iterations": 5, "lr": 0.2}}}, "inference.refine must be"),
     ]:
         with pytest.raises(DazooInputError, match=None) as info:
             Recipe.from_dict(bad, root=tmp_path, source="r.json")
@@ -267,7 +271,8 @@ def test_export_writes_a_verified_preset_from_the_run_record(trained, exported):
 
 
 def test_export_carries_the_recipe_inference_defaults(trained, tmp_path):
-    """inference.flip in the run's recipe becomes the preset's default (metadata "flip")."""
+    """inference.flip / .refine in the run's recipe become the preset's defaults (metadata
+    "flip", "refine")."""
     from dazoo.hub import load
     from dazoo.training import export
 
@@ -275,11 +280,12 @@ def test_export_carries_the_recipe_inference_defaults(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run.folder, copy)
     recipe = json.loads((copy / "recipe.json").read_text())
-    recipe["inference"] = {"flip": True}
+    recipe["inference"] = {"flip": True, "refine": {"iterations": 4, "learning_rate": 0.2}}
     (copy / "recipe.json").write_text(json.dumps(recipe))
     preset = export(copy, tmp_path / "flipping", log=lambda m: None)
     assert preset.metadata["flip"] is True
     assert load(preset.path).default_flip is True
+    assert load(preset.path).default_refine == {"iterations": 4, "learning_rate": 0.2}
 
 
 def test_segment_with_the_exported_preset(trained, exported, tmp_path):

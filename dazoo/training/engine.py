@@ -641,6 +641,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
                        "history": history},
         "summary": summary,
         **({"flip": True} if c["inference"]["flip"] else {}),
+        **({"refine": dict(c["inference"]["refine"])} if c["inference"].get("refine") else {}),
         "notes": list(card["notes"]),
         "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]
                                              if x != DEEPATLAS_CITATION],

@@ -48,7 +48,10 @@ one takes the default shown by ``Recipe.defaults()``)::
                                                or {"registration_from": RUN, "segmentation_from": RUN}
       "inference": {"flip": false},            the exported preset's defaults: "flip" true
                                                averages each segmentation with that of the
-                                               mirrored scan (dazoo segment --flip)
+                                               mirrored scan (dazoo segment --flip);
+                                               "refine": {"iterations": N, "learning_rate":
+                                               .., "smoothness": .., "anatomy": ..} makes
+                                               register refine N steps by default
       "card": {"license": ..., "license_note": ..., "citations": [...], "notes": [...],
                "data_name": ...}                model-card prose, copied into the exported preset
     }
@@ -101,7 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "synth": None,
     "precision": "float32",
     "init": None,
-    "inference": {"flip": False},
+    "inference": {"flip": False, "refine": None},
     "card": {"license": None, "license_note": None, "citations": [], "notes": [],
              "data_name": None},
 }
@@ -311,6 +314,18 @@ class Recipe:
         t = c["training"]
         if not isinstance(c["inference"]["flip"], bool):
             self._fail("inference.flip must be true or false")
+        refine = c["inference"]["refine"]
+        if refine is not None:
+            known = {"iterations", "learning_rate", "smoothness", "anatomy"}
+            if not isinstance(refine, dict) or set(refine) - known:
+                self._fail(f"inference.refine must be an object with keys among {sorted(known)}")
+            n = refine.get("iterations")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                self._fail("inference.refine.iterations must be an integer >= 0")
+            for key in known - {"iterations"}:
+                value = refine.get(key, 1.0)
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    self._fail(f"inference.refine.{key} must be a number >= 0")
         for key in ("steps", "batch_size", "checkpoint_every", "validate_every"):
             if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
                 self._fail(f"training.{key} must be an integer >= 1, got {t[key]!r}")

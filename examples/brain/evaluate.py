@@ -180,6 +180,15 @@ def speed(preset, subjects, tmp):
     return {"cli_segment_seconds": segment, "cli_register_seconds": register}
 
 
+def registration_title(report: dict) -> str:
+    refine = report.get("registration", {}).get("refine", {})
+    if not refine.get("iterations"):
+        return "registration (ordered pairs)"
+    options = ", ".join(f"{k} {v}" for k, v in refine.items() if k != "iterations")
+    return (f"registration (ordered pairs), network + {refine['iterations']} refinement "
+            f"steps guided by the moving labels" + (f" ({options})" if options else ""))
+
+
 def card_text(report: dict, command: str) -> str:
     """The model card's measured section from an evaluation report."""
     lines = [f"Measured by `{command}`, on the validation subjects "
@@ -192,7 +201,13 @@ def card_text(report: dict, command: str) -> str:
                                               else ""), "segmentation"),
             ("segmentation, another site (FreeSurfer cohort, FreeSurfer's DKT labels, "
              "no fine-tuning)", "cohort"),
-            ("registration (ordered pairs)", "registration"),
+            (registration_title(report), "registration"),
+            ("registration, refinement guided by the segmenter (moving labels only carried "
+             "along)", "registration_segmenter"),
+            ("registration, another site (FreeSurfer cohort, ordered pairs, FreeSurfer's "
+             "labels), as the first registration row", "cohort_registration"),
+            ("registration, another site, the network alone (no refinement)",
+             "cohort_registration_network"),
             ("registration, ANTs affine", "ants_affine"),
             ("registration, ANTs affine + SyN (defaults)", "ants_syn")]
     for title, key in rows:
@@ -258,9 +273,24 @@ def main(argv=None):
                                labels="aparc.DKTatlas+aseg.mgz")
         per = evaluate_segmentation(pipeline, cohort, flip=args.flip)
         report["cohort"] = {"path": args.cohort, "summary": summarise(per), "subjects": per}
+        if "registration" not in args.skip:
+            # every ordered pair of the other site's scans, scored against FreeSurfer's
+            # labels: a check of the registration defaults on data not used to choose them
+            per = evaluate_registration(pipeline, cohort)
+            report["cohort_registration"] = {"summary": summarise(per), "pairs": per,
+                                             "refine": pipeline.default_refine}
+            if pipeline.default_refine.get("iterations", 0):
+                per = evaluate_registration(pipeline, cohort, refine_options={"iterations": 0})
+                report["cohort_registration_network"] = {"summary": summarise(per),
+                                                         "pairs": per}
     if "registration" not in args.skip:
         per = evaluate_registration(pipeline, subjects)
-        report["registration"] = {"summary": summarise(per), "pairs": per}
+        report["registration"] = {"summary": summarise(per), "pairs": per,
+                                  "refine": pipeline.default_refine}
+        if pipeline.default_refine.get("iterations", 0):
+            # as a user without the moving scan's labels: the segmenter guides the refinement
+            per = evaluate_registration(pipeline, subjects, refine_options={"guide": "segmenter"})
+            report["registration_segmenter"] = {"summary": summarise(per), "pairs": per}
     if args.ants:
         # ANTs does not depend on the preset: its results are kept beside the report and
         # reused (delete the file to rerun it).
@@ -290,7 +320,9 @@ def main(argv=None):
             a for a in (argv if argv is not None else sys.argv[1:]) if a != "--card")
         add_evaluation(pipeline.preset, "Measured at native resolution",
                        card_text(report, command))
-    for key in ("segmentation", "cohort", "registration", "ants_affine", "ants_syn"):
+    for key in ("segmentation", "cohort", "registration", "registration_segmenter",
+                "cohort_registration", "cohort_registration_network", "ants_affine",
+                "ants_syn"):
         if key in report:
             s = report[key]["summary"]
             print(f"{key}: mean Dice {s['mean_dice']:.3f} (merged {s['mean_merged_dice']:.3f}) "
