@@ -45,9 +45,9 @@ def _unit_segment_sum(values, ids, num_segments: int):
     per-class sums of interpolation weights and probabilities.
 
     On TensorFlow it is a weighted ``bincount`` on 64-bit fixed-point integers (resolution
-    2**-32) with a gather as its gradient: about 2.5x faster on the CPU than
+    2**-32) with a gather as its gradient: about 2x faster on the CPU than
     ``unsorted_segment_sum``, whose scatter into a few bins is serialised (the soft-Dice sums
-    of 63 classes at 80x96x80: 91 against 223 ms, forward and backward, 2 cores). Integer
+    of 63 classes at 80x96x80: 98-110 against 223 ms, forward and backward, 2 cores). Integer
     additions do not depend on their order, so the result is deterministic (a float
     ``bincount`` is not: its threads' partial sums arrive in any order). Other backends: the
     plain segment sum.
@@ -298,7 +298,7 @@ def warped_label_overlap(labels, displacement, target, num_classes: int, *,
         displacement: ``(batch, D, H, W, 3)`` in voxels.
         target: ``(batch, D, H, W, K)`` fixed-image one-hot labels or probabilities.
         num_classes: ``K``.
-        fixed_point: the class sums by :func:`_unit_segment_sum` (TensorFlow: 2.5x faster,
+        fixed_point: the class sums by :func:`_unit_segment_sum` (TensorFlow: ~2x faster,
             deterministic; used by test-time refinement). Off by default (``segment_sum``):
             the training path keeps the sums its tests and benchmarks were measured with.
 
