@@ -57,7 +57,7 @@ PRECISIONS = ("float32", "seg_bfloat16", "mixed_bfloat16")
 
 
 def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="joint",
-             fused=True, norm="keras"):
+             fused=True, norm="keras", recompute=0):
     import keras
     import numpy as np
 
@@ -86,14 +86,14 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
         seg_options.update(features=VOXELMORPH_FEATURES, normalization=None)
     seg = SegmentationNet(shape, classes, **seg_options)
     result = {"shape": "x".join(map(str, shape)), "classes": classes, "precision": precision,
-              "segmenter": segmenter, "norm": norm}
+              "segmenter": segmenter, "norm": norm, "recompute": recompute}
 
     if not inference_only and mode == "simultaneous":
         result["mode"] = mode
         model = DeepAtlas(reg, seg, mode="simultaneous")
         model.fused_segmentation = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
-                      seg_optimizer=keras.optimizers.Adam(1e-4))
+                      seg_optimizer=keras.optimizers.Adam(1e-4), recompute=recompute)
         timings = []
         for step in range(steps + 2):
             start = time.perf_counter()
@@ -110,7 +110,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
         model = DeepAtlas(reg, seg, registration_steps=1, segmentation_steps=1)
         model.fused_segmentation = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
-                      seg_optimizer=keras.optimizers.Adam(1e-4))
+                      seg_optimizer=keras.optimizers.Adam(1e-4), recompute=recompute)
         times = {True: [], False: []}
         peaks = {}
         for step in range(2 * (steps + 2)):
@@ -152,15 +152,16 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
 def _child(args):
     shape = tuple(int(n) for n in args.child.split("x"))
     result = _measure(shape, int(args.classes), args.steps, args.precision, args.segmenter,
-                      args.inference, args.mode, args.fused == "on", args.norm)
+                      args.inference, args.mode, args.fused == "on", args.norm,
+                      int(args.recompute))
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def _run_child(shape, classes, precision, segmenter, args, inference, mode="joint",
-               norm="keras"):
+               norm="keras", recompute=0):
     cmd = [sys.executable, __file__, "--child", shape, "--classes", str(classes),
            "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter,
-           "--mode", mode, "--fused", args.fused, "--norm", norm]
+           "--mode", mode, "--fused", args.fused, "--norm", norm, "--recompute", str(recompute)]
     if inference:
         cmd.append("--inference")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -184,7 +185,8 @@ def _run_child(shape, classes, precision, segmenter, args, inference, mode="join
                    + ", ".join(f"{p['phase']} {p['seconds']:.1f} s" for p in progress)
                    + f"; peak {max(p['peak_rss_gib'] for p in progress):.1f} GiB before that")
     return {"shape": shape, "classes": classes, "precision": precision,
-            "segmenter": segmenter, "mode": mode, "error": reason}
+            "segmenter": segmenter, "mode": mode, "norm": norm, "recompute": recompute,
+            "error": reason}
 
 
 def _run_reference(python, shape, steps):
@@ -220,6 +222,8 @@ def _table(rows):
         mode = r.get("mode", "inference" if "inference_s" in r else "joint")
         if r.get("norm", "keras") != "keras":
             mode += f" ({r['norm']} norm)"
+        if r.get("recompute"):
+            mode += f" (recompute {r['recompute']})"
         head = (f"| {r['shape']} | {r['classes']} | {r['precision']} | {r['segmenter']} "
                 f"| {mode} | ")
         if "error" in r:
@@ -257,6 +261,9 @@ def main(argv=None):
                         help="comma-separated: keras (Keras's GroupNormalization, what the "
                              "U-Net uses; default), lean (dazoo.layers.GroupNormalization, "
                              "written-out backward pass): A/B")
+    parser.add_argument("--recompute", default="0",
+                        help="comma-separated: U-Net levels recomputed in the backward pass "
+                             "(DeepAtlas.compile(recompute=N); 0: none, the default)")
     parser.add_argument("--inference-shape", default="160x192x160",
                         help="grid of the inference timing ('' to skip)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per phase")
@@ -276,6 +283,7 @@ def main(argv=None):
         return _child(args)
     precisions = args.precision.split(",")
     norms = args.norm.split(",")
+    recomputes = [int(r) for r in args.recompute.split(",")]
     if set(norms) - {"lean", "keras"}:
         parser.error(f"--norm: unknown {sorted(set(norms) - {'lean', 'keras'})}")
     bad = [p for p in precisions if p not in PRECISIONS]
@@ -301,13 +309,15 @@ def main(argv=None):
             for segmenter in args.segmenter.split(","):
                 for mode in args.mode.split(","):
                     for norm in norms:
-                        jobs += [(shape, k, precision, segmenter, False, mode, norm)
-                                 for k in counts]
+                        for recompute in recomputes:
+                            jobs += [(shape, k, precision, segmenter, False, mode, norm,
+                                      recompute) for k in counts]
     if args.inference_shape:
-        jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint", norm)
-                 for p in precisions for norm in norms]
-    for shape, classes, precision, segmenter, inference, mode, norm in jobs:
-        row = _run_child(shape, classes, precision, segmenter, args, inference, mode, norm)
+        jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint", norm,
+                  0) for p in precisions for norm in norms]
+    for shape, classes, precision, segmenter, inference, mode, norm, recompute in jobs:
+        row = _run_child(shape, classes, precision, segmenter, args, inference, mode, norm,
+                         recompute)
         if "joint_step_s" in row:
             if shape in references:
                 row["reference_step_s"] = references[shape]
@@ -315,7 +325,8 @@ def main(argv=None):
             fewest = [r for r in rows if r.get("shape") == shape and "joint_step_s" in r
                       and r["precision"] == precision and r["segmenter"] == segmenter
                       and r.get("mode", "joint") == row.get("mode", "joint")
-                      and r.get("norm", "keras") == row.get("norm", "keras")]
+                      and r.get("norm", "keras") == row.get("norm", "keras")
+                      and r.get("recompute", 0) == row.get("recompute", 0)]
             if fewest:
                 base = min(fewest, key=lambda r: r["classes"])
                 row["classes_ratio"] = row["joint_step_s"] / base["joint_step_s"]

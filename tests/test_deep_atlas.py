@@ -382,3 +382,33 @@ def test_fused_segmentation_losses_equal_the_probability_maps(batch, monkeypatch
         assert float(fast[name]) == pytest.approx(float(slow[name]), rel=1e-5), name
     for a, e in zip(fast_grads, slow_grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["joint", "simultaneous"])
+def test_recompute_trains_exactly_as_without(batch, mode):
+    """``compile(recompute=2)`` (gradient checkpointing of both U-Nets' two finest levels)
+    changes memory and time, not the training: the same weights after a registration and
+    a segmentation step (joint), or two simultaneous steps, from the same start."""
+    keras.utils.set_random_seed(3)
+    plain = _simultaneous_model(mode)
+    keras.utils.set_random_seed(3)
+    checkpointed = _simultaneous_model(mode)
+    checkpointed.compile(reg_optimizer=keras.optimizers.Adam(1e-3),
+                         seg_optimizer=keras.optimizers.Adam(1e-3), recompute=2)
+    assert checkpointed.get_compile_config()["recompute"] == 2
+    for net in ("registration_net", "segmentation_net"):
+        _assert_same(_weights(getattr(plain, net)), _weights(getattr(checkpointed, net)))
+    start = _weights(plain.segmentation_net)
+    for _ in range(2):
+        plain.train_on_batch(batch)
+        checkpointed.train_on_batch(batch)
+    assert _changed(start, _weights(plain.segmentation_net)) > 0
+    for net in ("registration_net", "segmentation_net"):
+        for mine, theirs in zip(_weights(getattr(checkpointed, net)),
+                                _weights(getattr(plain, net))):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_must_not_be_negative():
+    with pytest.raises(ValueError, match="recompute"):
+        _model(recompute=-1)

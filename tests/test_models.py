@@ -113,3 +113,101 @@ def test_bad_shapes_are_rejected():
         RegistrationNet((20, 16, 16))
     with pytest.raises(ValueError, match="num_classes"):
         SegmentationNet(SHAPE, 1)
+
+
+def _count_calls(net, names):
+    """Wraps the ``call`` of the layers ``names`` of ``net`` to count how often they run."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        layer = net.get_layer(name)
+        original = layer.call
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        layer.call = counted
+    return counts
+
+
+def _perturbed(net, seed=0):
+    """The flow head starts near zero; random weights make every output depend on them."""
+    rng = np.random.default_rng(seed)
+    for v in net.trainable_variables:
+        v.assign(np.asarray(v) + rng.normal(0, 0.05, v.shape).astype(np.float32))
+    return net
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"int_steps": 0, "half_res": True},
+    {"conv_per_level": 2, "features": ((8, 8, 16, 16), (16, 16, 8, 8, 8))},
+], ids=["default", "half-res", "two-convs-per-level"])
+def test_recomputed_registration_equals_the_network_and_reruns_fine_levels(kwargs):
+    """``forward(recompute=N)`` (gradient checkpointing of the N finest U-Net levels) gives
+    the functional network's outputs and gradients, and runs the finest level's
+    convolutions again in the backward pass (the coarsest ones once)."""
+    import tensorflow as tf
+
+    net = _perturbed(RegistrationNet(SHAPE, **kwargs))
+    moving, fixed = _images()
+
+    def loss_and_grads(recompute):
+        with tf.GradientTape() as tape:
+            out = net.forward([moving, fixed], training=True, recompute=recompute)
+            loss = (tf.reduce_sum(out["moved"] ** 2) + tf.reduce_sum(out["displacement"] ** 2)
+                    + tf.reduce_sum(out["flow"] ** 2))
+        return out, tape.gradient(loss, net.trainable_variables)
+
+    reference = net([moving, fixed], training=True)
+    _, expected = loss_and_grads(0)
+    levels = len(net.features[0]) // net.conv_per_level
+    fine, coarse = "unet_enc_conv_0_0", f"unet_dec_conv_{levels - 1}_0"
+    counts = _count_calls(net, [fine, coarse])
+    out, grads = loss_and_grads(1)
+    assert counts == {fine: 2, coarse: 1}
+    for key in ("moved", "displacement", "flow"):
+        np.testing.assert_allclose(np.asarray(out[key]), np.asarray(reference[key]),
+                                   rtol=1e-6, atol=1e-6)
+    assert max(float(np.abs(g).max()) for g in expected) > 1.0
+    for mine, theirs in zip(grads, expected):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_recomputed_segmentation_equals_the_network():
+    import tensorflow as tf
+
+    net = _perturbed(SegmentationNet(SHAPE, 4, conv_per_level=2,
+                                     features=((8, 8, 16, 16), (16, 16, 8, 8, 8, 8))))
+    image, _ = _images()
+    weights = np.random.default_rng(1).random((1, *SHAPE, 4)).astype(np.float32)
+
+    def loss_and_grads(fn):
+        with tf.GradientTape() as tape:
+            out = fn()
+            loss = tf.reduce_sum(out * weights)
+        return out, tape.gradient(loss, net.trainable_variables)
+
+    expected_out, expected = loss_and_grads(lambda: net(image, training=True))
+    counts = _count_calls(net, ["unet_dec_final_conv_0", "unet_enc_conv_1_0"])
+    for recompute in (1, 3):
+        counts.update(dict.fromkeys(counts, 0))
+        out, grads = loss_and_grads(lambda: net.forward(image, training=True,
+                                                        recompute=recompute))
+        assert counts == {"unet_dec_final_conv_0": 2,
+                          "unet_enc_conv_1_0": 2 if recompute > 1 else 1}
+        np.testing.assert_allclose(np.asarray(out), np.asarray(expected_out), atol=1e-6)
+        for mine, theirs in zip(grads, expected):
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), rtol=1e-5,
+                                       atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dropout": 0.2}, "dropout"), ({"normalization": "batch"}, "batch normalisation")])
+def test_recompute_refuses_stateful_or_random_layers_in_training(kwargs, message):
+    net = SegmentationNet(SHAPE, 3, **kwargs)
+    image, _ = _images()
+    with pytest.raises(ValueError, match=message):
+        net.forward(image, training=True, recompute=1)
+    np.testing.assert_allclose(np.asarray(net.forward(image, training=False, recompute=1)),
+                               np.asarray(net(image, training=False)), atol=1e-6)

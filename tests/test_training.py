@@ -114,6 +114,8 @@ def test_recipe_defaults_paths_and_strict_keys(tmp_path):
           "inference": {"refine": {"iterations": -1}}}, "iterations must be an integer >= 0"),
         ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
           "inference": {"refine": {"iterations": 5, "lr": 0.2}}}, "inference.refine must be"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+          "training": {"recompute": -1}}, "training.recompute must be an integer >= 0"),
     ]:
         with pytest.raises(DazooInputError, match=None) as info:
             Recipe.from_dict(bad, root=tmp_path, source="r.json")
@@ -141,6 +143,17 @@ def test_recipe_precision_per_network(tmp_path):
     with pytest.raises(DazooInputError, match="exactly the keys"):
         Recipe.from_dict(dict(base, precision={"registration": "mixed_bfloat16"}),
                          root=tmp_path, source="r.json")
+
+
+def test_recipe_recompute_reaches_the_compiled_model(tmp_path):
+    from dazoo.training.engine import build_model, compile_model
+
+    recipe = Recipe.from_dict({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+                               "preprocess": {"shape": [16, 16, 16]},
+                               "training": {"recompute": 1}}, root=tmp_path)
+    model = build_model(recipe, num_classes=2)
+    compile_model(model, recipe)
+    assert model.recompute == 1 and model.get_compile_config()["recompute"] == 1
 
 
 def test_recipe_overrides(tmp_path):

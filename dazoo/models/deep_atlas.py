@@ -317,6 +317,7 @@ class DeepAtlas(keras.Model):
         segmentation_anatomy_weight: float = 1.0,
         jit_compile: bool | str = False,
         steps_per_execution: int = 1,
+        recompute: int = 0,
     ):
         """Configures training with one optimizer per network.
 
@@ -338,7 +339,14 @@ class DeepAtlas(keras.Model):
             segmentation_anatomy_weight: weight of ``L_a`` in the segmentation phase.
             jit_compile: XLA compilation of the train step (TensorFlow).
             steps_per_execution: training steps per compiled call.
+            recompute: gradient checkpointing in the training steps: the activations of both
+                U-Nets' ``recompute`` finest resolution levels are recomputed in the backward
+                pass instead of kept (``keras.remat``; see :func:`dazoo.models.unet.unet`).
+                The same losses and gradients, less memory, one more forward pass of those
+                levels per step. 0 (default) keeps everything.
         """
+        if int(recompute) < 0:
+            raise ValueError(f"recompute must be >= 0, got {recompute}")
         if "mixed_float16" in (keras.config.dtype_policy().name,
                                self.segmentation_net.dtype_policy.name,
                                self.registration_net.dtype_policy.name):
@@ -361,6 +369,7 @@ class DeepAtlas(keras.Model):
         self.anatomy_weight = float(anatomy_weight)
         self.supervised_weight = float(supervised_weight)
         self.segmentation_anatomy_weight = float(segmentation_anatomy_weight)
+        self.recompute = int(recompute)
         self._dazoo_compile_config = {
             "smoothness_weight": self.smoothness_weight,
             "anatomy_weight": self.anatomy_weight,
@@ -368,6 +377,7 @@ class DeepAtlas(keras.Model):
             "segmentation_anatomy_weight": self.segmentation_anatomy_weight,
             "jit_compile": jit_compile,
             "steps_per_execution": steps_per_execution,
+            "recompute": self.recompute,
         }
 
     def get_compile_config(self):
@@ -397,6 +407,28 @@ class DeepAtlas(keras.Model):
         return list(self._trackers.values())
 
     # ------------------------------------------------------------------ losses
+    def _register(self, pair, *, training):
+        """The registration network's outputs in a training pass (with the compiled
+        ``recompute``, when the network supports it)."""
+        net, recompute = self.registration_net, getattr(self, "recompute", 0)
+        if recompute and hasattr(net, "forward"):
+            return net.forward(pair, training=training, recompute=recompute)
+        return net(pair, training=training)
+
+    def _segment(self, image, *, training):
+        """The segmenter's probabilities in a training pass (``recompute`` as above)."""
+        net, recompute = self.segmentation_net, getattr(self, "recompute", 0)
+        if recompute and hasattr(net, "forward"):
+            return net.forward(image, training=training, recompute=recompute)
+        return net(image, training=training)
+
+    def _features(self, image, *, training):
+        """The segmenter's head input (fused segmentation phase; ``recompute`` as above)."""
+        net, recompute = self.segmentation_net, getattr(self, "recompute", 0)
+        if recompute and hasattr(net, "unet_features"):
+            return net.unet_features(image, training=training, recompute=recompute)
+        return self._segmentation_features()(image, training=training)
+
     def _unpack(self, data):
         if isinstance(data, (tuple, list)):
             data = data[0]
@@ -505,7 +537,7 @@ class DeepAtlas(keras.Model):
                 ops.ones_like(batch["moving_labelled"]))
 
     def _registration_losses(self, batch, targets, *, training):
-        out = self.registration_net([batch["moving"], batch["fixed"]], training=training)
+        out = self._register([batch["moving"], batch["fixed"]], training=training)
         return self._registration_terms(batch, targets, out)
 
     def _registration_terms(self, batch, targets, out):
@@ -561,7 +593,7 @@ class DeepAtlas(keras.Model):
         other = "fixed" if side == "moving" else "moving"
         flags = batch[f"{side}_labelled"]
         if prediction is None:
-            prediction = self.segmentation_net(batch[side], training=training)
+            prediction = self._segment(batch[side], training=training)
         labelled_count = _global_count(
             ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
         supervised = _weighted_sum(self._supervised(batch, side, prediction), flags,
@@ -633,7 +665,7 @@ class DeepAtlas(keras.Model):
         flags = batch[f"{side}_labelled"]
         k = self.num_classes
         if features is None:
-            features = self._segmentation_features()(batch[side], training=training)
+            features = self._features(batch[side], training=training)
         head = self.__dict__["_features_holder"].head
         kernel, bias = ops.convert_to_tensor(head.kernel), ops.convert_to_tensor(head.bias)
         classes = batch[f"{side}_classes"]
@@ -757,19 +789,19 @@ class DeepAtlas(keras.Model):
         displacement (gradient stopped) for its ``L_a``. Returns the two totals and the
         metrics of both.
         """
-        out = self.registration_net([batch["moving"], batch["fixed"]], training=True)
+        out = self._register([batch["moving"], batch["fixed"]], training=True)
         fused = self._fused_segmentation()
         if fused:
             # One pass of the segmenter's body per image; the registration loss's targets are
             # its probabilities without gradient, the segmentation loss is computed from the
             # features (dazoo.ops.softmax_class_sums).
             net = self.segmentation_net
-            features = {side: self._segmentation_features()(batch[side], training=True)
+            features = {side: self._features(batch[side], training=True)
                         for side in ("moving", "fixed")}
             predictions = {side: ops.stop_gradient(net.get_layer("probabilities")(
                 net.get_layer("logits")(features[side]))) for side in ("moving", "fixed")}
         else:
-            predictions = {side: self.segmentation_net(batch[side], training=True)
+            predictions = {side: self._segment(batch[side], training=True)
                            for side in ("moving", "fixed")}
         if self.anatomy_weight:
             targets = tuple(_select(batch[f"{side}_labelled"], batch[f"{side}_labels"],

@@ -9,9 +9,46 @@ import keras
 import numpy as np
 
 from dazoo.layers import RescaleTransform, SpatialTransformer, VecInt
-from dazoo.models.unet import DEFAULT_FEATURES, check_features, num_poolings, unet
+from dazoo.models.unet import (DEFAULT_FEATURES, check_features, create_layer, layers_of,
+                               num_poolings, unet)
 
 __all__ = ["RegistrationNet", "load_voxelmorph_weights"]
+
+
+def _vxm_graph(moving, fixed, *, ndim, features, conv_per_level, int_steps, int_resolution,
+               half_res, fill_value, dtype=None, get=None, training=None, recompute=0):
+    """VxmDense's computation: builds the layers (``get`` None) on Keras tensors, or runs a
+    built network's (``get=layers_of(net)``) on tensors. Returns the outputs' dict."""
+    get = get or create_layer
+    flow_resolution = 2 if half_res else 1
+    x = get("unet_input_concat", lambda: keras.layers.Concatenate(
+        axis=-1, name="unet_input_concat", dtype=dtype))([moving, fixed])
+    x = unet(x, features=features, conv_per_level=conv_per_level, half_res=half_res,
+             dtype=dtype, name="unet", get=get, training=training, recompute=recompute)
+    flow = get("flow", lambda: keras.layers.Conv3D(
+        ndim, 3, padding="same", name="flow", dtype=dtype,
+        kernel_initializer=keras.initializers.RandomNormal(mean=0.0, stddev=1e-5)))(x)
+    flow = get("flow_float32", lambda: keras.layers.Activation(
+        "linear", dtype="float32", name="flow_float32"))(flow)
+    if int_steps > 0:
+        if int_resolution > flow_resolution:
+            flow = get("flow_resize", lambda: RescaleTransform(
+                flow_resolution / int_resolution, name="flow_resize", dtype="float32"))(flow)
+        displacement = get("flow_int", lambda: VecInt(int_steps, name="flow_int",
+                                                      dtype="float32"))(flow)
+        if int_resolution > 1:
+            displacement = get("diffflow", lambda: RescaleTransform(
+                int_resolution, name="diffflow", dtype="float32"))(displacement)
+    elif flow_resolution > 1:
+        displacement = get("diffflow", lambda: RescaleTransform(
+            flow_resolution, name="diffflow", dtype="float32"))(flow)
+    else:
+        displacement = flow
+    displacement = get("displacement", lambda: keras.layers.Activation(
+        "linear", dtype="float32", name="displacement"))(displacement)
+    moved = get("transformer", lambda: SpatialTransformer(
+        fill_value=fill_value, dtype="float32", name="transformer"))([moving, displacement])
+    return {"moved": moved, "displacement": displacement, "flow": flow}
 
 
 @keras.saving.register_keras_serializable(package="dazoo")
@@ -92,36 +129,13 @@ class RegistrationNet(keras.Model):
         # === Functional model ===
         moving = keras.Input(shape=(*inshape, src_feats), name="moving")
         fixed = keras.Input(shape=(*inshape, trg_feats), name="fixed")
-        x = keras.layers.Concatenate(axis=-1, name="unet_input_concat", dtype=dtype)(
-            [moving, fixed])
-        x = unet(x, features=features, conv_per_level=conv_per_level, half_res=half_res,
-                 dtype=dtype, name="unet")
-        flow = keras.layers.Conv3D(
-            len(inshape), 3, padding="same", name="flow", dtype=dtype,
-            kernel_initializer=keras.initializers.RandomNormal(mean=0.0, stddev=1e-5),
-        )(x)
-        flow = keras.layers.Activation("linear", dtype="float32", name="flow_float32")(flow)
-        if int_steps > 0:
-            if int_resolution > flow_resolution:
-                flow = RescaleTransform(flow_resolution / int_resolution, name="flow_resize",
-                                        dtype="float32")(flow)
-            displacement = VecInt(int_steps, name="flow_int", dtype="float32")(flow)
-            if int_resolution > 1:
-                displacement = RescaleTransform(int_resolution, name="diffflow",
-                                                dtype="float32")(displacement)
-        elif flow_resolution > 1:
-            displacement = RescaleTransform(flow_resolution, name="diffflow",
-                                            dtype="float32")(flow)
-        else:
-            displacement = flow
-        displacement = keras.layers.Activation("linear", dtype="float32",
-                                               name="displacement")(displacement)
-        moved = SpatialTransformer(fill_value=fill_value, dtype="float32", name="transformer")(
-            [moving, displacement]
-        )
+        outputs = _vxm_graph(moving, fixed, ndim=len(inshape), features=features,
+                             conv_per_level=conv_per_level, int_steps=int_steps,
+                             int_resolution=int_resolution, half_res=half_res,
+                             fill_value=fill_value, dtype=dtype)
         super().__init__(
             inputs=[moving, fixed],
-            outputs={"moved": moved, "displacement": displacement, "flow": flow},
+            outputs=outputs,
             name=name,
             **kwargs,
         )
@@ -138,6 +152,20 @@ class RegistrationNet(keras.Model):
         self.src_feats = int(src_feats)
         self.trg_feats = int(trg_feats)
         self.fill_value = fill_value
+
+    def forward(self, inputs, *, training=False, recompute: int = 0):
+        """``self(inputs, training=training)``; with ``recompute`` > 0, from the same layers
+        with the activations of the U-Net's ``recompute`` finest resolution levels
+        recomputed in the backward pass instead of kept (see :func:`dazoo.models.unet.unet`):
+        the same outputs and gradients, less memory."""
+        if not recompute:
+            return self(inputs, training=training)
+        moving, fixed = inputs
+        return _vxm_graph(moving, fixed, ndim=len(self.inshape), features=self.features,
+                          conv_per_level=self.conv_per_level, int_steps=self.int_steps,
+                          int_resolution=self.int_resolution, half_res=self.half_res,
+                          fill_value=self.fill_value, get=layers_of(self), training=training,
+                          recompute=recompute)
 
     def get_config(self):
         return {

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import keras
 
-from dazoo.models.unet import NORMALIZATIONS, check_features, num_poolings, unet
+from dazoo.models.unet import NORMALIZATIONS, check_features, layers_of, num_poolings, unet
 from dazoo.models.registration import _check_divisible
 
 __all__ = ["SegmentationNet"]
@@ -88,6 +88,23 @@ class SegmentationNet(keras.Model):
         self.normalization = normalization
         self.dropout = float(dropout)
         self.in_channels = int(in_channels)
+
+    def unet_features(self, image, *, training=False, recompute: int = 0):
+        """The U-Net's output for ``image`` (the head's input), from this network's layers;
+        ``recompute`` > 0 recomputes the activations of that many finest resolution levels
+        in the backward pass instead of keeping them (see :func:`dazoo.models.unet.unet`):
+        the same values and gradients, less memory."""
+        return unet(image, features=self.features, conv_per_level=self.conv_per_level,
+                    normalization=self.normalization, dropout=self.dropout,
+                    name="unet", get=layers_of(self), training=training, recompute=recompute)
+
+    def forward(self, image, *, training=False, recompute: int = 0):
+        """``self(image, training=training)``; with ``recompute`` > 0, from the same layers
+        with :meth:`unet_features`'s recomputation (same probabilities and gradients)."""
+        if not recompute:
+            return self(image, training=training)
+        x = self.unet_features(image, training=training, recompute=recompute)
+        return self.get_layer("probabilities")(self.get_layer("logits")(x))
 
     def get_config(self):
         config = super().get_config()  # name, trainable, dtype (the Keras policy)

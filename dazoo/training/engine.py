@@ -263,7 +263,8 @@ def compile_model(model, recipe: Recipe) -> None:
         similarity_loss=similarity,
         smoothness_weight=losses["smoothness_weight"], anatomy_weight=losses["anatomy_weight"],
         supervised_weight=losses["supervised_weight"],
-        segmentation_anatomy_weight=losses["segmentation_anatomy_weight"])
+        segmentation_anatomy_weight=losses["segmentation_anatomy_weight"],
+        recompute=recipe["training"]["recompute"])
 
 
 def _labelled_options(labelled) -> dict:

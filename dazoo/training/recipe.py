@@ -30,9 +30,12 @@ one takes the default shown by ``Recipe.defaults()``)::
                      "segmentation": {"name": "adam", "learning_rate": 1e-3, "decay": "constant"}},
       "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100,
                    "validate_every": 500, "validation_pairs": 6, "monitor": "native_dice",
-                   "labelled_fraction": null, "map_fraction": null},
+                   "labelled_fraction": null, "map_fraction": null, "recompute": 0},
                                                map_fraction: probability of drawing a label
-                                               map (synthesised) instead of a real image
+                                               map (synthesised) instead of a real image;
+                                               recompute: U-Net levels recomputed in the
+                                               backward pass (DeepAtlas.compile(recompute=N):
+                                               same training, less memory, more time)
       "augmentation": {"rotation": 0, "scale": 0, "translation": 0, "elastic": 0,
                        "elastic_spacing": 16, "gamma": 0, "noise": 0, "flip": 0,
                        "flip_axis": 0, "phases": ["registration", "segmentation"]},
@@ -97,7 +100,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100, "validate_every": 500,
                  "validation_pairs": 6, "monitor": "native_dice", "labelled_fraction": None,
-                 "map_fraction": None},
+                 "map_fraction": None, "recompute": 0},
     "augmentation": {"rotation": 0.0, "scale": 0.0, "translation": 0.0, "elastic": 0.0,
                      "elastic_spacing": 16.0, "gamma": 0.0, "noise": 0.0, "flip": 0.0,
                      "flip_axis": 0, "phases": ["registration", "segmentation"]},
@@ -329,6 +332,9 @@ class Recipe:
         for key in ("steps", "batch_size", "checkpoint_every", "validate_every"):
             if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
                 self._fail(f"training.{key} must be an integer >= 1, got {t[key]!r}")
+        recompute = t["recompute"]
+        if not isinstance(recompute, int) or isinstance(recompute, bool) or recompute < 0:
+            self._fail(f"training.recompute must be an integer >= 0, got {recompute!r}")
         if t["steps"] % t["checkpoint_every"]:
             self._fail(f"training.steps ({t['steps']}) must be a multiple of "
                        f"training.checkpoint_every ({t['checkpoint_every']})")
