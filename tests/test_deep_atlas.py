@@ -221,6 +221,18 @@ both.train_on_batch(batch)
 assert int(both.reg_optimizer.iterations) == 1 and int(both.seg_optimizer.iterations) == 1
 assert not np.array_equal(reg[0], np.array(both.registration_net.weights[0]))
 assert not np.array_equal(seg[0], np.array(both.segmentation_net.weights[0]))
+# Gradient checkpointing (torch.utils.checkpoint under keras.remat): the same training.
+models = []
+for recompute in (0, 1):
+    keras.utils.set_random_seed(2)
+    m = DeepAtlas(RegistrationNet(shape, int_steps=3), SegmentationNet(shape, 3),
+                  registration_steps=1, segmentation_steps=1)
+    m.compile(reg_optimizer=keras.optimizers.Adam(1e-3),
+              seg_optimizer=keras.optimizers.Adam(1e-3), recompute=recompute)
+    m.train_on_batch(batch)
+    m.train_on_batch(batch)
+    models.append([np.array(w) for w in m.weights])
+assert max(float(np.abs(a - b).max()) for a, b in zip(*models)) < 1e-5
 print("torch ok")
 """
 

@@ -144,7 +144,7 @@ def _perturbed(net, seed=0):
     {"conv_per_level": 2, "features": ((8, 8, 16, 16), (16, 16, 8, 8, 8))},
 ], ids=["default", "half-res", "two-convs-per-level"])
 def test_recomputed_registration_equals_the_network_and_reruns_fine_levels(kwargs):
-    """``forward(recompute=N)`` (gradient checkpointing of the N finest U-Net levels) gives
+    """``recomputed(recompute=N)`` (gradient checkpointing of the N finest U-Net levels) gives
     the functional network's outputs and gradients, and runs the finest level's
     convolutions again in the backward pass (the coarsest ones once)."""
     import tensorflow as tf
@@ -154,7 +154,7 @@ def test_recomputed_registration_equals_the_network_and_reruns_fine_levels(kwarg
 
     def loss_and_grads(recompute):
         with tf.GradientTape() as tape:
-            out = net.forward([moving, fixed], training=True, recompute=recompute)
+            out = net.recomputed([moving, fixed], training=True, recompute=recompute)
             loss = (tf.reduce_sum(out["moved"] ** 2) + tf.reduce_sum(out["displacement"] ** 2)
                     + tf.reduce_sum(out["flow"] ** 2))
         return out, tape.gradient(loss, net.trainable_variables)
@@ -192,7 +192,7 @@ def test_recomputed_segmentation_equals_the_network():
     counts = _count_calls(net, ["unet_dec_final_conv_0", "unet_enc_conv_1_0"])
     for recompute in (1, 3):
         counts.update(dict.fromkeys(counts, 0))
-        out, grads = loss_and_grads(lambda: net.forward(image, training=True,
+        out, grads = loss_and_grads(lambda: net.recomputed(image, training=True,
                                                         recompute=recompute))
         assert counts == {"unet_dec_final_conv_0": 2,
                           "unet_enc_conv_1_0": 2 if recompute > 1 else 1}
@@ -208,6 +208,6 @@ def test_recompute_refuses_stateful_or_random_layers_in_training(kwargs, message
     net = SegmentationNet(SHAPE, 3, **kwargs)
     image, _ = _images()
     with pytest.raises(ValueError, match=message):
-        net.forward(image, training=True, recompute=1)
-    np.testing.assert_allclose(np.asarray(net.forward(image, training=False, recompute=1)),
+        net.recomputed(image, training=True, recompute=1)
+    np.testing.assert_allclose(np.asarray(net.recomputed(image, training=False, recompute=1)),
                                np.asarray(net(image, training=False)), atol=1e-6)

@@ -411,15 +411,15 @@ class DeepAtlas(keras.Model):
         """The registration network's outputs in a training pass (with the compiled
         ``recompute``, when the network supports it)."""
         net, recompute = self.registration_net, getattr(self, "recompute", 0)
-        if recompute and hasattr(net, "forward"):
-            return net.forward(pair, training=training, recompute=recompute)
+        if recompute and hasattr(net, "recomputed"):
+            return net.recomputed(pair, training=training, recompute=recompute)
         return net(pair, training=training)
 
     def _segment(self, image, *, training):
         """The segmenter's probabilities in a training pass (``recompute`` as above)."""
         net, recompute = self.segmentation_net, getattr(self, "recompute", 0)
-        if recompute and hasattr(net, "forward"):
-            return net.forward(image, training=training, recompute=recompute)
+        if recompute and hasattr(net, "recomputed"):
+            return net.recomputed(image, training=training, recompute=recompute)
         return net(image, training=training)
 
     def _features(self, image, *, training):

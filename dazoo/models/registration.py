@@ -153,7 +153,7 @@ class RegistrationNet(keras.Model):
         self.trg_feats = int(trg_feats)
         self.fill_value = fill_value
 
-    def forward(self, inputs, *, training=False, recompute: int = 0):
+    def recomputed(self, inputs, *, training=False, recompute: int = 0):
         """``self(inputs, training=training)``; with ``recompute`` > 0, from the same layers
         with the activations of the U-Net's ``recompute`` finest resolution levels
         recomputed in the backward pass instead of kept (see :func:`dazoo.models.unet.unet`):

@@ -98,7 +98,7 @@ class SegmentationNet(keras.Model):
                     normalization=self.normalization, dropout=self.dropout,
                     name="unet", get=layers_of(self), training=training, recompute=recompute)
 
-    def forward(self, image, *, training=False, recompute: int = 0):
+    def recomputed(self, image, *, training=False, recompute: int = 0):
         """``self(image, training=training)``; with ``recompute`` > 0, from the same layers
         with :meth:`unet_features`'s recomputation (same probabilities and gradients)."""
         if not recompute:
