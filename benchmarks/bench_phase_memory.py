@@ -47,20 +47,12 @@ def main(argv=None):
         ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold)  # M_MMAP_THRESHOLD
 
     import keras
-    import numpy as np
 
+    from bench_training import benchmark_batch
     from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
 
     shape, k = tuple(int(n) for n in args.shape.split("x")), args.classes
-    rng = np.random.default_rng(0)
-    batch = {
-        "moving": rng.random((1, *shape, 1), dtype=np.float32),
-        "fixed": rng.random((1, *shape, 1), dtype=np.float32),
-        "moving_labels": rng.integers(0, k, (1, *shape)).astype(np.int32),
-        "fixed_labels": rng.integers(0, k, (1, *shape)).astype(np.int32),
-        "moving_labelled": np.ones(1, np.float32),
-        "fixed_labelled": np.zeros(1, np.float32),
-    }
+    batch = benchmark_batch(shape, k)
     dtype = None if args.precision == "float32" else args.precision
     model = DeepAtlas(RegistrationNet(shape, dtype=dtype), SegmentationNet(shape, k, dtype=dtype),
                       registration_steps=1, segmentation_steps=1)

@@ -56,10 +56,25 @@ VOXELMORPH_FEATURES = ((16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16))
 PRECISIONS = ("float32", "seg_bfloat16", "mixed_bfloat16")
 
 
+def benchmark_batch(shape, classes):
+    """The benchmarks' batch of one random pair, the moving image labelled and the fixed one
+    not (so that every loss term runs)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {
+        "moving": rng.random((1, *shape, 1), dtype=np.float32),
+        "fixed": rng.random((1, *shape, 1), dtype=np.float32),
+        "moving_labels": rng.integers(0, classes, (1, *shape)).astype(np.int32),
+        "fixed_labels": rng.integers(0, classes, (1, *shape)).astype(np.int32),
+        "moving_labelled": np.ones(1, np.float32),
+        "fixed_labelled": np.zeros(1, np.float32),
+    }
+
+
 def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="joint",
              fused=True, norm="keras", recompute=0):
     import keras
-    import numpy as np
 
     from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
 
@@ -70,15 +85,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
 
         keras.layers.GroupNormalization = dazoo.layers.GroupNormalization
 
-    rng = np.random.default_rng(0)
-    batch = {
-        "moving": rng.random((1, *shape, 1), dtype=np.float32),
-        "fixed": rng.random((1, *shape, 1), dtype=np.float32),
-        "moving_labels": rng.integers(0, classes, (1, *shape)).astype(np.int32),
-        "fixed_labels": rng.integers(0, classes, (1, *shape)).astype(np.int32),
-        "moving_labelled": np.ones(1, np.float32),
-        "fixed_labelled": np.zeros(1, np.float32),
-    }
+    batch = benchmark_batch(shape, classes)
     reg = RegistrationNet(shape, dtype="mixed_bfloat16" if precision == "mixed_bfloat16"
                           else None)
     seg_options = {"dtype": None if precision == "float32" else "mixed_bfloat16"}

@@ -407,20 +407,13 @@ class DeepAtlas(keras.Model):
         return list(self._trackers.values())
 
     # ------------------------------------------------------------------ losses
-    def _register(self, pair, *, training):
-        """The registration network's outputs in a training pass (with the compiled
-        ``recompute``, when the network supports it)."""
-        net, recompute = self.registration_net, getattr(self, "recompute", 0)
+    def _pass(self, net, inputs, *, training):
+        """``net``'s outputs in a training pass, with the compiled ``recompute`` when the
+        network supports it (``recomputed``)."""
+        recompute = getattr(self, "recompute", 0)
         if recompute and hasattr(net, "recomputed"):
-            return net.recomputed(pair, training=training, recompute=recompute)
-        return net(pair, training=training)
-
-    def _segment(self, image, *, training):
-        """The segmenter's probabilities in a training pass (``recompute`` as above)."""
-        net, recompute = self.segmentation_net, getattr(self, "recompute", 0)
-        if recompute and hasattr(net, "recomputed"):
-            return net.recomputed(image, training=training, recompute=recompute)
-        return net(image, training=training)
+            return net.recomputed(inputs, training=training, recompute=recompute)
+        return net(inputs, training=training)
 
     def _features(self, image, *, training):
         """The segmenter's head input (fused segmentation phase; ``recompute`` as above)."""
@@ -537,7 +530,8 @@ class DeepAtlas(keras.Model):
                 ops.ones_like(batch["moving_labelled"]))
 
     def _registration_losses(self, batch, targets, *, training):
-        out = self._register([batch["moving"], batch["fixed"]], training=training)
+        out = self._pass(self.registration_net, [batch["moving"], batch["fixed"]],
+                         training=training)
         return self._registration_terms(batch, targets, out)
 
     def _registration_terms(self, batch, targets, out):
@@ -593,7 +587,7 @@ class DeepAtlas(keras.Model):
         other = "fixed" if side == "moving" else "moving"
         flags = batch[f"{side}_labelled"]
         if prediction is None:
-            prediction = self._segment(batch[side], training=training)
+            prediction = self._pass(self.segmentation_net, batch[side], training=training)
         labelled_count = _global_count(
             ops.concatenate([batch["moving_labelled"], batch["fixed_labelled"]], axis=0))
         supervised = _weighted_sum(self._supervised(batch, side, prediction), flags,
@@ -789,7 +783,8 @@ class DeepAtlas(keras.Model):
         displacement (gradient stopped) for its ``L_a``. Returns the two totals and the
         metrics of both.
         """
-        out = self._register([batch["moving"], batch["fixed"]], training=True)
+        out = self._pass(self.registration_net, [batch["moving"], batch["fixed"]],
+                         training=True)
         fused = self._fused_segmentation()
         if fused:
             # One pass of the segmenter's body per image; the registration loss's targets are
@@ -801,7 +796,7 @@ class DeepAtlas(keras.Model):
             predictions = {side: ops.stop_gradient(net.get_layer("probabilities")(
                 net.get_layer("logits")(features[side]))) for side in ("moving", "fixed")}
         else:
-            predictions = {side: self._segment(batch[side], training=True)
+            predictions = {side: self._pass(self.segmentation_net, batch[side], training=True)
                            for side in ("moving", "fixed")}
         if self.anatomy_weight:
             targets = tuple(_select(batch[f"{side}_labelled"], batch[f"{side}_labels"],
