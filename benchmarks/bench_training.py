@@ -18,9 +18,12 @@ It prints one JSON line per configuration (``shape``, ``classes``, ``precision``
 ``segmenter``, ``reg_step_s``, ``seg_step_s``, ``joint_step_s``, ``peak_rss_gib``: the
 process's ``ru_maxrss``; or ``inference_s``), then a Markdown table. With ``--reference
 PYTHON`` (the interpreter of ``../shared/bench/voxelmorph-reference``'s virtual environment)
-it first runs VoxelMorph 0.2's own joint step at each grid it knows (80x96x80, 160x192x160;
-5 classes, float32) in the same run, and adds ``reference_step_s`` and ``ratio`` (dazoo /
-VoxelMorph) to the rows of that grid. ``classes_ratio`` compares each row with the row of
+it runs VoxelMorph 0.2's own joint step at each grid it knows (80x96x80, 160x192x160;
+5 classes, float32) in the same run, before and after dazoo's configurations, and adds
+``reference_step_s`` (the mean of the two; ``reference_runs_s`` both, ``reference_drift``
+end / start) and ``ratio`` (dazoo / VoxelMorph) to the rows of that grid. Rows are printed
+as ``# `` lines as they are measured (kept if the run is cut off), and as JSON lines with
+their ratios once the reference has run again. ``classes_ratio`` compares each row with the row of
 the fewest classes of the same grid and precision.
 
 Segmenters: ``default`` is dazoo's default SegmentationNet (features (16,32,64,64) /
@@ -222,8 +225,11 @@ def _table(rows):
             return f"{r[key]:.2f}" if key in r else "-"
         if "reference" in r:
             name = f"{r['shape']} VoxelMorph 0.2 step (K=5, float32)"
+            runs = r.get("reference_runs_s", [])
             body = (r["error"] if "error" in r
-                    else f"{fmt('reference_step_s')} | {fmt('peak_rss_gib')}")
+                    else f"{fmt('reference_step_s')}"
+                    + (f" (start {runs[0]:.2f}, end {runs[1]:.2f})" if len(runs) == 2 else "")
+                    + f" | {fmt('peak_rss_gib')}")
             lines.append(f"| {name} | {body} |")
             continue
         mode = r.get("mode", "inference" if "inference_s" in r else "joint")
@@ -240,6 +246,45 @@ def _table(rows):
             "reg_step_s", "seg_step_s", "joint_step_s", "reference_step_s", "ratio",
             "classes_ratio", "inference_s", "peak_rss_gib")) + " |")
     return "\n".join(lines)
+
+
+def _with_ratios(references, measured):
+    """The rows to print: one per reference grid (the mean of its runs, ``reference_runs_s``,
+    ``reference_drift`` = last / first run, the largest peak), the references that failed,
+    then each measured row with ``reference_step_s`` and ``ratio`` against that mean and
+    ``classes_ratio`` against the row of fewest classes of the same configuration."""
+    rows = []
+    steps = {}
+    for r in references:
+        if "reference_step_s" in r:
+            steps.setdefault(r["shape"], []).append(r["reference_step_s"])
+    for shape, values in steps.items():
+        row = {"shape": shape, "reference": "voxelmorph-0.2", "classes": 5,
+               "precision": "float32", "reference_step_s": statistics.mean(values),
+               "reference_runs_s": values,
+               "peak_rss_gib": max(r["peak_rss_gib"] for r in references
+                                   if r.get("shape") == shape and "peak_rss_gib" in r)}
+        if len(values) >= 2:
+            row["reference_drift"] = values[-1] / values[0]
+        rows.append(row)
+    rows += [r for r in references if "error" in r]
+    same = ("precision", "segmenter", "mode", "norm", "recompute")
+    defaults = {"mode": "joint", "norm": "keras", "recompute": 0}
+    for row in measured:
+        row = dict(row)
+        if "joint_step_s" in row:
+            shape = row["shape"]
+            if shape in steps:
+                row["reference_step_s"] = statistics.mean(steps[shape])
+                row["ratio"] = row["joint_step_s"] / row["reference_step_s"]
+            fewest = [r for r in rows if r.get("shape") == shape and "joint_step_s" in r
+                      and all(r.get(k, defaults.get(k)) == row.get(k, defaults.get(k))
+                              for k in same)]
+            if fewest:
+                base = min(fewest, key=lambda r: r["classes"])
+                row["classes_ratio"] = row["joint_step_s"] / base["joint_step_s"]
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -301,13 +346,22 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
     rows = []
     shapes = [s for s in args.shapes.split(",") if s]
-    if args.reference:
-        for shape in args.reference_shapes.split(","):
-            if shape in REFERENCE_SIZES:
-                row = _run_reference(args.reference, shape, args.reference_steps)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    references = {r["shape"]: r["reference_step_s"] for r in rows if "reference_step_s" in r}
+    reference_shapes = ([s for s in args.reference_shapes.split(",") if s in REFERENCE_SIZES]
+                        if args.reference else [])
+
+    def run_references(when):
+        found = []
+        for shape in reference_shapes:
+            row = _run_reference(args.reference, shape, args.reference_steps)
+            row["when"] = when
+            print("# " + json.dumps(row), flush=True)
+            found.append(row)
+        return found
+
+    # The reference runs before and after dazoo's jobs; ratios use the mean of the two, and
+    # its drift over the run (end / start) is printed: these machines' speed changes by
+    # tens of per cent within an hour.
+    references = run_references("start")
     jobs = []
     for index, shape in enumerate(shapes):
         counts = ([int(k) for k in args.classes.split(",")] if index == 0
@@ -322,21 +376,15 @@ def main(argv=None):
     if args.inference_shape:
         jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint", norm,
                   0) for p in precisions for norm in norms]
+    measured = []
     for shape, classes, precision, segmenter, inference, mode, norm, recompute in jobs:
         row = _run_child(shape, classes, precision, segmenter, args, inference, mode, norm,
                          recompute)
-        if "joint_step_s" in row:
-            if shape in references:
-                row["reference_step_s"] = references[shape]
-                row["ratio"] = row["joint_step_s"] / references[shape]
-            fewest = [r for r in rows if r.get("shape") == shape and "joint_step_s" in r
-                      and r["precision"] == precision and r["segmenter"] == segmenter
-                      and r.get("mode", "joint") == row.get("mode", "joint")
-                      and r.get("norm", "keras") == row.get("norm", "keras")
-                      and r.get("recompute", 0) == row.get("recompute", 0)]
-            if fewest:
-                base = min(fewest, key=lambda r: r["classes"])
-                row["classes_ratio"] = row["joint_step_s"] / base["joint_step_s"]
+        print("# " + json.dumps(row), flush=True)  # as measured, in case the run is cut off
+        measured.append(row)
+    if references:
+        references += run_references("end")
+    for row in _with_ratios(references, measured):
         print(json.dumps(row), flush=True)
         rows.append(row)
     print()

@@ -1,0 +1,54 @@
+"""benchmarks/bench_training.py's bookkeeping: ratios against the reference measured before
+and after dazoo's configurations, and the class-count ratio (hand-made rows)."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_training  # noqa: E402
+
+
+def _reference(seconds, peak, when):
+    return {"shape": "80x96x80", "reference": "voxelmorph-0.2", "classes": 5,
+            "precision": "float32", "reference_step_s": seconds, "peak_rss_gib": peak,
+            "when": when}
+
+
+def _row(classes, joint, **extra):
+    return {"shape": "80x96x80", "classes": classes, "precision": "float32",
+            "segmenter": "default", "norm": "keras", "recompute": 0, "mode": "joint",
+            "joint_step_s": joint, **extra}
+
+
+def test_ratios_use_the_mean_of_the_reference_before_and_after():
+    references = [_reference(2.0, 3.5, "start"), _reference(3.0, 3.9, "end"),
+                  {"shape": "160x192x160", "reference": "voxelmorph-0.2",
+                   "error": "killed (SIGKILL: out of memory)"}]
+    measured = [_row(5, 3.0), _row(63, 4.5), _row(5, 2.0, mode="simultaneous"),
+                _row(5, 1.0, shape="160x192x160"),
+                {"shape": "160x192x160", "classes": 63, "precision": "float32",
+                 "segmenter": "default", "inference_s": 7.0}]
+    rows = bench_training._with_ratios(references, measured)
+    reference = rows[0]
+    assert reference["reference_step_s"] == pytest.approx(2.5)
+    assert reference["reference_runs_s"] == [2.0, 3.0]
+    assert reference["reference_drift"] == pytest.approx(1.5)
+    assert reference["peak_rss_gib"] == 3.9
+    assert rows[1]["error"].startswith("killed")
+    five, sixty_three, simultaneous, large, inference = rows[2:]
+    assert five["ratio"] == pytest.approx(3.0 / 2.5)
+    assert sixty_three["ratio"] == pytest.approx(4.5 / 2.5)
+    assert sixty_three["classes_ratio"] == pytest.approx(1.5)
+    # the baseline rows themselves, and another mode (its own baseline), have none
+    assert "classes_ratio" not in five and "classes_ratio" not in simultaneous
+    assert simultaneous["ratio"] == pytest.approx(2.0 / 2.5)
+    # no reference at that grid: no ratio
+    assert "ratio" not in large and "ratio" not in inference
+    assert "ratio" not in measured[0]  # the measured rows are not modified
+    table = bench_training._table(rows)
+    assert "| 2.50 (start 2.00, end 3.00) | 3.90 |" in table
+    assert "| 80x96x80 | 63 | float32 | default | joint | - | - | 4.50 | 2.50 | 1.80 | 1.50 |" \
+        in table
