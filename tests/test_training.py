@@ -414,3 +414,29 @@ def test_reflections_refused_with_left_right_label_tables(tmp_path, change):
     (folder / "recipe.json").write_text(json.dumps(recipe))
     with pytest.raises(DazooInputError, match="left/right labels"):
         train(Recipe.load(folder / "recipe.json"), tmp_path / "run")
+
+
+def test_a_recipe_grows_the_parents_segmenter_without_changing_its_output(trained, exported,
+                                                                          tmp_path):
+    from dazoo.models import DeepAtlas
+    from dazoo.training.engine import build_model
+
+    folder, _, _ = trained
+    wide = [[8, 24, 16], [32, 16, 16, 8]]  # SMALL, wider at the two coarse levels
+    config = json.loads(_recipe(folder).read_text())
+    config["init"] = {"preset": str(exported.path), "segmentation_features": wide}
+    recipe = Recipe.from_dict(config, root=folder)
+    parent = DeepAtlas.from_preset(exported.path)
+    model = build_model(recipe, parent.num_classes, exported, log=lambda m: None)
+    assert [list(f) for f in model.segmentation_net.features] == wide
+    assert model.segmentation_net.count_params() > parent.segmentation_net.count_params()
+    image = np.random.default_rng(0).normal(size=(1, *SHAPE, 1)).astype("float32")
+    np.testing.assert_allclose(np.asarray(model.segmentation_net(image)),
+                               np.asarray(parent.segmentation_net(image)), atol=1e-5)
+    config["init"]["segmentation_features"] = [[4, 16, 16], SMALL[1]]  # narrower: refused
+    with pytest.raises(DazooInputError, match="fewer"):
+        build_model(Recipe.from_dict(config, root=folder), parent.num_classes, exported,
+                    log=lambda m: None)
+    config["init"] = {"segmentation_features": wide}
+    with pytest.raises(DazooInputError, match="init.preset"):
+        Recipe.from_dict(config, root=folder)

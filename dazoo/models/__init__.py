@@ -6,5 +6,6 @@ Importing this package registers every dazoo Keras class (models, layers, losses
 from dazoo.models.deep_atlas import DeepAtlas
 from dazoo.models.registration import RegistrationNet, load_voxelmorph_weights
 from dazoo.models.segmentation import SegmentationNet
+from dazoo.models.widen import widen
 
-__all__ = ["DeepAtlas", "RegistrationNet", "SegmentationNet", "load_voxelmorph_weights"]
+__all__ = ["DeepAtlas", "RegistrationNet", "SegmentationNet", "load_voxelmorph_weights", "widen"]

@@ -198,10 +198,30 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
     registration = RegistrationNet.from_config(dict(
         config["registration_net"]["config"],
         dtype=network_precisions(recipe["precision"])["registration"]))
-    segmentation = SegmentationNet.from_config(_segmentation_config(
-        config["segmentation_net"]["config"], num_classes, recipe["precision"]))
+    seg_config = _segmentation_config(config["segmentation_net"]["config"], num_classes,
+                                      recipe["precision"])
+    grown = (recipe["init"] or {}).get("segmentation_features")
+    if grown is not None:
+        seg_config["features"] = grown
+    try:
+        segmentation = SegmentationNet.from_config(seg_config)
+    except (TypeError, ValueError) as err:
+        raise DazooInputError(recipe.source, f"init.segmentation_features: {err}") from None
     registration.set_weights(trained.registration_net.get_weights())
     same_classes = num_classes == trained.num_classes
+    if grown is not None:
+        from dazoo.models import widen
+
+        if not same_classes:
+            raise DazooInputError(recipe.source, "init.segmentation_features needs the "
+                                                 "parent's classes (the head is kept)")
+        try:
+            widen(trained.segmentation_net, segmentation)
+        except ValueError as err:
+            raise DazooInputError(recipe.source, str(err)) from None
+        log(f"segmenter grown from {trained.segmentation_net.count_params()} to "
+            f"{segmentation.count_params()} parameters (same function at step 0)")
+        return DeepAtlas(registration, segmentation, **options)
     for layer in segmentation.layers:
         if layer.weights and (same_classes or layer.name != "logits"):
             layer.set_weights(trained.segmentation_net.get_layer(layer.name).get_weights())

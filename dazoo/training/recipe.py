@@ -48,6 +48,10 @@ one takes the default shown by ``Recipe.defaults()``)::
       "precision": "float32",                  or "mixed_bfloat16" (the segmenter's arithmetic),
                                                or {"registration": P, "segmentation": P}
       "init": null,                            or {"preset": "brain", "labels_from_data": false}
+                                               (+ "segmentation_features": [[enc], [dec]]:
+                                               the preset's segmenter grown to these filters,
+                                               computing the same function at step 0; see
+                                               dazoo.models.widen)
                                                or {"registration_from": RUN, "segmentation_from": RUN}
       "inference": {"flip": false},            the exported preset's defaults: "flip" true
                                                averages each segmentation with that of the
@@ -113,7 +117,8 @@ DEFAULTS: dict[str, Any] = {
 }
 # Sections whose content is free-form (checked by the classes they configure).
 _OPEN = {("model", "registration"), ("model", "segmentation"), ("labels", "names"), ("synth",)}
-_INIT_KEYS = {"preset", "labels_from_data", "registration_from", "segmentation_from"}
+_INIT_KEYS = {"preset", "labels_from_data", "registration_from", "segmentation_from",
+              "segmentation_features"}
 PRECISIONS = ("float32", "mixed_bfloat16")
 
 
@@ -369,6 +374,9 @@ class Recipe:
                 self._fail(f"init must be an object with keys among {sorted(_INIT_KEYS)}")
             if "preset" in init and ({"registration_from", "segmentation_from"} & set(init)):
                 self._fail("init: give a preset, or networks from runs, not both")
+            if "segmentation_features" in init and "preset" not in init:
+                self._fail("init.segmentation_features widens a preset's segmenter: "
+                           "give init.preset")
         if not (init or {}).get("preset"):  # with a parent preset, its preprocessing is used
             self.preprocess_config("template.nii.gz" if self.builds_template else None)
 
