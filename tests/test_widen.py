@@ -29,6 +29,7 @@ def test_widened_network_computes_the_same_function(normalization):
                                          normalization=normalization))
     target = SegmentationNet(SHAPE, 5, features=WIDE, conv_per_level=2,
                              normalization=normalization)
+
     def logits(net):
         return np.asarray(keras.Model(net.inputs, net.get_layer("logits").output)(_image()))
 

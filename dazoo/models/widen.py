@@ -32,9 +32,7 @@ def _origins(model) -> dict:
     for layer in model.layers:
         kind = type(layer).__name__
         inputs = layer._inbound_nodes[0].input_tensors if layer._inbound_nodes else []
-        if not inputs:  # an input
-            out[layer.name] = [(layer.name, i) for i in range(layer.output.shape[-1])]
-        elif kind in _CHANNEL_MIXING:
+        if not inputs or kind in _CHANNEL_MIXING:  # an input, or a layer making channels
             out[layer.name] = [(layer.name, i) for i in range(layer.output.shape[-1])]
         elif kind == "Concatenate":
             if layer.axis not in (-1, len(layer.output.shape) - 1):
@@ -48,7 +46,7 @@ def _origins(model) -> dict:
     return out
 
 
-def _input_origins(model, layer, origins):
+def _input_origins(layer, origins):
     (tensor,) = layer._inbound_nodes[0].input_tensors
     return origins[tensor._keras_history.operation.name]
 
@@ -82,14 +80,15 @@ def widen(source, target):
             if new_weights[0].shape[-1] < n_out:
                 raise ValueError(f"widen: {layer.name} has {new_weights[0].shape[-1]} filters "
                                  f"in the target, fewer than the source's {n_out}")
-            rows = {o: i for i, o in enumerate(_input_origins(source, layer, source_origins))}
+            rows = {o: i for i, o in enumerate(_input_origins(layer, source_origins))}
+            columns = _input_origins(new, target_origins)
+            if len(rows) != sum(o in rows for o in columns):
+                raise ValueError(f"widen: {layer.name}'s inputs do not map onto the target's")
             wide = new_weights[0]
             wide[..., :n_out] = 0.0  # old filters: nothing from the new input channels
-            for j, o in enumerate(_input_origins(target, new, target_origins)):
+            for j, o in enumerate(columns):
                 if o in rows:
                     wide[..., j, :n_out] = kernel[..., rows[o], :]
-            if len(rows) != sum(o in rows for o in _input_origins(target, new, target_origins)):
-                raise ValueError(f"widen: {layer.name}'s inputs do not map onto the target's")
             # new filters: their own initialisation; every layer they feed reads them through
             # zero weights (above), so the function is unchanged
             if bias is not None:

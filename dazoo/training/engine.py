@@ -200,28 +200,13 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
         dtype=network_precisions(recipe["precision"])["registration"]))
     seg_config = _segmentation_config(config["segmentation_net"]["config"], num_classes,
                                       recipe["precision"])
-    grown = (recipe["init"] or {}).get("segmentation_features")
-    if grown is not None:
-        seg_config["features"] = grown
-    try:
-        segmentation = SegmentationNet.from_config(seg_config)
-    except (TypeError, ValueError) as err:
-        raise DazooInputError(recipe.source, f"init.segmentation_features: {err}") from None
     registration.set_weights(trained.registration_net.get_weights())
     same_classes = num_classes == trained.num_classes
+    grown = (recipe["init"] or {}).get("segmentation_features")
     if grown is not None:
-        from dazoo.models import widen
-
-        if not same_classes:
-            raise DazooInputError(recipe.source, "init.segmentation_features needs the "
-                                                 "parent's classes (the head is kept)")
-        try:
-            widen(trained.segmentation_net, segmentation)
-        except ValueError as err:
-            raise DazooInputError(recipe.source, str(err)) from None
-        log(f"segmenter grown from {trained.segmentation_net.count_params()} to "
-            f"{segmentation.count_params()} parameters (same function at step 0)")
-        return DeepAtlas(registration, segmentation, **options)
+        return DeepAtlas(registration, _grown_segmenter(recipe, trained, seg_config, grown,
+                                                        same_classes, log), **options)
+    segmentation = SegmentationNet.from_config(seg_config)
     for layer in segmentation.layers:
         if layer.weights and (same_classes or layer.name != "logits"):
             layer.set_weights(trained.segmentation_net.get_layer(layer.name).get_weights())
@@ -229,6 +214,24 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
         log(f"segmenter's last layer re-initialised: {trained.num_classes} -> {num_classes} "
             "classes")
     return DeepAtlas(registration, segmentation, **options)
+
+
+def _grown_segmenter(recipe, trained, seg_config: dict, features, same_classes: bool, log):
+    """The parent's segmenter widened to ``features`` (``init.segmentation_features``), the
+    same function at step 0 (:func:`dazoo.models.widen`)."""
+    from dazoo.models import SegmentationNet, widen
+
+    if not same_classes:
+        raise DazooInputError(recipe.source, "init.segmentation_features needs the parent's "
+                                             "classes (the head is kept)")
+    try:
+        segmentation = widen(trained.segmentation_net,
+                             SegmentationNet.from_config(dict(seg_config, features=features)))
+    except (TypeError, ValueError) as err:
+        raise DazooInputError(recipe.source, f"init.segmentation_features: {err}") from None
+    log(f"segmenter grown from {trained.segmentation_net.count_params()} to "
+        f"{segmentation.count_params()} parameters (same function at step 0)")
+    return segmentation
 
 
 def _init_networks(model, init: dict, log) -> None:
