@@ -145,6 +145,41 @@ def test_recipe_precision_per_network(tmp_path):
                          root=tmp_path, source="r.json")
 
 
+def test_bfloat16_falls_back_to_float32_where_the_machine_emulates_it(tmp_path, monkeypatch):
+    from dazoo.training import engine, train
+    from dazoo.training.recipe import cpu_flags, machine_precision
+
+    intel = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
+    assert cpu_flags(intel) == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16", "amx_tile"}
+    assert cpu_flags("Features\t: fp asimd bf16\n") == {"fp", "asimd", "bf16"}
+    both = {"registration": "mixed_bfloat16", "segmentation": "float32"}
+    assert machine_precision("mixed_bfloat16", native=False) == "float32"
+    assert machine_precision(both, native=False) == {"registration": "float32",
+                                                     "segmentation": "float32"}
+    assert machine_precision("mixed_bfloat16", native=True) == "mixed_bfloat16"
+    assert machine_precision(both, native=True) == both
+
+    folder = _cohort(tmp_path)
+    path = _recipe(folder, steps=1, checkpoint_every=1, validate_every=1)
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(config, precision="mixed_bfloat16")))
+    monkeypatch.setattr(engine, "native_bfloat16", lambda: True)
+    recipe, warning = engine._precision_here(Recipe.load(path))
+    assert recipe["precision"] == "mixed_bfloat16" and warning is None
+    monkeypatch.setattr(engine, "native_bfloat16", lambda: False)
+    messages = []
+    train(path, folder / "run", verbose=0, log=messages.append)
+    assert [m for m in messages if m.startswith("warning:")] == [
+        f"warning: {path}: precision \"mixed_bfloat16\" -> \"float32\": this machine has no "
+        "native bfloat16 (no AVX512-BF16/AMX, no GPU), where it is slower and less exact than "
+        "float32"]
+    assert json.loads((folder / "run" / "recipe.json").read_text())["precision"] == "float32"
+    import dazoo.models  # noqa: F401
+
+    model = keras.saving.load_model(folder / "run" / "checkpoint.keras")
+    assert model.segmentation_net.get_layer("unet_enc_conv_0_0").compute_dtype == "float32"
+
+
 def test_recipe_recompute_reaches_the_compiled_model(tmp_path):
     from dazoo.training.engine import build_model, compile_model
 

@@ -38,7 +38,7 @@ import numpy as np
 from dazoo import __version__, io
 from dazoo.errors import DazooInputError
 from dazoo.labels import LabelMap, left_id
-from dazoo.training.recipe import Recipe, network_precisions
+from dazoo.training.recipe import Recipe, machine_precision, native_bfloat16, network_precisions
 
 __all__ = ["train", "export", "finetune", "Run"]
 
@@ -164,6 +164,21 @@ def _preprocessing(recipe: Recipe, folder: pathlib.Path, train, parent, log):
         config = recipe.preprocess_config(template.name if given is not None else None)
     io.write_text_atomic(folder / "preprocess.json", config.to_json() + "\n")
     return Preprocessor(config, root=folder)
+
+
+def _precision_here(recipe: Recipe) -> tuple[Recipe, str | None]:
+    """The recipe with its precision for this machine (bfloat16 -> float32 where bfloat16 is
+    emulated, see :func:`~dazoo.training.recipe.native_bfloat16`) and the warning to print."""
+    asked = recipe["precision"]
+    if "mixed_bfloat16" not in json.dumps(asked):
+        return recipe, None
+    used = machine_precision(asked, native_bfloat16())
+    if used == asked:
+        return recipe, None
+    return recipe.with_overrides([f"precision={json.dumps(used)}"]), (
+        f"warning: {recipe.source}: precision {json.dumps(asked)} -> {json.dumps(used)}: this "
+        f"machine has no native bfloat16 (no AVX512-BF16/AMX, no GPU), where it is slower and "
+        f"less exact than float32")
 
 
 def _segmentation_config(config: dict, num_classes: int, precision) -> dict:
@@ -388,6 +403,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         record = json.loads((folder / "run.json").read_text())
     else:
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+        recipe, fallback = _precision_here(recipe)
         if (folder / "run.json").exists() or (folder / "checkpoint.keras").exists():
             raise DazooInputError(folder, "holds a run already: resume it (--resume) or "
                                           "choose another folder")
@@ -400,6 +416,11 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         log(message)
         log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
+    if resume and "mixed_bfloat16" in json.dumps(recipe["precision"]) and not native_bfloat16():
+        say(f"warning: {folder}: the run trains in mixed_bfloat16, which this machine emulates "
+            f"(no AVX512-BF16/AMX, no GPU): expect steps several times slower than float32")
+    elif not resume and fallback:
+        say(fallback)
     try:
         c = recipe.config
         data = c["data"]
