@@ -342,8 +342,12 @@ def main(argv=None):
     if bad:
         parser.error(f"--precision: unknown {bad}; choose from {list(PRECISIONS)}")
 
+    from dazoo.training.recipe import BFLOAT16_CPU_FLAGS, cpu_flags  # no backend import
+
+    native = sorted(cpu_flags() & set(BFLOAT16_CPU_FLAGS))
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
+          f"{os.cpu_count()} CPUs, python {platform.python_version()}, bfloat16 in hardware: "
+          f"{', '.join(native) or 'none (emulated: slower than float32)'}", flush=True)
     rows = []
     shapes = [s for s in args.shapes.split(",") if s]
     reference_shapes = ([s for s in args.reference_shapes.split(",") if s in REFERENCE_SIZES]
