@@ -145,6 +145,8 @@ def network_precisions(precision) -> dict:
         raise ValueError(f"precision as an object needs exactly the keys \"registration\" and "
                          f"\"segmentation\", each one of {list(PRECISIONS)}; got {precision!r}")
     return dict(precision)
+
+
 #: CPU flags (Linux ``/proc/cpuinfo``) of hardware bfloat16 arithmetic that oneDNN uses.
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
