@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
@@ -84,8 +85,6 @@ def _result(output: str) -> dict:
 
 
 def _run_mirrored_script(kind, path):
-    import numpy as np
-
     result = subprocess.run([sys.executable, "-c", MIRRORED, kind, str(path)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,8 +93,6 @@ def _run_mirrored_script(kind, path):
 
 
 def test_mirrored_two_devices_equal_one_device_with_the_whole_batch(tmp_path):
-    import numpy as np
-
     mirrored, mirrored_weights = _run_mirrored_script("mirrored", tmp_path / "mirrored.npz")
     single, single_weights = _run_mirrored_script("single", tmp_path / "single.npz")
     assert mirrored["replicas"] == 2 and single["replicas"] == 1

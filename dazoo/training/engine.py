@@ -166,11 +166,15 @@ def _preprocessing(recipe: Recipe, folder: pathlib.Path, train, parent, log):
     return Preprocessor(config, root=folder)
 
 
+def _uses_bfloat16(precision) -> bool:
+    return "mixed_bfloat16" in network_precisions(precision).values()
+
+
 def _precision_here(recipe: Recipe) -> tuple[Recipe, str | None]:
     """The recipe with its precision for this machine (bfloat16 -> float32 where bfloat16 is
     emulated, see :func:`~dazoo.training.recipe.native_bfloat16`) and the warning to print."""
     asked = recipe["precision"]
-    if "mixed_bfloat16" not in json.dumps(asked):
+    if not _uses_bfloat16(asked):
         return recipe, None
     used = machine_precision(asked, native_bfloat16())
     if used == asked:
@@ -416,7 +420,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         log(message)
         log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
-    if resume and "mixed_bfloat16" in json.dumps(recipe["precision"]) and not native_bfloat16():
+    if resume and _uses_bfloat16(recipe["precision"]) and not native_bfloat16():
         say(f"warning: {folder}: the run trains in mixed_bfloat16, which this machine emulates "
             f"(no AVX512-BF16/AMX, no GPU): expect steps several times slower than float32")
     elif not resume and fallback:
