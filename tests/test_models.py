@@ -89,7 +89,8 @@ def test_segmentation_in_mixed_bfloat16_matches_float32_weights(tmp_path):
     # the kernels: measured over 6 weight seeds, oneDNN's bfloat16 convolutions (float32
     # sums; AVX512-BF16 CPU) differ from float32 by at most 0.021 (mean 0.0022, argmax
     # agreeing on >= 99.4 % of voxels); TensorFlow's emulated ones (TF_ENABLE_ONEDNN_OPTS=0,
-    # or a CPU without AVX512) by up to 0.128 (mean 0.012, >= 96.7 %).
+    # or a CPU without AVX512) by up to 0.128 (mean 0.012, >= 96.7 %):
+    # benchmarks/bench_bfloat16_error.py.
     expected = SegmentationNet(SHAPE, 3)
     expected.set_weights(mixed.get_weights())
     plain = expected.predict(image, verbose=0)

@@ -176,7 +176,7 @@ def native_bfloat16() -> bool:
     without AVX512 (AMD EPYC), a training step of the brain segmenter took 3.8x as long as in
     float32, and with TensorFlow's non-oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS=0``) a
     U-Net's probabilities strayed 5x further from float32's than with oneDNN's
-    (``tests/test_models.py``). Unknown CPUs (no ``/proc/cpuinfo``) count as not native.
+    (``benchmarks/bench_bfloat16_error.py``). Unknown CPUs (no ``/proc/cpuinfo``) count as not native.
     """
     import keras
 
