@@ -27,7 +27,7 @@ import gzip
 import os
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
 import nibabel as nib
@@ -46,6 +46,7 @@ __all__ = [
     "write_labels",
     "write_displacement",
     "write_text_atomic",
+    "atomic_write",
     "same_grid",
 ]
 
@@ -529,22 +530,50 @@ def _make_image(array, affine, path, kind, descrip, slope=None):
     return image
 
 
-def _save(array, affine, path, *, protect, kind, descrip=None, slope=None) -> str:
+def _ending(path: str) -> str:
+    """The file's ending as writers read it (``.nii.gz`` kept whole; else the last suffix)."""
+    base = os.path.basename(path)
+    for ending in WRITABLE:
+        if base.endswith(ending):
+            return ending
+    return os.path.splitext(base)[1]
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[str], object], *,
+                 protect: Iterable[str | os.PathLike] = ()) -> str:
+    """Writes ``path`` atomically: ``writer(tmp)`` writes a temporary file beside it, which is
+    then renamed over ``path``. The one implementation of dazoo's temp-file-and-rename rule.
+
+    The temporary name is unique (``.<stem>.<random>.tmp<ending>``, the file's own ending
+    kept, so writers that choose the format by extension - nibabel, matplotlib, NumPy, Keras -
+    write the right one) and is removed, with any folder this call created, when ``writer``
+    fails: a failure or a kill never leaves a truncated ``path``.
+
+    Args:
+        path: the file to write; missing parent folders are created.
+        writer: called with the temporary path; writes the whole file there.
+        protect: paths that must not be overwritten (the inputs of a command).
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        DazooInputError: ``path`` is one of ``protect``, or cannot be written (an
+            ``OSError``), named by the user's path, never the temporary one.
+    """
     path = os.fspath(path)
-    if not path.endswith(WRITABLE):
-        raise DazooInputError(path, "unsupported file extension; use .nii, .nii.gz or .mgz")
     for other in protect:
         if same_file(path, other):
             raise DazooInputError(path, "refusing to overwrite an input file")
     folder = os.path.dirname(os.path.abspath(path))
     created = _make_folders(folder, path)
-    ending = next(e for e in WRITABLE if path.endswith(e))
-    stem = os.path.basename(path)[: -len(ending)]
-    tmp = os.path.join(folder, f".{stem}.{uuid.uuid4().hex[:8]}.tmp{ending}")
+    ending = _ending(path)
+    name = os.path.basename(path)
+    tmp = os.path.join(folder, f".{name[:len(name) - len(ending)]}.{uuid.uuid4().hex[:8]}"
+                               f".tmp{ending}")
     done = False
     try:
-        image = _make_image(array, affine, path, kind, descrip, slope)
-        nib.save(image, tmp)
+        writer(tmp)
         os.replace(tmp, path)
         done = True
     except OSError as err:
@@ -558,27 +587,25 @@ def _save(array, affine, path, *, protect, kind, descrip=None, slope=None) -> st
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *,
-                      protect: Iterable[str | os.PathLike] = ()) -> str:
-    """Write a text file (a report, a JSON config) atomically: temporary file + rename."""
+def _save(array, affine, path, *, protect, kind, descrip=None, slope=None) -> str:
     path = os.fspath(path)
-    for other in protect:
+    if not path.endswith(WRITABLE):
+        raise DazooInputError(path, "unsupported file extension; use .nii, .nii.gz or .mgz")
+    for other in protect:  # before the image is made
         if same_file(path, other):
             raise DazooInputError(path, "refusing to overwrite an input file")
-    folder = os.path.dirname(os.path.abspath(path))
-    created = _make_folders(folder, path)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    image = _make_image(array, affine, path, kind, descrip, slope)
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *,
+                      protect: Iterable[str | os.PathLike] = ()) -> str:
+    """Write a text file (a report, a JSON config) atomically (:func:`atomic_write`)."""
+    def writer(tmp):
         with open(tmp, "w") as handle:
             handle.write(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        for made in reversed(created):
-            _rmdir_quietly(made)
-        raise DazooInputError(path, f"cannot be written ({_one_line(err)})") from None
-    return path
+
+    return atomic_write(path, writer, protect=protect)
 
 
 def stem(path: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dazoo.io import Source, Volume, read_image, read_labels
+from dazoo.io import Source, Volume, atomic_write, read_image, read_labels
 
 __all__ = ["label_overlay", "registration_overlay"]
 
@@ -143,12 +143,7 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
                                title=f"labels{more}" if more else None)
         if more:
             legend.get_title().set_color("white")
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.png"
-    figure.savefig(tmp, bbox_inches="tight", facecolor="black")
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(figure, path, facecolor="black")
 
 
 def registration_overlay(fixed: Source, moved: Source | None, displacement: Volume,
@@ -234,9 +229,15 @@ def registration_overlay(fixed: Source, moved: Source | None, displacement: Volu
             ax.set_xticks([])
             ax.set_yticks([])
     figure.suptitle(title or os.path.basename(fixed_volume.path or "registration"), fontsize=11)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.png"
-    figure.savefig(tmp, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(figure, path)
+
+
+def _save_figure(figure, path, **options) -> str:
+    """Saves and closes a matplotlib figure, atomically (:func:`dazoo.io.atomic_write`)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, bbox_inches="tight",
+                                                             **options))
+    finally:
+        plt.close(figure)

@@ -280,3 +280,66 @@ def test_reads_every_mindboggle_subject(data_root):
         both = np.unique(io.read_labels(subject / "labels.DKT31.manual+aseg.nii.gz",
                                         like=image).array)
         assert set(cortical) <= set(both) and both[(both > 0) & (both < 1000)].size > 0
+
+
+# ---------------------------------------------------------------- atomic_write
+def test_atomic_write_renames_a_unique_temp_with_the_files_ending(tmp_path):
+    seen = []
+
+    def writer(tmp):
+        seen.append(tmp)
+        with open(tmp, "w") as handle:
+            handle.write("x")
+
+    target = tmp_path / "new" / "report.nii.gz"
+    assert io.atomic_write(target, writer) == str(target)
+    io.atomic_write(target, writer)
+    assert target.read_text() == "x"
+    assert all(p.endswith(".tmp.nii.gz") and os.path.dirname(p) == str(target.parent)
+               for p in seen)
+    assert seen[0] != seen[1]  # unique per call
+    assert sorted(os.listdir(target.parent)) == ["report.nii.gz"]
+
+
+def test_atomic_write_failure_leaves_nothing_and_keeps_the_old_file(tmp_path):
+    (tmp_path / "old.txt").write_text("old")
+
+    def half_then_fail(tmp):
+        with open(tmp, "w") as handle:
+            handle.write("half")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError):
+        io.atomic_write(tmp_path / "old.txt", half_then_fail)
+    with pytest.raises(RuntimeError):
+        io.atomic_write(tmp_path / "made" / "deeper" / "new.txt", half_then_fail)
+    assert os.listdir(tmp_path) == ["old.txt"]  # no temp file, no folder created
+    assert (tmp_path / "old.txt").read_text() == "old"
+
+
+def test_atomic_write_names_the_users_path_not_the_temp(tmp_path):
+    def fails(tmp):
+        raise PermissionError(13, "Permission denied", tmp)
+
+    with pytest.raises(DazooInputError) as err:
+        io.atomic_write(tmp_path / "seg.nii.gz", fails)
+    assert err.value.source == str(tmp_path / "seg.nii.gz")
+    assert ".tmp" not in str(err.value).split(":")[0]
+    with pytest.raises(DazooInputError, match="refusing to overwrite an input"):
+        io.atomic_write(tmp_path / "seg.nii.gz", fails, protect=[tmp_path / "seg.nii.gz"])
+
+
+def test_qc_picture_failure_leaves_no_temp_file(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from dazoo import qc
+
+    array = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
+
+    def broken(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(DazooInputError, match="cannot be written"):
+        qc.label_overlay((array, np.eye(4)), None, tmp_path / "qc.png")
+    assert os.listdir(tmp_path) == []

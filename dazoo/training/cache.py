@@ -10,11 +10,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import uuid
 
 import numpy as np
 
 from dazoo.errors import DazooInputError
+from dazoo.io import atomic_write
 from dazoo.preprocess import Preprocessed, Preprocessor
 from dazoo.training.subjects import Subject, relabelled
 
@@ -107,19 +107,12 @@ def _safe(name: str) -> str:
 
 
 def _save_entry(path: str, entry: CachedSubject) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp.npz"
     arrays = {} if entry.preprocessed is None else {
         "array": entry.preprocessed.array,
         "chain": np.array(json.dumps(entry.preprocessed.chain()))}
     if entry.labels is not None:
         arrays["labels"] = entry.labels
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _load_entry(path: str) -> CachedSubject | None:

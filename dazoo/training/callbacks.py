@@ -39,14 +39,7 @@ def steps_done(model) -> int:
 def save_atomic(model, path: str | os.PathLike) -> None:
     """``model.save(path)`` through a temporary file and a rename: a kill never leaves a
     truncated checkpoint."""
-    path = os.fspath(path)
-    tmp = f"{path[:-len('.keras')]}.tmp-{os.getpid()}.keras"
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    io.atomic_write(path, model.save)
 
 
 class RunCheckpoint(keras.callbacks.Callback):
