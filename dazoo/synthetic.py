@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from dazoo.training.batch import make_batch
+from dazoo.batch import make_batch
 
 __all__ = ["template", "random_smooth_displacement", "make_subject", "make_subjects",
            "pair_batch"]
@@ -90,7 +90,7 @@ def make_subjects(count: int, shape: Sequence[int], *, num_classes: int = 4, see
 
 
 def pair_batch(subjects, pairs: Sequence[tuple[int, int]], labelled: Sequence[bool]) -> dict:
-    """A DeepAtlas training batch (:mod:`dazoo.training.batch`) from subject pairs.
+    """A DeepAtlas training batch (:mod:`dazoo.batch`) from subject pairs.
 
     Args:
         subjects: list of ``(image, labels)``.

@@ -345,20 +345,33 @@ def test_dataset_with_augmentation_is_reproducible():
 
 
 # ----------------------------------------------------------------------------- phases
-def test_schedule_phases():
-    from dazoo.training.batch import Schedule
+def test_schedule_updates():
+    from dazoo.batch import Schedule
 
-    assert [Schedule("joint", 2, 1).phase(s) for s in range(6)] == [
-        "registration", "registration", "segmentation"] * 2
-    assert {Schedule("registration_only").phase(s) for s in range(4)} == {"registration"}
-    assert {Schedule("segmentation_only").phase(s) for s in range(4)} == {"segmentation"}
-    assert {Schedule("simultaneous", 8, 1).phase(s) for s in range(9)} == {"simultaneous"}
+    R, S = frozenset({"registration"}), frozenset({"segmentation"})
+    joint = Schedule("joint", 2, 1)
+    assert [joint.updates(s) for s in range(6)] == [R, R, S] * 2
+    assert {Schedule("registration_only").updates(s) for s in range(4)} == {R}
+    assert {Schedule("segmentation_only").updates(s) for s in range(4)} == {S}
+    assert {Schedule("simultaneous", 8, 1).updates(s) for s in range(9)} == {R | S}
+    assert joint.networks == R | S and joint.alternates and not joint.shared
+    assert Schedule("simultaneous").shared and not Schedule("simultaneous").alternates
+    # updates over a run: counted by hand from the cycle (7 steps of R, R, S: 5 R and 3 S
+    # rounded up per network), every step for single-network and simultaneous modes
+    assert joint.updates_in(7) == {"registration": 5, "segmentation": 3}
+    assert sum(joint.updates(s) == R for s in range(6)) == joint.updates_in(6)["registration"]
+    assert Schedule("registration_only").updates_in(10) == {"registration": 10}
+    assert Schedule("simultaneous").updates_in(10) == {"registration": 10, "segmentation": 10}
+    # steps from the optimizers' iterations: a simultaneous step updates both, counts once
+    assert joint.steps_done(4, 2) == 6 and Schedule("simultaneous").steps_done(4, 4) == 4
     with pytest.raises(ValueError):
         Schedule("joint", 0, 1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Schedule("both")
 
 
 def test_segmentation_steps_draw_a_labelled_image_on_either_side():
-    from dazoo.training.batch import Schedule
+    from dazoo.batch import Schedule
 
     images, labels = _arrays(count=5)
     dataset = data.PairDataset(images, labels, labelled=[2], batch_size=2, steps_per_epoch=40,
@@ -366,7 +379,7 @@ def test_segmentation_steps_draw_a_labelled_image_on_either_side():
     sides = set()
     for index in range(40):
         pairs = dataset.pairs(index)
-        if dataset.phase(index) == "segmentation":
+        if dataset.updates(index) == {"segmentation"}:
             assert all(2 in pair for pair in pairs)
             sides.update(pair.index(2) for pair in pairs)
             batch = dataset[index]
@@ -377,7 +390,7 @@ def test_segmentation_steps_draw_a_labelled_image_on_either_side():
 
 
 def test_batch_of_a_step_is_the_batch_of_its_epoch():
-    from dazoo.training.batch import Schedule
+    from dazoo.batch import Schedule
 
     images, labels = _arrays()
     dataset = data.PairDataset(images, labels, labelled=[0], steps_per_epoch=3, seed=4,
@@ -396,7 +409,7 @@ def test_batch_of_a_step_is_the_batch_of_its_epoch():
 
 
 def test_augmentation_only_in_the_phases_asked():
-    from dazoo.training.batch import Schedule
+    from dazoo.batch import Schedule
 
     images, labels = _arrays()
     dataset = data.PairDataset(images, labels, steps_per_epoch=6, seed=1,
@@ -406,20 +419,20 @@ def test_augmentation_only_in_the_phases_asked():
     for index in range(6):
         (moving, _), = dataset.pairs(index)
         same = np.array_equal(dataset[index]["moving"][0, ..., 0], images[moving])
-        assert same == (dataset.phase(index) == "registration")
+        assert same == (dataset.updates(index) == {"registration"})
     with pytest.raises(DazooInputError, match="needs a schedule"):
         data.PairDataset(images, labels, augment_phases=["segmentation"])
 
 
 def test_simultaneous_steps_draw_a_labelled_image_and_augment_both_or_none():
-    from dazoo.training.batch import Schedule
+    from dazoo.batch import Schedule
 
     images, labels = _arrays(count=5)
     schedule = Schedule("simultaneous")
     dataset = data.PairDataset(images, labels, labelled=[2], steps_per_epoch=12, seed=0,
                                schedule=schedule, augment=data.Augmentation(noise=0.1))
     for index in range(12):
-        assert dataset.phase(index) == "simultaneous"
+        assert dataset.updates(index) == {"registration", "segmentation"}
         (pair,) = dataset.pairs(index)
         assert 2 in pair  # every step updates the segmenter: a labelled image in each pair
         moving = pair[0]

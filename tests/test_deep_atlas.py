@@ -361,7 +361,7 @@ def test_simultaneous_step_updates_both_networks_once(batch):
     assert _changed(reg, _weights(model.registration_net)) == len(reg)
     assert _changed(seg, _weights(model.segmentation_net)) > 0
     assert {"reg_loss", "seg_loss", "reg_anatomy", "seg_anatomy"} <= set(logs)
-    assert model.schedule.phase(7) == "simultaneous"
+    assert model.schedule.updates(7) == {"registration", "segmentation"}
 
 
 @pytest.mark.parametrize("labelled", [[True, False], [False, True], [True, True]],

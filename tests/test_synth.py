@@ -222,7 +222,7 @@ def test_map_fraction_sets_how_often_label_maps_are_drawn(phase_mode):
     """With 2 real images and 6 label maps, uniform draws pick a map 75 % of the time;
     map_fraction=0.2 picks one 20 % of the time (in registration and segmentation pairs)."""
     from dazoo.training import PairDataset
-    from dazoo.training.batch import Schedule
+    from dazoo.batch import Schedule
 
     labels = _label_map()
     rng = np.random.default_rng(0)

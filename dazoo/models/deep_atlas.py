@@ -14,7 +14,7 @@ optimizer, while the other is held fixed:
   labelled: the warped manual labels against the prediction on the other image, or the
   warped prediction against the other image's manual labels.
 
-Training batches follow the contract of :mod:`dazoo.training.batch` (:data:`BATCH_KEYS`):
+Training batches follow the contract of :mod:`dazoo.batch` (:data:`BATCH_KEYS`):
 images ``"moving"``/``"fixed"`` ``(batch, D, H, W, 1)``, class maps ``"moving_labels"``/
 ``"fixed_labels"`` ``(batch, D, H, W)`` and per-sample flags ``"moving_labelled"``/
 ``"fixed_labelled"`` (1 where the label map is a manual one).
@@ -27,11 +27,10 @@ import keras
 from keras import ops
 
 from dazoo import ops as spatial_ops
+from dazoo.batch import BATCH_KEYS, MODES, REGISTRATION, SEGMENTATION, Schedule
 from dazoo.layers import SpatialTransformer
 from dazoo.losses import (DiceCE, Grad, NCC, SoftDice, class_sums, dice_from_sums,
                           soft_dice_scores)
-
-from dazoo.training.batch import BATCH_KEYS, MODES, Schedule
 
 __all__ = ["DeepAtlas", "BATCH_KEYS", "MODES"]
 
@@ -512,7 +511,7 @@ class DeepAtlas(keras.Model):
         Computed outside any gradient tape: the segmenter is fixed in this phase. Its
         predictions are only computed for a side of the batch that lacks manual labels.
         """
-        if self.mode == "registration_only" or not self.anatomy_weight:
+        if SEGMENTATION not in self.schedule.networks or not self.anatomy_weight:
             mask = batch["moving_labelled"] * batch["fixed_labelled"]
             return batch["moving_labels"], batch["fixed_labels"], mask
 
@@ -558,7 +557,8 @@ class DeepAtlas(keras.Model):
         Zeros (without running the network) when no pair of the batch has exactly one
         labelled image, since ``L_a`` is then masked out.
         """
-        if self.mode not in ("joint", "simultaneous") or not self.segmentation_anatomy_weight:
+        if (self.schedule.networks != {REGISTRATION, SEGMENTATION}
+                or not self.segmentation_anatomy_weight):
             return None
         moving, fixed = batch["moving"], batch["fixed"]
 
@@ -854,14 +854,14 @@ class DeepAtlas(keras.Model):
 
     @property
     def schedule(self) -> Schedule:
-        """The phase of each step (shared with the datasets, which draw labelled images for
-        segmentation steps)."""
+        """Which networks each step updates (shared with the datasets, which draw labelled
+        images for segmentation steps, and with the training engine)."""
         return Schedule(self.mode, self.registration_steps, self.segmentation_steps)
 
     def is_registration_turn(self):
         """Whether the next training step is a registration step (a boolean tensor)."""
-        if self.mode != "joint":
-            return ops.convert_to_tensor(self.mode == "registration_only")
+        if not self.schedule.alternates:
+            return ops.convert_to_tensor(self.schedule.networks == {REGISTRATION})
         done = ops.cast(self.reg_optimizer.iterations, "int64") + ops.cast(
             self.seg_optimizer.iterations, "int64")
         cycle = self.registration_steps + self.segmentation_steps
@@ -885,7 +885,7 @@ class DeepAtlas(keras.Model):
         registration step at 160x192x160 (measured). The two functions are traced on their
         first use.
         """
-        if keras.backend.backend() != "tensorflow" or self.mode != "joint":
+        if keras.backend.backend() != "tensorflow" or not self.schedule.alternates:
             return super().make_train_function(force)
         if self.train_function is not None and not force:
             return self.train_function
@@ -906,13 +906,16 @@ class DeepAtlas(keras.Model):
 
     def train_step(self, data):
         batch = self._unpack(data)
-        phase = {"registration_only": "registration", "segmentation_only": "segmentation"}.get(
-            self.mode, getattr(self, "_traced_phase", None))
-        if self.mode == "simultaneous":
+        networks = self.schedule.networks
+        # One network: its step; joint: the phase the TF train function was traced for (else
+        # chosen in the graph below).
+        phase = next(iter(networks)) if len(networks) == 1 else getattr(self, "_traced_phase",
+                                                                          None)
+        if self.schedule.shared:
             self._simultaneous_step(batch)
-        elif phase == "registration":
+        elif phase == REGISTRATION:
             self._registration_step(batch)
-        elif phase == "segmentation":
+        elif phase == SEGMENTATION:
             self._segmentation_step(batch)
         else:
             ops.cond(self.is_registration_turn(),
@@ -921,20 +924,18 @@ class DeepAtlas(keras.Model):
         return self._logs(self._training_metric_names())
 
     def _training_metric_names(self):
-        return {
-            "joint": _REGISTRATION_METRICS + _SEGMENTATION_METRICS,
-            "simultaneous": _REGISTRATION_METRICS + _SEGMENTATION_METRICS,
-            "registration_only": _REGISTRATION_METRICS,
-            "segmentation_only": _SEGMENTATION_METRICS,
-        }[self.mode]
+        networks = self.schedule.networks
+        return ((_REGISTRATION_METRICS if REGISTRATION in networks else ())
+                + (_SEGMENTATION_METRICS if SEGMENTATION in networks else ()))
 
     def test_step(self, data):
         batch = self._unpack(data)
-        if self.mode != "segmentation_only":
+        networks = self.schedule.networks
+        if REGISTRATION in networks:
             _, terms = self._registration_losses(batch, self._registration_targets(batch),
                                                  training=False)
             self._update_trackers(terms)
-        if self.mode != "registration_only":
+        if SEGMENTATION in networks:
             _, terms = self._segmentation_losses(batch, self._segmentation_displacement(batch),
                                                  training=False)
             self._update_trackers(terms)
@@ -951,12 +952,13 @@ class DeepAtlas(keras.Model):
         """
         both = batch["moving_labelled"] * batch["fixed_labelled"]
         terms = {}
-        if self.mode != "segmentation_only":
+        networks = self.schedule.networks
+        if REGISTRATION in networks:
             out = self.registration_net([batch["moving"], batch["fixed"]], training=False)
             moved = spatial_ops.warp(batch["moving_labels"], out["displacement"],
                                      method="nearest")
             terms["warped_dice"] = (_present_mean_dice(batch["fixed_labels"], moved), both)
-        if self.mode != "registration_only":
+        if SEGMENTATION in networks:
             flags, labels, predictions = [], [], []
             for side in ("moving", "fixed"):
                 probabilities = self.segmentation_net(batch[side], training=False)

@@ -8,23 +8,24 @@ The data flow, one module per stage:
 * :mod:`~dazoo.training.synth`: :class:`LabelSynth`, images synthesised from label maps
   (SynthSeg-style), on the fly in the datasets;
 * :mod:`~dazoo.training.pairs`: :class:`PairDataset`, phase-aware (moving, fixed) batches;
-* :mod:`~dazoo.training.batch`: the batch contract (:data:`BATCH_KEYS`, :func:`make_batch`)
-  and the phase :class:`Schedule`, shared with the model;
 * :mod:`~dazoo.training.recipe`: a JSON :class:`Recipe` declaring a whole run;
 * :mod:`~dazoo.training.callbacks`: checkpoints that resume exactly, native-resolution
   validation that keeps the best checkpoint;
 * :mod:`~dazoo.training.engine`: :func:`train` (``dazoo train``), :func:`finetune`
   (``dazoo finetune``) and :func:`export` (``dazoo export``).
 
-Label tables (:class:`dazoo.labels.LabelMap`) are re-exported here. Names are imported lazily,
-so that the model can import the batch contract without importing the data code.
+The batch contract (:data:`~dazoo.batch.BATCH_KEYS`, :func:`~dazoo.batch.make_batch`) and the
+:class:`~dazoo.batch.Schedule` live one floor below, in :mod:`dazoo.batch`, shared with the
+model; they and the label tables (:class:`dazoo.labels.LabelMap`) are re-exported here. Names
+are imported on first use, so that ``import dazoo.training.recipe`` (the CLI's argument
+checks) does not import TensorFlow.
 """
 from __future__ import annotations
 
 import importlib
 
 _LAZY = {
-    "BATCH_KEYS": "batch", "Schedule": "batch", "make_batch": "batch",
+    "BATCH_KEYS": "dazoo.batch", "Schedule": "dazoo.batch", "make_batch": "dazoo.batch",
     "Subject": "subjects", "read_manifest": "subjects", "find_subjects": "subjects",
     "load_subjects": "subjects",
     "VolumeCache": "cache", "CachedSubject": "cache",
@@ -45,7 +46,9 @@ def __getattr__(name: str):
         return LabelMap
     if name not in _LAZY:
         raise AttributeError(f"module 'dazoo.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"dazoo.training.{_LAZY[name]}"), name)
+    module = _LAZY[name]
+    module = module if module.startswith("dazoo.") else f"dazoo.training.{module}"
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

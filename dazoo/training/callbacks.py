@@ -17,8 +17,8 @@ import keras
 import numpy as np
 
 from dazoo import io
+from dazoo.batch import REGISTRATION, SEGMENTATION, make_batch
 from dazoo.labels import LabelMap
-from dazoo.training.batch import make_batch
 
 __all__ = ["RunCheckpoint", "Validation", "Validator", "save_atomic", "steps_done"]
 
@@ -30,10 +30,10 @@ def _count(variable) -> int:
 
 def steps_done(model) -> int:
     """Training steps a DeepAtlas has made: the sum of its two optimizers' iterations (in
-    ``"simultaneous"`` mode, where each step updates both, the registration optimizer's)."""
-    if getattr(model, "mode", None) == "simultaneous":
-        return _count(model.reg_optimizer.iterations)
-    return _count(model.reg_optimizer.iterations) + _count(model.seg_optimizer.iterations)
+    ``"simultaneous"`` mode, where each step updates both, the registration optimizer's:
+    :meth:`dazoo.batch.Schedule.steps_done`)."""
+    return model.schedule.steps_done(_count(model.reg_optimizer.iterations),
+                                     _count(model.seg_optimizer.iterations))
 
 
 def save_atomic(model, path: str | os.PathLike) -> None:
@@ -110,8 +110,8 @@ class Validator:
                                        name="validation")
         ids = [int(i) for i in self.label_map.ids[1:]]
         scores: dict[str, float] = {}
-        registration = model.mode != "segmentation_only"
-        segmentation = model.mode != "registration_only"
+        registration = REGISTRATION in model.schedule.networks
+        segmentation = SEGMENTATION in model.schedule.networks
         if self.pairs:  # model grid, through DeepAtlas.test_step
             samples = [(self.entries[i].preprocessed.array, self.classes[i],
                         self.entries[j].preprocessed.array, self.classes[j])

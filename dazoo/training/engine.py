@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -36,6 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dazoo import __version__, io
+from dazoo.batch import REGISTRATION, SEGMENTATION, Schedule
 from dazoo.errors import DazooInputError
 from dazoo.labels import LabelMap, left_id
 from dazoo.training.recipe import Recipe, machine_precision, native_bfloat16, network_precisions
@@ -285,18 +285,19 @@ def _optimizer(spec: dict, steps: int):
             "sgd": keras.optimizers.SGD}[name](learning_rate=rate)
 
 
+def _schedule(recipe: Recipe) -> Schedule:
+    """The recipe's :class:`~dazoo.batch.Schedule` (``model.mode`` and cycle lengths)."""
+    spec = recipe["model"]
+    return Schedule(spec["mode"], spec["registration_steps"], spec["segmentation_steps"])
+
+
 def compile_model(model, recipe: Recipe) -> None:
     """``model.compile`` with the recipe's optimizers, schedules and losses."""
     from dazoo.losses import MSE, NCC
 
     steps = recipe["training"]["steps"]
-    spec = recipe["model"]
-    if spec["mode"] == "joint":
-        cycle = spec["registration_steps"] + spec["segmentation_steps"]
-        reg_steps = math.ceil(steps * spec["registration_steps"] / cycle)
-        seg_steps = math.ceil(steps * spec["segmentation_steps"] / cycle)
-    else:
-        reg_steps = seg_steps = steps
+    updates = _schedule(recipe).updates_in(steps)  # a network no step updates: any length
+    reg_steps, seg_steps = updates.get(REGISTRATION, steps), updates.get(SEGMENTATION, steps)
     losses = recipe["losses"]
     similarity = NCC(losses["ncc_window"]) if losses["similarity"] == "ncc" else MSE()
     model.compile(
@@ -452,8 +453,8 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                                                  f"registration), one of them real; found "
                                                  f"{len(train_subjects)} images and "
                                                  f"{len(label_maps)} label maps")
-        if not any(s.labels for s in train_subjects + label_maps) and c["model"]["mode"] != \
-                "registration_only":
+        if not any(s.labels for s in train_subjects + label_maps) and \
+                SEGMENTATION in _schedule(recipe).networks:
             raise DazooInputError(data["train"], "no training image has a label map: "
                                                  "segmentation needs at least 1")
         unlabelled_val = [s.name for s in val_subjects if s.labels is None]
@@ -655,9 +656,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
             parent_meta = get_preset(parent["path"]).metadata
         except DazooInputError:
             parent_meta = {}
-    tasks = {"joint": ["segmentation", "registration"],
-             "simultaneous": ["segmentation", "registration"], "registration_only": ["registration"],
-             "segmentation_only": ["segmentation"]}[model.mode]
+    tasks = [task for task in (SEGMENTATION, REGISTRATION) if task in model.schedule.networks]
     preprocess = json.loads((folder / "preprocess.json").read_text())
     labels = json.loads((folder / "labels.json").read_text())["classes"]
     summary = {}
@@ -767,7 +766,7 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     if freeze:
         model["mode"] = {"registration": "segmentation_only",
                          "segmentation": "registration_only"}[freeze[0]]
-    elif model.get("mode") not in (None, "joint", "simultaneous"):
+    elif Schedule(model.get("mode", "joint")).networks != {REGISTRATION, SEGMENTATION}:
         # A parent made by single-network training (e.g. brain v2's segmentation-only
         # fine-tuning) is still fine-tuned as DeepAtlas: --freeze chooses one network.
         model["mode"] = "joint"

@@ -1,7 +1,7 @@
 """Pair datasets for DeepAtlas: (moving, fixed) batches mixing labelled and unlabelled images.
 
 :class:`PairDataset` is a ``keras.utils.PyDataset``; every batch follows the contract of
-:mod:`dazoo.training.batch`.
+:mod:`dazoo.batch`.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from dazoo.batch import NETWORKS, SEGMENTATION, Schedule, make_batch
 from dazoo.errors import DazooInputError
 from dazoo.labels import LabelMap
 from dazoo.preprocess import Preprocessor
 from dazoo.training.augment import Augmentation
-from dazoo.training.batch import Schedule, make_batch
 from dazoo.training.cache import VolumeCache
 from dazoo.training.subjects import Subject
 from dazoo.training.synth import LabelSynth
@@ -31,7 +31,7 @@ class PairDataset(keras.utils.PyDataset):
     Batch ``i`` of epoch ``e`` is drawn from ``numpy.random.default_rng([seed, 0, e, i])``:
     the same seed gives the same batches, in any order and with any number of workers.
 
-    With a ``schedule`` (:class:`~dazoo.training.batch.Schedule`, e.g. ``model.schedule``),
+    With a ``schedule`` (:class:`~dazoo.batch.Schedule`, e.g. ``model.schedule``),
     batch ``i`` of epoch ``e`` is training step ``e * steps_per_epoch + i`` and the sampling
     follows its phase: a segmentation step draws pairs that hold at least one labelled
     image (on a random side), so that every segmentation step has a supervised target (so
@@ -140,13 +140,13 @@ class PairDataset(keras.utils.PyDataset):
         self.label_only = set(label_only)
         self.augment = augment
         self.schedule = schedule
-        unknown = sorted(set(augment_phases) - {"registration", "segmentation"})
+        unknown = sorted(set(augment_phases) - set(NETWORKS))
         if unknown:
             raise DazooInputError("dataset", f"unknown augment_phases {unknown}")
-        if schedule is None and set(augment_phases) != {"registration", "segmentation"}:
+        if schedule is None and set(augment_phases) != set(NETWORKS):
             raise DazooInputError("dataset", "augment_phases needs a schedule")
-        if (schedule is not None and schedule.mode == "simultaneous"
-                and set(augment_phases) not in (set(), {"registration", "segmentation"})):
+        if (schedule is not None and schedule.shared
+                and set(augment_phases) not in (set(), set(NETWORKS))):
             raise DazooInputError("dataset", "simultaneous training shares each batch between "
                                              "both networks: augment_phases must list both "
                                              "phases or none")
@@ -191,22 +191,23 @@ class PairDataset(keras.utils.PyDataset):
         """The training step that batch ``index`` of ``epoch`` (default: the current) is."""
         return (self.epoch if epoch is None else epoch) * self.steps_per_epoch + int(index)
 
-    def phase(self, index: int, epoch: int | None = None) -> str | None:
-        """The phase of batch ``index`` (None without a schedule)."""
-        return None if self.schedule is None else self.schedule.phase(self.step(index, epoch))
+    def updates(self, index: int, epoch: int | None = None) -> frozenset[str] | None:
+        """The networks that batch ``index``'s step updates (:meth:`Schedule.updates`; None
+        without a schedule)."""
+        return None if self.schedule is None else self.schedule.updates(self.step(index, epoch))
 
     def pairs(self, index: int, epoch: int | None = None) -> list[tuple[int, int]]:
         """The ``(moving, fixed)`` subject indices of batch ``index``."""
         rng = self._rng(index, epoch)
-        phase = self.phase(index, epoch)
-        return [self._pair(rng, phase) for _ in range(self.batch_size)]
+        updates = self.updates(index, epoch)
+        return [self._pair(rng, updates) for _ in range(self.batch_size)]
 
     def _rng(self, index, epoch):
         return np.random.default_rng([self.seed, 0, self.epoch if epoch is None else epoch, index])
 
-    def _pair(self, rng, phase=None) -> tuple[int, int]:
+    def _pair(self, rng, updates=None) -> tuple[int, int]:
         everyone = list(range(len(self.images)))
-        if phase in ("segmentation", "simultaneous") and self.labelled and len(self.labelled) < len(everyone):
+        if updates and SEGMENTATION in updates and self.labelled and len(self.labelled) < len(everyone):
             # Every segmentation step gets a supervised target: a labelled anchor, on either
             # side, with any other image.
             anchor = self._by_source(rng, list(self.labelled))
@@ -259,12 +260,11 @@ class PairDataset(keras.utils.PyDataset):
 
     def _batch(self, index: int, epoch: int) -> dict[str, np.ndarray]:
         rng = self._rng(index, epoch)
-        phase = self.phase(index, epoch)
-        augmented = (phase is None or phase in self.augment_phases
-                     or (phase == "simultaneous" and self.augment_phases))
+        updates = self.updates(index, epoch)
+        augmented = updates is None or bool(updates & set(self.augment_phases))
         augment = self.augment if augmented else None
         samples = []
-        for moving, fixed in [self._pair(rng, phase) for _ in range(self.batch_size)]:
+        for moving, fixed in [self._pair(rng, updates) for _ in range(self.batch_size)]:
             # Both images of a pair are mirrored or neither: the registration network never
             # sees a pair that only a reflection would align.
             flip = bool(augment.flip) and rng.random() < augment.flip if augment else None

@@ -367,7 +367,7 @@ class Recipe:
         if labels["unknown"] not in ("error", "background"):
             self._fail("labels.unknown must be \"error\" or \"background\"")
         model = c["model"]
-        from dazoo.training.batch import MODES
+        from dazoo.batch import MODES
 
         if model["mode"] not in MODES:
             self._fail(f"model.mode must be one of {list(MODES)}, got {model['mode']!r}")
