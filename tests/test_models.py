@@ -110,14 +110,13 @@ def test_segmentation_in_mixed_bfloat16_matches_float32_weights(tmp_path):
     np.testing.assert_array_equal(again.predict(image, verbose=0), plain)
 
 
-def test_configs_chain_keras_and_read_earlier_versions():
+def test_configs_chain_keras():
     net = SegmentationNet(SHAPE, 3)
     config = net.get_config()
     assert {"name", "trainable", "dtype"} <= set(config)  # from keras.Model.get_config
     assert "dtype" in RegistrationNet(SHAPE).get_config()
-    old = {k: v for k, v in config.items() if k != "dtype"}
-    old["compute_dtype"] = "mixed_bfloat16"  # a dazoo 0.1 config
-    assert SegmentationNet.from_config(old).get_layer("logits").compute_dtype == "bfloat16"
+    mixed = dict(config, dtype="mixed_bfloat16")
+    assert SegmentationNet.from_config(mixed).get_layer("logits").compute_dtype == "bfloat16"
 
 
 def test_bad_shapes_are_rejected():

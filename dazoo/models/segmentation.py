@@ -36,7 +36,6 @@ class SegmentationNet(keras.Model):
             AVX512-BF16); ``None`` uses the global policy. The softmax is always float32.
             The weights do not depend on it: a model trained in ``"mixed_bfloat16"`` loads
             its weights into the same network built with ``dtype="float32"``.
-            (``compute_dtype``, the name of earlier versions, is still accepted.)
 
     Example:
     >>> net = SegmentationNet((64, 64, 64), num_classes=5)
@@ -56,11 +55,8 @@ class SegmentationNet(keras.Model):
         in_channels: int = 1,
         dtype=None,
         name: str = "segmentation_net",
-        compute_dtype: str | None = None,
         **kwargs,
     ):
-        if compute_dtype is not None and dtype is None:  # configs of dazoo <= 0.1
-            dtype = compute_dtype
         dtype = None if dtype is None else keras.dtype_policies.get(dtype)
         inshape = tuple(int(n) for n in inshape)
         features = check_features(features, conv_per_level)

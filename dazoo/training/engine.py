@@ -186,7 +186,6 @@ def _precision_here(recipe: Recipe) -> tuple[Recipe, str | None]:
 
 
 def _segmentation_config(config: dict, num_classes: int, precision) -> dict:
-    config = {k: v for k, v in config.items() if k != "compute_dtype"}
     return dict(config, num_classes=int(num_classes),
                 dtype=network_precisions(precision)["segmentation"])
 
