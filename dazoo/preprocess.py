@@ -820,7 +820,10 @@ class Preprocessor:
         :func:`align_affine` with correlation: the outline of the anatomy, not its contrast.
         Measured on two Mindboggle subjects whose images are here: their cortical labels
         placed this way agree with the same labels placed through their images' alignment
-        at mean Dice 0.68-0.69 (a shift alone: 0.21-0.34). Otherwise the map is placed by
+        at mean Dice 0.68-0.69 (a shift alone: 0.21-0.34). Without a template and with
+        ``config.centre == "fov"``, the map is placed as :meth:`apply` places a scan on its
+        grid (the field of view's centre at the grid's centre: a knee map covering a DESS
+        field of view lands where that scan would). Otherwise the map is placed by
         position only, its foreground's centre of mass at the template's centre
         (``config.centre``), or at the grid's centre without a template. Used for label maps
         that training synthesises images from (:class:`dazoo.training.LabelSynth`, whose
@@ -844,6 +847,11 @@ class Preprocessor:
                                      Volume(fixed.astype(np.float32), template.affine,
                                             template.path),
                                      kind=self.config.alignment, metric="correlation")
+        elif template is None and self.config.centre == "fov":
+            # As apply() places a scan (the knee's field of view): the map's own field of
+            # view at the grid's centre, on its voxel lattice (an exact round trip).
+            affine = self.model_grid(volume)
+            alignment = np.eye(4)
         else:
             centre = volume.affine[:3, :3] @ foreground.mean(axis=0) + volume.affine[:3, 3]
             if template is not None:

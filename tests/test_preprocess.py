@@ -421,3 +421,27 @@ def test_label_map_without_image_is_aligned_by_its_foreground(tmp_path, make_aff
     # outline's alignment is within about a voxel (2 mm) of it.
     assert mean_dice(aligned) > 0.78  # measured 0.80; a shift alone 0.66
     assert mean_dice(shifted) < mean_dice(aligned) - 0.1
+
+
+def test_label_map_without_template_is_placed_by_its_field_of_view_like_its_scan(
+        tmp_path, make_affine):
+    """centre "fov", no template (the knee): a label map lands where apply() puts a scan on
+    the same grid, so a map covering a scan's field of view is not shifted by its anatomy's
+    centre of mass; on a grid of the map's own voxel size the round trip is exact."""
+    from dazoo.postprocess import labels_to_native
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((30, 40, 36), np.int16)
+    labels[2:12, 5:30, 4:20] = 1          # off-centre anatomy: its mass is not the FOV centre
+    labels[6:9, 10:14, 8:30] = 5
+    labels[rng.random(labels.shape) < 0.01] = 3
+    affine = make_affine("RAS", (1.5, 0.75, 0.75), labels.shape, centre=(10, -20, 5))
+    io.write_labels((labels, affine), tmp_path / "map.nii.gz")
+    config = _config(voxel_size=(1.5, 0.75, 0.75), shape=(32, 48, 48), centre="fov")
+    placed = pp.Preprocessor(config).apply_label_map(tmp_path / "map.nii.gz")
+    scan = pp.Preprocessor(config).apply((labels.astype(np.float32), affine))
+    to_native = scan.model_to_native
+    expected = ndi.affine_transform(labels, to_native[:3, :3], to_native[:3, 3],
+                                    output_shape=(32, 48, 48), order=0, cval=0)
+    np.testing.assert_array_equal(placed, expected)
+    np.testing.assert_array_equal(labels_to_native(placed, scan), labels)

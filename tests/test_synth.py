@@ -89,6 +89,31 @@ def test_groups_share_one_gaussian():
     assert sample.means[1] != sample.means[2]
 
 
+def test_priors_give_a_known_contrast_with_their_probability():
+    """priors: with prior_probability 1 every listed id draws its mean from its own range
+    (a DESS-like contrast); with 0 the draws are the generic ones, the same as without
+    priors (same seed, same sample)."""
+    labels = _label_map()
+    priors = {7: (0.9, 0.95), 42: (0.01, 0.02)}
+    always = LabelSynth(nonlinear=0, mean=(0.3, 0.6), priors=priors, prior_probability=1.0)
+    for seed in range(5):
+        sample = always.draw(labels, seed)
+        assert 0.9 <= sample.means[2] <= 0.95 and 0.01 <= sample.means[3] <= 0.02
+        assert 0.3 <= sample.means[1] <= 0.6  # id 3 is not listed: generic
+    never = LabelSynth(nonlinear=0, mean=(0.3, 0.6), priors=priors, prior_probability=0.0)
+    plain = LabelSynth(nonlinear=0, mean=(0.3, 0.6))
+    np.testing.assert_array_equal(never.draw(labels, 4).image, plain.draw(labels, 4).image)
+    half = LabelSynth(nonlinear=0, rotation=0, scale=0, shear=0, translation=0, blur=0,
+                      thickness=1, bias=0, noise=0, mean=(0.3, 0.6), priors=priors,
+                      prior_probability=0.5)
+    hits = sum(half.draw(labels, seed).means[2] >= 0.9 for seed in range(200))
+    assert 70 < hits < 130  # binomial(200, 0.5): 5 standard deviations either side
+    with pytest.raises(DazooInputError, match="priors"):
+        LabelSynth(priors={7: (0.8, 0.2)})
+    with pytest.raises(DazooInputError, match="prior_probability"):
+        LabelSynth(prior_probability=1.5)
+
+
 def test_labels_are_deformed_with_nearest_neighbour():
     labels = _label_map()
     sample = LabelSynth(nonlinear=3.0, rotation=10, scale=0.1).draw(labels, 1)

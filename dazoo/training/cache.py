@@ -56,8 +56,12 @@ class VolumeCache:
         if subject.image is None:  # a label map without an image
             # "aligned": placed by the foreground's alignment to the template (see
             # Preprocessor.apply_label_map), not by a shift as before (those keys unchanged).
-            parts = [self.preprocessor.fingerprint(), "label map"] + (
-                ["aligned"] if self.preprocessor.aligns_label_maps else []) + [
+            # "fov": placed by the map's field of view (centre "fov", no template).
+            pre = self.preprocessor
+            placed_by_fov = pre.template_path is None and pre.config.centre == "fov"
+            parts = [pre.fingerprint(), "label map"] + (
+                ["aligned"] if pre.aligns_label_maps else []) + (
+                ["fov"] if placed_by_fov else []) + [
                 _file_identity(subject.labels), repr(subject.relabel)]
             return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
         parts = [self.preprocessor.fingerprint(), _file_identity(subject.image)]

@@ -491,6 +491,11 @@ class Recipe:
                 options["groups"] = {int(k): v for k, v in options["groups"].items()}
             except (TypeError, ValueError):
                 self._fail("synth.groups must map label ids to group names")
+        if "priors" in options and isinstance(options["priors"], dict):
+            try:
+                options["priors"] = {int(k): tuple(v) for k, v in options["priors"].items()}
+            except (TypeError, ValueError):
+                self._fail("synth.priors must map label ids to [low, high] ranges")
         for key in ("mean", "std"):
             if isinstance(options.get(key), list):
                 options[key] = tuple(options[key])

@@ -102,6 +102,11 @@ class LabelSynth:
             around the labelled anatomy. 0 or 1: label 0 is one tissue.
         background_spacing: size of those regions (control-point spacing of the random
             fields whose argmax makes them), voxels.
+        priors: optional ``{id: (low, high)}``: a known contrast (e.g. a knee DESS scan:
+            bone marrow dark, cartilage bright). With probability ``prior_probability`` a
+            sample draws the mean of each listed id from its range instead of ``mean``
+            (each id on its own, whatever its group); unlisted ids stay random.
+        prior_probability: probability of a sample with the ``priors`` contrast.
         blur: maximum partial-volume blur (Gaussian sigma, voxels, per axis).
         thickness: maximum simulated slice thickness along a random axis, voxels (1: off).
         bias: maximum standard deviation of the log bias field's control values.
@@ -123,6 +128,8 @@ class LabelSynth:
     zero_background: float = 0.0
     background: int = 0
     background_spacing: float = 12.0
+    priors: Mapping[int, tuple[float, float]] | None = None
+    prior_probability: float = 0.0
     blur: float = 1.0
     thickness: float = 3.0
     bias: float = 0.3
@@ -138,6 +145,17 @@ class LabelSynth:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not np.isfinite(value) or value < 0:
                 raise DazooInputError("synth", f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(self.prior_probability, bool) \
+                or not isinstance(self.prior_probability, (int, float)) \
+                or not 0 <= self.prior_probability <= 1:
+            raise DazooInputError("synth", f"prior_probability must be in [0, 1], got "
+                                           f"{self.prior_probability!r}")
+        for key, span in (self.priors or {}).items():
+            low, high = (float(v) for v in span)
+            if isinstance(key, bool) or not isinstance(key, (int, np.integer)) \
+                    or not (np.isfinite(low) and np.isfinite(high) and 0 <= low <= high):
+                raise DazooInputError("synth", f"priors must map label ids to ranges "
+                                               f"0 <= low <= high, got {key!r}: {span!r}")
         if self.scale >= 1 or self.zero_background > 1:
             raise DazooInputError("synth", "needs scale < 1 and zero_background <= 1")
         if self.nonlinear_spacing < 2 or self.bias_spacing < 2 or self.thickness < 1:
@@ -261,6 +279,10 @@ class LabelSynth:
         drawn = {key: (rng.uniform(*self.mean), rng.uniform(*self.std)) for key in keys}
         means = np.array([drawn[groups[int(i)]][0] for i in ids], np.float32)
         stds = np.array([drawn[groups[int(i)]][1] for i in ids], np.float32)
+        if self.priors and self.prior_probability and rng.random() < self.prior_probability:
+            for position, i in enumerate(ids.tolist()):
+                if i in self.priors:
+                    means[position] = rng.uniform(*self.priors[i])
         if 0 in groups and rng.random() < self.zero_background:
             position = int(np.searchsorted(ids, 0))
             means[position] = stds[position] = 0.0

@@ -1,0 +1,109 @@
+"""The knee v2 recipe's validation set: held-out OAI label maps with images synthesised on
+their own native grid.
+
+The OAI maps have no images. For validation, each held-out map gets one image synthesised
+once, with a fixed seed, on its own 160 x 384 x 384 DESS grid (``dazoo.training.LabelSynth``
+with no spatial change, so the map stays the exact truth): per-structure contrast (DESS-like
+for even-numbered maps, generic for odd ones), the background split into tissues, blur,
+thicker slices, bias and noise. The validator of ``dazoo train`` then segments the image like
+any scan and scores it against the map at native resolution, and registers validation pairs.
+
+The split is by subject (both time points of an OAI_AKOA subject on the same side):
+``--akoa`` subjects with two time points and ``--zib`` single subjects, a seeded choice.
+Writes ``OUT/<name>/image.nii.gz``, ``OUT/<name>/labels.nii.gz`` (lesion ids 7/8/9 merged into
+femur/tibia/patella) and ``OUT/validation.csv`` (name,image,labels), and prints the training
+maps (the others) as JSON for the recipe's ``data.label_maps``.
+
+    python examples/knee/make_validation.py ../shared/data/oai-knee-labels \
+        -o work_cache/knee_v2/validation
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+#: Bone lesions (ids 7-9) lie in femur, tibia and patella (checked on the 55 maps: the
+#: voxels around id 7 are femur, 8 tibia, 9 patella): the recipe's relabel is the same.
+LESIONS = {7: 1, 8: 3, 9: 5}
+
+#: DESS-like contrast (water excitation: bone marrow dark, cartilage bright), the recipe's
+#: ``synth.priors``.
+DESS = {1: (0.05, 0.3), 3: (0.05, 0.3), 5: (0.05, 0.3),
+        2: (0.5, 0.9), 4: (0.5, 0.9), 6: (0.5, 0.9)}
+
+
+def subject_of(path: str) -> str:
+    """OAI_AKOA_<subject>_<month> -> OAI_AKOA_<subject>; OAI_ZIB-UQ_<subject> unchanged."""
+    name = os.path.basename(path).split(".")[0]
+    return re.sub(r"_\d+m$", "", name)
+
+
+def split(files, akoa: int, zib: int, seed: int):
+    subjects = sorted({subject_of(f) for f in files})
+    rng = np.random.default_rng(seed)
+    paired = [s for s in subjects if s.startswith("OAI_AKOA")]
+    single = [s for s in subjects if not s.startswith("OAI_AKOA")]
+    held = set(rng.choice(paired, akoa, replace=False)) | set(rng.choice(single, zib,
+                                                                         replace=False))
+    validation = [f for f in files if subject_of(f) in held]
+    return [f for f in files if f not in validation], validation
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("maps", help="folder of OAI knee label maps (oai-knee-labels)")
+    parser.add_argument("-o", "--out", required=True)
+    parser.add_argument("--akoa", type=int, default=3, help="held-out two-time-point subjects")
+    parser.add_argument("--zib", type=int, default=3, help="held-out single subjects")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import nibabel as nib
+
+    from dazoo.training import LabelSynth
+
+    files = sorted(glob.glob(os.path.join(args.maps, "OAI_*.nii*")))
+    if not files:
+        print(f"{args.maps}: no OAI_*.nii.gz label maps", file=sys.stderr)
+        return 2
+    train, validation = split(files, args.akoa, args.zib, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for k, path in enumerate(validation):
+        name = os.path.basename(path).split(".")[0]
+        image = nib.load(path)
+        labels = np.asarray(image.dataobj).astype(np.int16)
+        for lesion, bone in LESIONS.items():
+            labels[labels == lesion] = bone
+        synth = LabelSynth(rotation=0, scale=0, shear=0, translation=0, nonlinear=0,
+                           std=(0.0, 0.06), background=8, background_spacing=24,
+                           blur=1.0, thickness=2.2, bias=0.3, noise=0.03, gamma=0.2,
+                           priors=DESS, prior_probability=1.0 if k % 2 == 0 else 0.0)
+        sample = synth.draw(labels, np.random.default_rng(1000 + args.seed * 100 + k))
+        assert np.array_equal(sample.labels, labels)
+        folder = os.path.join(args.out, name)
+        os.makedirs(folder, exist_ok=True)
+        nib.save(nib.Nifti1Image(sample.image, image.affine),
+                 os.path.join(folder, "image.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, image.affine), os.path.join(folder, "labels.nii.gz"))
+        rows.append((name, os.path.abspath(os.path.join(folder, "image.nii.gz")),
+                     os.path.abspath(os.path.join(folder, "labels.nii.gz"))))
+        print(f"{name}: {'DESS-like' if k % 2 == 0 else 'generic'} contrast, slices "
+              f"{sample.thickness:.2f} voxels along axis {sample.axis}", file=sys.stderr)
+    with open(os.path.join(args.out, "validation.csv"), "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["name", "image", "labels"])
+        writer.writerows(rows)
+    print(json.dumps({"validation": [r[0] for r in rows],
+                      "train_maps": [os.path.basename(f) for f in train]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
