@@ -101,7 +101,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
     if not inference_only and mode == "simultaneous":
         result["mode"] = mode
         model = DeepAtlas(reg, seg, mode="simultaneous")
-        model.fused_segmentation = fused
+        model.objective.fast = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4), recompute=recompute)
         timings = []
@@ -118,7 +118,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
     elif not inference_only:
         result["mode"] = "joint"
         model = DeepAtlas(reg, seg, registration_steps=1, segmentation_steps=1)
-        model.fused_segmentation = fused
+        model.objective.fast = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4), recompute=recompute)
         times = {True: [], False: []}
@@ -306,9 +306,11 @@ def main(argv=None):
                              "and one segmentation step), simultaneous (one step updating both "
                              "networks from shared passes)")
     parser.add_argument("--fused", default="on", choices=("on", "off"),
-                        help="segmentation losses from the segmenter's features in chunks "
-                             "(dazoo.ops.softmax_class_sums; default on) or from its full "
-                             "probability maps (off: the comparison)")
+                        help="the objective's fast paths (segmentation losses from the "
+                             "segmenter's features in chunks, dazoo.ops.softmax_class_sums; "
+                             "label-overlap sums; default on) or the plain computation from "
+                             "full probability and one-hot maps (off: the comparison; "
+                             "Objective(fast=False))")
     parser.add_argument("--norm", default="keras",
                         help="comma-separated: keras (Keras's GroupNormalization, what the "
                              "U-Net uses; default), lean (dazoo.layers.GroupNormalization, "

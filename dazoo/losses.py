@@ -271,6 +271,16 @@ class SoftDice(keras.losses.Loss):
         scores = soft_dice_scores(y_true, y_pred, include_background=self.include_background)
         return 1.0 - ops.mean(scores, axis=-1)
 
+    def from_sums(self, intersection, true_sum, pred_sum):
+        """The per-sample loss from its per-class sums ``(batch, K)``: the intersection
+        ``sum y_true * y_pred``, ``sum y_true`` and ``sum y_pred`` (the fast paths of
+        :class:`dazoo.models.objective.Objective`, which build the sums without the
+        ``K``-channel maps)."""
+        dice = dice_from_sums(intersection, true_sum, pred_sum)
+        if not self.include_background:
+            dice = dice[:, 1:]
+        return 1.0 - ops.mean(dice, axis=-1)
+
     def get_config(self):
         return {**super().get_config(), "include_background": self.include_background}
 
@@ -316,6 +326,11 @@ class DiceCE(keras.losses.Loss):
         self._dice = SoftDice(include_background)
         self._ce = CrossEntropy()
 
+    @property
+    def epsilon(self) -> float:
+        """The cross-entropy's clipping of probabilities (``[epsilon, 1]`` before the log)."""
+        return self._ce.epsilon
+
     def call(self, y_true, y_pred):
         return (self.dice_weight * self._dice.call(y_true, y_pred)
                 + self.ce_weight * self._ce.call(y_true, y_pred))
@@ -341,7 +356,7 @@ class DiceCE(keras.losses.Loss):
         valid = ops.cast(ops.logical_and(classes >= 0, classes < k), "float32")
         classes = ops.clip(classes, 0, k - 1)
         at_label = ops.take_along_axis(probabilities, classes[..., None], axis=2)[..., 0]
-        log_p = ops.log(ops.clip(at_label, self._ce.epsilon, 1.0))
+        log_p = ops.log(ops.clip(at_label, self.epsilon, 1.0))
         return self.from_sums(class_sums(at_label * valid, classes, k),
                               class_sums(valid, classes, k), ops.sum(probabilities, axis=1),
                               ops.mean(log_p * valid, axis=-1))

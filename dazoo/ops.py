@@ -31,6 +31,7 @@ __all__ = [
     "rescale_displacement",
     "warped_label_overlap",
     "warped_one_hot",
+    "class_scatter",
     "warp_adjoint_labels",
     "leaky_relu",
     "instance_norm",
@@ -661,7 +662,7 @@ def _unflatten(outputs, inputs):
     return total, sparse, dense, weighted, log_likelihood
 
 
-def _class_scatter(values, labels, num_classes):
+def class_scatter(values, labels, num_classes):
     """``(batch, K)`` sums of ``values`` ``(batch, n, M)`` in ``[0, 1]`` (probabilities times
     interpolation weights) per label ``labels`` (same shape), by :func:`_unit_segment_sum`."""
     batch = ops.shape(labels)[0]
@@ -689,7 +690,7 @@ def _chunk_sums(probabilities, inputs, start, stop):
         labels = ops.clip(labels[:, start:stop], 0, k - 1)
         weights = weights[:, start:stop]
         at = ops.take_along_axis(probabilities, labels, axis=2)
-        out.append(_class_scatter(at * weights, labels, k))
+        out.append(class_scatter(at * weights, labels, k))
     if inputs.dense is not None:
         out.append(ops.sum(probabilities * inputs.dense[:, start:stop], axis=1))
     if inputs.weight is not None:

@@ -17,8 +17,10 @@ K-channel warp), and ``P_fixed`` the segmenter's probabilities of the fixed imag
 without voxels in both are left out). The result stays an integrated velocity:
 diffeomorphic up to discretisation, as the network's own output.
 
-Gradients come from the backend (TensorFlow ``GradientTape``, torch autograd or
-``jax.grad``); the Adam update is plain NumPy-free tensor code.
+Gradients come from :func:`dazoo.backend.value_and_grad` (TensorFlow ``GradientTape``, torch
+autograd or ``jax.grad``); the similarity and smoothness terms are the registration loss's
+own (:func:`dazoo.models.objective.image_terms`); the Adam update is plain NumPy-free
+tensor code.
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from dazoo import backend
 from dazoo import ops as dops
 from dazoo.losses import NCC, Grad, dice_from_sums
+from dazoo.models.objective import image_terms
 
 __all__ = ["refine_velocity"]
 
@@ -41,8 +45,8 @@ def _loss_terms(velocity, moving, fixed, moving_classes, fixed_probs, *, int_ste
     if int_resolution > 1:
         displacement = dops.rescale_displacement(displacement, int_resolution)
     moved = dops.warp(moving, displacement)
-    similarity = ops.mean(ncc.call(fixed, moved))
-    smooth = ops.mean(Grad("l2").call(velocity, velocity))
+    similarity, smooth = image_terms(ncc, Grad("l2"), fixed, moved, velocity)
+    similarity, smooth = ops.mean(similarity), ops.mean(smooth)
     total = similarity + smoothness * smooth
     overlap = ops.zeros(())
     if anatomy:
@@ -66,39 +70,12 @@ _STEPS: dict = {}
 
 
 def _value_and_grad(function, compiled: bool = True, key=None):
-    """``f(x, *data) -> (loss, aux)`` to ``(x, *data) -> ((loss, aux), d loss / d x)`` on
-    this backend (``compiled``: a traced TensorFlow graph or jitted JAX function, kept in
-    :data:`_STEPS` under ``key`` when given; eager otherwise)."""
-    backend = keras.backend.backend()
-    cache_key = None if key is None or not compiled else (backend, key)
+    """:func:`dazoo.backend.value_and_grad`, kept in :data:`_STEPS` under ``key`` (with the
+    backend) when compiled."""
+    cache_key = None if key is None or not compiled else (keras.backend.backend(), key)
     if cache_key is not None and cache_key in _STEPS:
         return _STEPS[cache_key]
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        def step(x, *data):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss, aux = function(x, *data)
-            return (loss, aux), tape.gradient(loss, x)
-
-        step = tf.function(step, reduce_retracing=True) if compiled else step
-    elif backend == "torch":
-        import torch
-
-        def step(x, *data):
-            x = x.detach().requires_grad_(True)
-            loss, aux = function(x, *data)
-            (grad,) = torch.autograd.grad(loss, [x])
-            return (loss.detach(), tuple(a.detach() for a in aux)), grad
-    elif backend == "jax":
-        import jax
-
-        grad_fn = jax.value_and_grad(function, has_aux=True)
-        step = jax.jit(grad_fn) if compiled else grad_fn
-    else:
-        raise NotImplementedError(f"refinement needs the tensorflow, torch or jax backend, "
-                                  f"not {backend}")
+    step = backend.value_and_grad(function, compiled=compiled)
     if cache_key is not None:
         _STEPS[cache_key] = step
     return step

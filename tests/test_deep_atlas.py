@@ -251,25 +251,51 @@ def test_label_overlap_path_gives_the_same_losses_and_gradients(batch):
     """The fast anatomy path (manual moving labels) equals warping the one-hot channels."""
     import tensorflow as tf
 
-    from dazoo.losses import SoftDice
-
-    class SlowSoftDice(SoftDice):  # a subclass: DeepAtlas takes the generic path
-        pass
-
     data = dict(batch, moving_labelled=np.ones(2, np.float32))
     results = []
-    for anatomy in (SoftDice(False), SlowSoftDice(False)):
+    for fast in (True, False):
         keras.utils.set_random_seed(3)
-        model = _model(anatomy_loss=anatomy)
-        unpacked = model._unpack(data)
-        targets = model._registration_targets(unpacked)
+        model = _model()
+        model.objective.fast = fast
+        unpacked = model.objective.unpack(data)
+        targets = model.objective.registration_targets(unpacked)
         variables = model.registration_net.trainable_variables
         with tf.GradientTape() as tape:
-            total, terms = model._registration_losses(unpacked, targets, training=False)
+            total, terms = model.objective.registration_loss(unpacked, targets, training=False)
         results.append((float(terms["reg_anatomy"]), tape.gradient(total, variables)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for fast, slow in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-3, atol=1e-6)
+
+
+def test_fast_paths_are_chosen_by_capability_not_by_exact_type(batch):
+    """A loss subclass that only renames keeps the fast path (same values); one that
+    changes ``call`` is computed through its own ``call``, not the parent's sums."""
+    from dazoo.losses import DiceCE, SoftDice
+    from dazoo.models.objective import has_fast_path
+
+    class Renamed(SoftDice):
+        pass
+
+    class Doubled(SoftDice):
+        def call(self, y_true, y_pred):
+            return 2.0 * super().call(y_true, y_pred)
+
+    assert has_fast_path(Renamed(False), "from_sums")
+    assert not has_fast_path(Doubled(False), "from_sums")
+    assert has_fast_path(DiceCE(), "call_on_classes") and has_fast_path(DiceCE(), "from_sums")
+    data = dict(batch, moving_labelled=np.ones(2, np.float32))
+    anatomy = {}
+    for loss in (SoftDice(False), Renamed(False), Doubled(False)):
+        keras.utils.set_random_seed(3)
+        model = _model(anatomy_loss=loss)
+        unpacked = model.objective.unpack(data)
+        targets = model.objective.registration_targets(unpacked)
+        _, terms = model.objective.registration_loss(unpacked, targets, training=False)
+        anatomy[type(loss).__name__] = float(terms["reg_anatomy"])
+    assert anatomy["SoftDice"] > 0.05
+    assert anatomy["Renamed"] == anatomy["SoftDice"]
+    assert anatomy["Doubled"] == pytest.approx(2 * anatomy["SoftDice"], rel=1e-5)
 
 
 @pytest.mark.parametrize("labelled", [[True, False], [False, True]],
@@ -281,26 +307,23 @@ def test_segmentation_anatomy_without_k_channel_warps_equals_the_warp(batch, mon
     import tensorflow as tf
 
     from dazoo import ops as dops
-    from dazoo.losses import SoftDice
-
-    class SlowSoftDice(SoftDice):  # a subclass: DeepAtlas warps the prediction
-        pass
 
     data = dict(batch, moving_labelled=np.array([labelled[0]] * 2, np.float32),
                 fixed_labelled=np.array([labelled[1]] * 2, np.float32))
     results = []
-    for anatomy in (SoftDice(False), SlowSoftDice(False)):
+    for fast in (True, False):
         keras.utils.set_random_seed(4)
-        model = _model(anatomy_loss=anatomy)
+        model = _model()
+        model.objective.fast = fast  # False: the prediction or the one-hot labels are warped
         with monkeypatch.context() as patch:
-            if isinstance(anatomy, SlowSoftDice):
+            if not fast:
                 patch.setattr(dops, "warped_one_hot", lambda labels, u, k: dops.warp(
                     keras.ops.one_hot(labels, k), u))
-            unpacked = model._unpack(data)
-            displacement = model._segmentation_displacement(unpacked)
+            unpacked = model.objective.unpack(data)
+            displacement = model.objective.segmentation_displacement(unpacked)
             variables = model.segmentation_net.trainable_variables
             with tf.GradientTape() as tape:
-                total, terms = model._segmentation_losses(unpacked, displacement, training=False)
+                total, terms = model.objective.segmentation_loss(unpacked, displacement, training=False)
             results.append((float(terms["seg_anatomy"]), tape.gradient(total, variables)))
     assert results[0][0] > 0.05
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
@@ -328,19 +351,19 @@ def test_simultaneous_gradients_equal_both_phases_from_the_same_weights(batch):
 
     keras.utils.set_random_seed(5)
     model = _simultaneous_model("simultaneous")
-    data = model._unpack(batch)
+    data = model.objective.unpack(batch)
     reg_vars = model.registration_net.trainable_variables
     seg_vars = model.segmentation_net.trainable_variables
     with tf.GradientTape() as tape:
-        reg_total, reg_terms = model._registration_losses(
-            data, model._registration_targets(data), training=True)
+        reg_total, reg_terms = model.objective.registration_loss(
+            data, model.objective.registration_targets(data), training=True)
     reg_grads = tape.gradient(reg_total, reg_vars)
-    displacement = model._segmentation_displacement(data)
+    displacement = model.objective.segmentation_displacement(data)
     with tf.GradientTape() as tape:
-        seg_total, seg_terms = model._segmentation_losses(data, displacement, training=True)
+        seg_total, seg_terms = model.objective.segmentation_loss(data, displacement, training=True)
     seg_grads = tape.gradient(seg_total, seg_vars)
     with tf.GradientTape() as tape:
-        both_reg, both_seg, terms = model._simultaneous_losses(data)
+        both_reg, both_seg, terms = model.objective.simultaneous_loss(data)
         total = both_reg + both_seg
     both = tape.gradient(total, reg_vars + seg_vars)
     assert float(seg_terms["seg_anatomy"]) > 0.05 and float(reg_terms["reg_anatomy"]) > 0.05
@@ -378,15 +401,15 @@ def test_fused_segmentation_losses_equal_the_probability_maps(batch, monkeypatch
                 fixed_labelled=np.array([labelled[1], 0.0], np.float32))
     keras.utils.set_random_seed(6)
     model = _simultaneous_model("joint")
-    unpacked = model._unpack(data)
-    displacement = model._segmentation_displacement(unpacked)
+    unpacked = model.objective.unpack(data)
+    displacement = model.objective.segmentation_displacement(unpacked)
     variables = model.segmentation_net.trainable_variables
     results = []
     for fused in (True, False):
-        model.fused_segmentation = fused
-        assert model._fused_segmentation() == fused
+        model.objective.fast = fused  # off: the plain losses on the probability maps
+        assert model.objective.fused == fused
         with tf.GradientTape() as tape:
-            total, terms = model._segmentation_losses(unpacked, displacement, training=True)
+            total, terms = model.objective.segmentation_loss(unpacked, displacement, training=True)
         results.append((terms, tape.gradient(total, variables)))
     (fast, fast_grads), (slow, slow_grads) = results
     assert float(slow["seg_anatomy"]) > 0.05 and float(slow["seg_supervised"]) > 0.05

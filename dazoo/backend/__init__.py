@@ -1,0 +1,75 @@
+"""The one place where training code meets the backend (as Keras keeps
+``backend/{tensorflow,torch,jax}/trainer.py``).
+
+Everything above this package is backend-neutral ``keras.ops`` code; what autograd and
+``tf.distribute`` need is here, one module per backend plus the distribution helpers:
+
+- :func:`gradients` ``(loss_fns, variables, after=())``: the summed gradient of several loss
+  functions, taken one after the other (only one function's activations alive at a time),
+  used by both DeepAtlas training modes;
+- :func:`apply` ``(optimizer, gradients, variables)``: an optimizer update outside autograd;
+- :func:`value_and_grad` ``(function, compiled, key)``: ``x -> ((loss, aux), dloss/dx)`` for
+  test-time refinement (TensorFlow ``GradientTape``, torch autograd, ``jax.grad``);
+- :func:`no_grad`: a context without autograd recording (torch), a no-op elsewhere;
+- :mod:`dazoo.backend.distribute`: the ``tf.distribute`` workarounds (replica counts, global
+  batch counts, multi-worker logs).
+
+DeepAtlas training runs on TensorFlow and torch (JAX: refinement only).
+"""
+from __future__ import annotations
+
+import importlib
+
+import keras
+
+from dazoo.backend import distribute
+
+__all__ = ["gradients", "apply", "value_and_grad", "no_grad", "distribute", "name"]
+
+_MODULES = {"tensorflow": "dazoo.backend.tensorflow", "torch": "dazoo.backend.torch",
+            "jax": "dazoo.backend.jax"}
+
+
+def name() -> str:
+    """The Keras backend in use."""
+    return keras.backend.backend()
+
+
+def _module(what: str):
+    backend = name()
+    if backend not in _MODULES:
+        raise NotImplementedError(f"{what} supports the tensorflow, torch and jax backends, "
+                                  f"not {backend!r}")
+    return importlib.import_module(_MODULES[backend])
+
+
+def gradients(loss_fns, variables, *, after=()):
+    """``(gradients, parts)``: the gradient of the sum of ``loss_fns`` w.r.t. ``variables``.
+
+    Each function returns ``(total, terms)`` (``parts`` lists them in order); their gradients
+    are taken one after the other and summed, so only one function's activations are alive
+    at a time. On TensorFlow, explicit control dependencies enforce that order and start the
+    first function only once the tensors ``after`` (e.g. a fixed network's outputs) exist:
+    otherwise the graph executor may run independent passes side by side and hold all their
+    activations at once. A variable that no loss reaches gets ``None`` (TensorFlow) or its
+    ``.grad`` (torch).
+    """
+    return _module("DeepAtlas training").gradients(loss_fns, variables, after=after)
+
+
+def apply(optimizer, grads, variables) -> None:
+    """``optimizer.apply(grads, variables)`` outside autograd recording."""
+    with no_grad():
+        optimizer.apply(grads, variables)
+
+
+def value_and_grad(function, *, compiled: bool = True):
+    """``f(x, *data) -> (loss, aux)`` as ``(x, *data) -> ((loss, aux), d loss / d x)``;
+    ``compiled``: a traced TensorFlow graph or jitted JAX function (eager otherwise)."""
+    return _module("refinement").value_and_grad(function, compiled=compiled)
+
+
+def no_grad():
+    """``torch.no_grad()`` on the torch backend (no graph kept for a fixed network's pass);
+    a no-op elsewhere (TensorFlow records nothing outside a tape, JAX nothing outside grad)."""
+    return _module("no_grad").no_grad()

@@ -1,0 +1,37 @@
+"""TensorFlow: gradients with ``tf.GradientTape``."""
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+
+def gradients(loss_fns, variables, *, after=()):
+    """See :func:`dazoo.backend.gradients`."""
+    parts, total = [], None
+    dependencies = [t for t in keras.tree.flatten(after) if t is not None]
+    for loss_fn in loss_fns:
+        with tf.control_dependencies(dependencies):
+            with tf.GradientTape() as tape:
+                parts.append(loss_fn())
+            part = tape.gradient(parts[-1][0], variables)
+        dependencies = [g for g in part if g is not None]
+        total = part if total is None else [
+            g if h is None else (h if g is None else g + h) for g, h in zip(total, part)]
+    return total, parts
+
+
+def value_and_grad(function, *, compiled: bool = True):
+    """See :func:`dazoo.backend.value_and_grad`."""
+    def step(x, *data):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss, aux = function(x, *data)
+        return (loss, aux), tape.gradient(loss, x)
+
+    return tf.function(step, reduce_retracing=True) if compiled else step
+
+
+def no_grad():
+    return contextlib.nullcontext()
