@@ -30,7 +30,7 @@ import scipy.ndimage as ndi
 
 from dazoo.errors import DazooInputError
 from dazoo.io import Source, Volume, read_image, read_labels
-from dazoo.preprocess import Preprocessed, _snap
+from dazoo.preprocess import Preprocessed, snap
 
 __all__ = ["labels_to_native", "image_to_native", "displacement_to_world", "warp_native"]
 
@@ -197,7 +197,7 @@ def _native_box(pre: Preprocessed):
         return None, None
     shift = np.eye(4)
     shift[:3, 3] = low
-    return list(zip(low.tolist(), high.tolist())), _snap(pre.native_to_model @ shift)
+    return list(zip(low.tolist(), high.tolist())), snap(pre.native_to_model @ shift)
 
 
 def displacement_to_world(
@@ -293,7 +293,7 @@ def warp_native(
         raise DazooInputError("displacement", f"must be (X, Y, Z, 3), got {field.shape}")
     volume = _read_moving(moving, order)
     to_voxel = np.linalg.inv(volume.affine)
-    voxel_of_grid = _snap(to_voxel @ np.asarray(fixed_grid_affine, dtype=float))
+    voxel_of_grid = snap(to_voxel @ np.asarray(fixed_grid_affine, dtype=float))
     source = volume.array if order == 0 else volume.array.astype(np.float32, copy=False)
     if order > 1:
         source = ndi.spline_filter(source, order=order, output=np.float32)

@@ -370,8 +370,8 @@ def test_mirror_auto_aligns_a_mirrored_image_and_maps_back(tmp_path, make_affine
     assert np.abs(out.array - expected).mean() < 0.02 * expected.max()
     plain = pre.apply((phantom_function(points).astype(np.float32), native))
     assert np.linalg.det(plain.alignment[:3, :3]) > 0
-    score = pp.alignment_score(pp.read_image((mirrored, native)), pre.template, out.alignment)
-    unmirrored = pp.alignment_score(pp.read_image((mirrored, native)), pre.template,
+    score = pp.alignment_score(io.read_image((mirrored, native)), pre.template, out.alignment)
+    unmirrored = pp.alignment_score(io.read_image((mirrored, native)), pre.template,
                                     plain.alignment)
     assert score > 0.95 and unmirrored < score
     # Labels of the mirrored image (the label phantom, mirrored) on the model grid are the
