@@ -76,17 +76,10 @@ def benchmark_batch(shape, classes):
 
 
 def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="joint",
-             fused=True, norm="keras", recompute=0):
+             fused=True, recompute=0):
     import keras
 
     from dazoo import DeepAtlas, RegistrationNet, SegmentationNet
-
-    if norm == "lean":  # dazoo's instance normalisation (written-out backward pass); this
-        # job runs in its own process, so the U-Net's keras.layers.GroupNormalization can be
-        # swapped for it here (same weight names)
-        import dazoo.layers
-
-        keras.layers.GroupNormalization = dazoo.layers.GroupNormalization
 
     batch = benchmark_batch(shape, classes)
     reg = RegistrationNet(shape, dtype="mixed_bfloat16" if precision == "mixed_bfloat16"
@@ -96,7 +89,7 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
         seg_options.update(features=VOXELMORPH_FEATURES, normalization=None)
     seg = SegmentationNet(shape, classes, **seg_options)
     result = {"shape": "x".join(map(str, shape)), "classes": classes, "precision": precision,
-              "segmenter": segmenter, "norm": norm, "recompute": recompute}
+              "segmenter": segmenter, "recompute": recompute}
 
     if not inference_only and mode == "simultaneous":
         result["mode"] = mode
@@ -162,16 +155,15 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
 def _child(args):
     shape = tuple(int(n) for n in args.child.split("x"))
     result = _measure(shape, int(args.classes), args.steps, args.precision, args.segmenter,
-                      args.inference, args.mode, args.fused == "on", args.norm,
-                      int(args.recompute))
+                      args.inference, args.mode, args.fused == "on", int(args.recompute))
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def _run_child(shape, classes, precision, segmenter, args, inference, mode="joint",
-               norm="keras", recompute=0):
+               recompute=0):
     cmd = [sys.executable, __file__, "--child", shape, "--classes", str(classes),
            "--steps", str(args.steps), "--precision", precision, "--segmenter", segmenter,
-           "--mode", mode, "--fused", args.fused, "--norm", norm, "--recompute", str(recompute)]
+           "--mode", mode, "--fused", args.fused, "--recompute", str(recompute)]
     if inference:
         cmd.append("--inference")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -195,7 +187,7 @@ def _run_child(shape, classes, precision, segmenter, args, inference, mode="join
                    + ", ".join(f"{p['phase']} {p['seconds']:.1f} s" for p in progress)
                    + f"; peak {max(p['peak_rss_gib'] for p in progress):.1f} GiB before that")
     return {"shape": shape, "classes": classes, "precision": precision,
-            "segmenter": segmenter, "mode": mode, "norm": norm, "recompute": recompute,
+            "segmenter": segmenter, "mode": mode, "recompute": recompute,
             "error": reason}
 
 
@@ -233,8 +225,6 @@ def _table(rows):
             lines.append(f"| {name} | {body} |")
             continue
         mode = r.get("mode", "inference" if "inference_s" in r else "joint")
-        if r.get("norm", "keras") != "keras":
-            mode += f" ({r['norm']} norm)"
         if r.get("recompute"):
             mode += f" (recompute {r['recompute']})"
         head = (f"| {r['shape']} | {r['classes']} | {r['precision']} | {r['segmenter']} "
@@ -268,8 +258,8 @@ def _with_ratios(references, measured):
             row["reference_drift"] = values[-1] / values[0]
         rows.append(row)
     rows += [r for r in references if "error" in r]
-    same = ("precision", "segmenter", "mode", "norm", "recompute")
-    defaults = {"mode": "joint", "norm": "keras", "recompute": 0}
+    same = ("precision", "segmenter", "mode", "recompute")
+    defaults = {"mode": "joint", "recompute": 0}
     for row in measured:
         row = dict(row)
         if "joint_step_s" in row:
@@ -311,10 +301,6 @@ def main(argv=None):
                              "label-overlap sums; default on) or the plain computation from "
                              "full probability and one-hot maps (off: the comparison; "
                              "Objective(fast=False))")
-    parser.add_argument("--norm", default="keras",
-                        help="comma-separated: keras (Keras's GroupNormalization, what the "
-                             "U-Net uses; default), lean (dazoo.layers.GroupNormalization, "
-                             "written-out backward pass): A/B")
     parser.add_argument("--recompute", default="0",
                         help="comma-separated: U-Net levels recomputed in the backward pass "
                              "(DeepAtlas.compile(recompute=N); 0: none, the default)")
@@ -336,10 +322,7 @@ def main(argv=None):
     if args.child:
         return _child(args)
     precisions = args.precision.split(",")
-    norms = args.norm.split(",")
     recomputes = [int(r) for r in args.recompute.split(",")]
-    if set(norms) - {"lean", "keras"}:
-        parser.error(f"--norm: unknown {sorted(set(norms) - {'lean', 'keras'})}")
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         parser.error(f"--precision: unknown {bad}; choose from {list(PRECISIONS)}")
@@ -375,17 +358,15 @@ def main(argv=None):
         for precision in precisions:
             for segmenter in args.segmenter.split(","):
                 for mode in args.mode.split(","):
-                    for norm in norms:
-                        for recompute in recomputes:
-                            jobs += [(shape, k, precision, segmenter, False, mode, norm,
-                                      recompute) for k in counts]
+                    for recompute in recomputes:
+                        jobs += [(shape, k, precision, segmenter, False, mode, recompute)
+                                 for k in counts]
     if args.inference_shape:
-        jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint", norm,
-                  0) for p in precisions for norm in norms]
+        jobs += [(args.inference_shape, args.large_classes, p, "default", True, "joint", 0)
+                 for p in precisions]
     measured = []
-    for shape, classes, precision, segmenter, inference, mode, norm, recompute in jobs:
-        row = _run_child(shape, classes, precision, segmenter, args, inference, mode, norm,
-                         recompute)
+    for shape, classes, precision, segmenter, inference, mode, recompute in jobs:
+        row = _run_child(shape, classes, precision, segmenter, args, inference, mode, recompute)
         print("# " + json.dumps(row), flush=True)  # as measured, in case the run is cut off
         measured.append(row)
     if references:

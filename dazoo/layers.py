@@ -10,8 +10,7 @@ import keras
 
 from dazoo import ops as spatial_ops
 
-__all__ = ["SpatialTransformer", "VecInt", "RescaleTransform", "Resize", "LeakyReLU",
-           "GroupNormalization"]
+__all__ = ["SpatialTransformer", "VecInt", "RescaleTransform", "Resize", "LeakyReLU"]
 
 _register = keras.saving.register_keras_serializable(package="dazoo")
 
@@ -137,22 +136,3 @@ class LeakyReLU(keras.layers.LeakyReLU):
 
     def call(self, inputs):
         return spatial_ops.leaky_relu(inputs, self.negative_slope)
-
-
-@_register
-class GroupNormalization(keras.layers.GroupNormalization):
-    """``keras.layers.GroupNormalization`` whose instance-normalisation case (one group per
-    channel, ``groups=-1``) has a lean TensorFlow backward pass: it keeps only its input and
-    the per-channel statistics (:func:`dazoo.ops.instance_norm`: same values and gradients,
-    several full-size tensors fewer per layer). Other backends and group counts use Keras's
-    own computation. Same class name, weights (``gamma``, ``beta``) and weight-file paths as
-    the Keras layer (Keras names saved layers after their class), so presets saved with either
-    load into both."""
-
-    def call(self, inputs):
-        channels = inputs.shape[-1]
-        if (keras.backend.backend() != "tensorflow" or self.axis not in (-1, len(inputs.shape) - 1)
-                or self.groups != channels or not (self.scale and self.center)):
-            return super().call(inputs)
-        out = spatial_ops.instance_norm(inputs, self.gamma, self.beta, self.epsilon)
-        return keras.ops.cast(out, self.compute_dtype)

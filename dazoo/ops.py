@@ -34,7 +34,6 @@ __all__ = [
     "class_scatter",
     "warp_adjoint_labels",
     "leaky_relu",
-    "instance_norm",
 ]
 
 #: Fixed-point scale of :func:`_unit_segment_sum` (values in [0, 1] become integers of 2**-32).
@@ -100,54 +99,6 @@ def leaky_relu(x, negative_slope: float = 0.2):
         return y, grad
 
     return _leaky_relu(x)
-
-
-def instance_norm(x, gamma, beta, epsilon: float = 1e-3):
-    """Instance normalisation of ``x`` ``(batch, *spatial, C)`` (per sample and channel over
-    the spatial axes; biased variance, ``epsilon`` inside the square root), then ``gamma * x
-    + beta``: the values of ``keras.layers.GroupNormalization(groups=-1)``, statistics in
-    float32 whatever ``x``'s dtype, output in ``x``'s dtype.
-
-    Its gradient is written out (TensorFlow ``custom_gradient``): the backward pass keeps
-    only ``x`` and the per-channel mean and inverse deviation, and recomputes the normalised
-    values, where the composed ops keep three or four full-size float32 tensors per layer
-    (the upcast input, the centred input and its square, the scaled input). With
-    ``xhat = (x - mean) * r``, ``N`` voxels per channel:
-    ``dx = gamma * r * (dy - mean(dy) - xhat * mean(dy * xhat))``, ``dgamma = sum(dy *
-    xhat)``, ``dbeta = sum(dy)``.
-    """
-    import tensorflow as tf
-
-    axes = list(range(1, len(x.shape) - 1))
-    eps = float(epsilon)
-
-    @tf.custom_gradient
-    def _norm(x, gamma, beta):
-        x32 = tf.cast(x, tf.float32)
-        mean, variance = tf.nn.moments(x32, axes=axes, keepdims=True)
-        r = tf.math.rsqrt(variance + eps)
-        g = tf.cast(gamma, tf.float32)
-        b = tf.cast(beta, tf.float32)
-        y = tf.cast((x32 - mean) * (r * g) + b, x.dtype)
-
-        def grad(dy):
-            dy32 = tf.cast(dy, tf.float32)
-            xhat = (tf.cast(x, tf.float32) - mean) * r
-            mean_dy = tf.reduce_mean(dy32, axis=axes, keepdims=True)
-            mean_dy_xhat = tf.reduce_mean(dy32 * xhat, axis=axes, keepdims=True)
-            dx = (g * r) * (dy32 - mean_dy - xhat * mean_dy_xhat)
-            batch_axes = [0] + axes
-            dgamma = tf.reduce_sum(dy32 * xhat, axis=batch_axes)
-            dbeta = tf.reduce_sum(dy32, axis=batch_axes)
-            return (tf.cast(dx, x.dtype), tf.cast(dgamma, gamma.dtype),
-                    tf.cast(dbeta, beta.dtype))
-
-        return y, grad
-
-    # Variables are read outside the custom-gradient function: their gradients are those of
-    # its tensor inputs.
-    return _norm(tf.convert_to_tensor(x), tf.convert_to_tensor(gamma),
-                 tf.convert_to_tensor(beta))
 
 
 def identity_grid(spatial_shape: Sequence[int]):

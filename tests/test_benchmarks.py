@@ -19,7 +19,7 @@ def _reference(seconds, peak, when):
 
 def _row(classes, joint, **extra):
     return {"shape": "80x96x80", "classes": classes, "precision": "float32",
-            "segmenter": "default", "norm": "keras", "recompute": 0, "mode": "joint",
+            "segmenter": "default", "recompute": 0, "mode": "joint",
             "joint_step_s": joint, **extra}
 
 

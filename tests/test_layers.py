@@ -45,45 +45,15 @@ def test_bad_interp_method_is_rejected():
         layers.SpatialTransformer(interp_method="cubic")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
-def test_instance_normalization_equals_keras_group_normalization_with_gradients(dtype):
-    """dazoo's GroupNormalization(groups=-1) (written-out gradient, lean backward pass) against
-    keras.layers.GroupNormalization(groups=-1): values and the gradients of a random
-    weighting of the output w.r.t. input, gamma and beta; the weights load into either."""
+def test_leaky_relu_output_based_gradient_equals_the_input_based_one():
+    """dazoo's LeakyReLU (gradient from its output) against tf.nn.leaky_relu's."""
     import tensorflow as tf
 
-    from dazoo.layers import GroupNormalization, LeakyReLU
+    from dazoo.layers import LeakyReLU
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(2.0, 3.0, (2, 6, 5, 4, 3)).astype(np.float32))
     weights = tf.constant(rng.normal(size=(2, 6, 5, 4, 3)).astype(np.float32))
-    ours = GroupNormalization(groups=-1, dtype=dtype)
-    theirs = keras.layers.GroupNormalization(groups=-1, dtype=dtype)
-    ours.build(x.shape)
-    theirs.build(x.shape)
-    ours.set_weights([rng.normal(1.0, 0.5, 3).astype(np.float32),
-                      rng.normal(0.0, 0.5, 3).astype(np.float32)])
-    theirs.set_weights(ours.get_weights())
-
-    def value_and_grads(layer):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(tf.cast(x, layer.compute_dtype))
-            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
-        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
-        return [np.asarray(y, np.float32)] + [np.asarray(g, np.float32) for g in grads]
-
-    tol = 1e-5 if dtype == "float32" else 2e-2
-    for got, want in zip(value_and_grads(ours), value_and_grads(theirs)):
-        np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()))
-    # and a hand-computed value: per sample and channel, zero mean and unit variance
-    plain = GroupNormalization(groups=-1)
-    out = np.asarray(plain(x))
-    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
-    var = np.asarray(x).var(axis=(1, 2, 3))
-    np.testing.assert_allclose(out.var(axis=(1, 2, 3)), var / (var + 1e-3), rtol=1e-4)
-
-    # LeakyReLU's output-based gradient, against the input-based one
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         a = tf.reduce_sum(LeakyReLU(negative_slope=0.2)(x) * weights)

@@ -53,8 +53,8 @@ def _normalization(kind: str | None, name: str, dtype=None):
     if kind == "batch":
         return keras.layers.BatchNormalization(name=name, dtype=dtype)
     if kind == "instance":
-        # Keras's own layer: dazoo.layers.GroupNormalization (lean backward pass, same
-        # weights) saved no memory at 160x192x160 and broke the two-replica equality test.
+        # Keras's own layer: a written-out lean backward pass (tried, since deleted) saved no
+        # memory at 160x192x160 and broke the two-replica MirroredStrategy equality test.
         return keras.layers.GroupNormalization(groups=-1, name=name, dtype=dtype)
     if kind == "group":
         return keras.layers.GroupNormalization(groups=8, name=name, dtype=dtype)
