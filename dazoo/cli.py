@@ -562,7 +562,7 @@ def _add_train(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dazoo.training.engine import export
+    from dazoo.training.exporter import export
 
     preset = export(args.run_folder, args.output, checkpoint=args.checkpoint,
                     command=_command_line(), log=_log)

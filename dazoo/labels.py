@@ -1,8 +1,8 @@
 """Label tables: label ids <-> contiguous classes, and the one left/right merge rule.
 
-:func:`left_id` / :func:`merge_left_right` are the only place that knows which FreeSurfer /
-DKT ids are the right twin of which left id; :class:`LabelMap` (training) and
-:mod:`dazoo.evaluate` (merged Dice) both use them.
+:func:`left_id` / :func:`merge_left_right` / :func:`has_sides` are the only place that knows
+which FreeSurfer / DKT ids are the right twin of which left id; :class:`LabelMap` (training),
+the training data checks and :mod:`dazoo.evaluate` (merged Dice) use them.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from dazoo.errors import DazooInputError
 from dazoo.io import Volume
 
-__all__ = ["LabelMap", "left_id", "merge_left_right", "mirror_id"]
+__all__ = ["LabelMap", "has_sides", "left_id", "merge_left_right", "mirror_id"]
 
 #: FreeSurfer subcortical right -> left ids (FreeSurferColorLUT), plus Mindboggle's basal
 #: forebrain (92 -> 91). Cortical parcellations use 2xxx -> 1xxx (DK/DKT) and 12xxx -> 11xxx
@@ -45,6 +45,16 @@ def mirror_id(label: int) -> int:
     if 2000 <= label < 3000 or 12000 <= label < 13000:
         return label - 1000
     return _RIGHT_TO_LEFT.get(label, _LEFT_TO_RIGHT.get(label, label))
+
+
+def has_sides(ids: Iterable[int]) -> bool:
+    """Whether a label table has left and right structures, by FreeSurfer's ids: a right-side
+    id (one :func:`left_id` changes), or a DK/DKT (1xxx/2xxx) or Destrieux (11xxx/12xxx)
+    cortical id of either side. A heuristic: a table of left-side subcortical ids alone, or a
+    custom scheme (a knee's 1-6, which FreeSurfer would read as left structures), is not
+    recognised as sided. Used to refuse the options that reflect images but keep their ids."""
+    return any(left_id(i) != int(i) or 1000 <= int(i) < 3000 or 11000 <= int(i) < 13000
+               for i in ids)
 
 
 def merge_left_right(labels: np.ndarray) -> np.ndarray:

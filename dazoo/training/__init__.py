@@ -11,8 +11,12 @@ The data flow, one module per stage:
 * :mod:`~dazoo.training.recipe`: a JSON :class:`Recipe` declaring a whole run;
 * :mod:`~dazoo.training.callbacks`: checkpoints that resume exactly, native-resolution
   validation that keeps the best checkpoint;
-* :mod:`~dazoo.training.engine`: :func:`train` (``dazoo train``), :func:`finetune`
-  (``dazoo finetune``) and :func:`export` (``dazoo export``).
+* :mod:`~dazoo.training.data`: what a run trains on, checked (split, label maps, label
+  table, preprocessing); :mod:`~dazoo.training.runfolder`: the run folder (new or resumed,
+  its log and record);
+* :mod:`~dazoo.training.engine`: :func:`train` (``dazoo train``: the model from the recipe,
+  fitted) and :func:`finetune` (``dazoo finetune``); :mod:`~dazoo.training.exporter`:
+  :func:`export` (``dazoo export``).
 
 The batch contract (:data:`~dazoo.batch.BATCH_KEYS`, :func:`~dazoo.batch.make_batch`) and the
 :class:`~dazoo.batch.Schedule` live one floor below, in :mod:`dazoo.batch`, shared with the
@@ -33,7 +37,7 @@ _LAZY = {
     "LabelSynth": "synth", "SynthSample": "synth",
     "PairDataset": "pairs",
     "Recipe": "recipe",
-    "train": "engine", "finetune": "engine", "export": "engine", "Run": "engine",
+    "train": "engine", "finetune": "engine", "export": "exporter", "Run": "engine",
 }
 
 __all__ = sorted([*_LAZY, "LabelMap"])

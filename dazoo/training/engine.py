@@ -16,6 +16,9 @@ A run folder holds everything the run needs to resume and to be exported::
     RUN/train.log          what the run printed
     RUN/cache/             preprocessed volumes (unless the recipe names another folder)
 
+The run folder is :class:`~dazoo.training.runfolder.RunFolder`, what it trains on
+:func:`dazoo.training.data.gather` (the checks), the preset it exports
+:func:`dazoo.training.exporter.export`; this module builds the model from the recipe and fits it.
 Training goes through ``model.fit`` (Keras's progress bar, callbacks, ``tf.distribute``);
 one Keras epoch is one checkpoint interval, so that a killed run resumes exactly
 (:mod:`dazoo.training.callbacks`).
@@ -23,28 +26,23 @@ one Keras epoch is one checkpoint interval, so that a killed run resumes exactly
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
-from dazoo import __version__, io
+from dazoo import __version__
 from dazoo.batch import REGISTRATION, SEGMENTATION, Schedule
 from dazoo.errors import DazooInputError
-from dazoo.labels import LabelMap, left_id
+from dazoo.training.data import split_subjects  # noqa: F401  (was defined here)
+from dazoo.training.exporter import DEEPATLAS_CITATION, export  # noqa: F401  (the same API)
 from dazoo.training.recipe import Recipe, machine_precision, native_bfloat16, network_precisions
+from dazoo.training.runfolder import RunFolder, now, worker, write_json
 
-__all__ = ["train", "export", "finetune", "Run"]
-
-DEEPATLAS_CITATION = (
-    "Xu Z., Niethammer M. DeepAtlas: Joint Semi-supervised Learning of Image Registration and "
-    "Segmentation. MICCAI 2019. doi:10.1007/978-3-030-32245-8_47")
+__all__ = ["train", "export", "finetune", "Run", "build_model", "compile_model",
+           "make_strategy", "checkpoint_interval"]
 
 
 def _stderr(message: str) -> None:
@@ -66,104 +64,6 @@ class Run:
     model: object
     steps: int
     validation: list[dict]
-
-
-# ----------------------------------------------------------------------------- pieces
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _write_json(path: pathlib.Path, data) -> None:
-    io.write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
-def split_subjects(subjects, validation, *, source: str, seed: int = 0):
-    """``(train, validation)`` subjects from the recipe's ``data.validation``."""
-    from dazoo.training.subjects import read_manifest
-
-    if validation is None:
-        return list(subjects), []
-    if isinstance(validation, str):
-        held = read_manifest(validation)
-        images = {os.path.realpath(s.image) for s in held}
-        train = [s for s in subjects if os.path.realpath(s.image) not in images]
-        return train, held
-    names = [s.name for s in subjects]
-    if isinstance(validation, dict):
-        labelled = sorted(s.name for s in subjects if s.labels is not None)
-        count = validation["count"]
-        if not 0 <= count < len(labelled):
-            raise DazooInputError(source, f"data.validation count {count} needs more than "
-                                          f"{count} labelled subjects (found {len(labelled)})")
-        order = np.random.default_rng(validation.get("seed", seed)).permutation(len(labelled))
-        validation = [labelled[i] for i in order[:count]]
-    missing = sorted(set(validation) - set(names))
-    if missing:
-        raise DazooInputError(source, f"validation subject(s) {missing} are not in the data "
-                                      f"(found {names[:6]}{' ...' if len(names) > 6 else ''})")
-    held = [s for s in subjects if s.name in set(validation)]
-    return [s for s in subjects if s.name not in set(validation)], held
-
-
-def _label_map(recipe: Recipe, train, parent) -> LabelMap:
-    spec = recipe["labels"]
-    from_data = spec["from_data"] or bool((recipe["init"] or {}).get("labels_from_data"))
-    if from_data:
-        from dazoo.training.subjects import relabelled
-
-        maps = [relabelled(io.read_labels(s.labels).array, s.relabel) for s in train
-                if s.labels is not None]
-        if not maps:
-            raise DazooInputError(recipe.source, "labels from the data need labelled images")
-        ids = sorted(set().union(*(np.unique(m).tolist() for m in maps)) - {0})
-        names = {int(k): v for k, v in spec["names"].items()}
-        if parent is not None:  # the parent's names where it knows the id
-            names = {**{c["id"]: c["name"] for c in parent.read_json("labels.json")["classes"]},
-                     **names}
-        return LabelMap(ids, names={i: names[i] for i in ids if i in names},
-                        merge_left_right=spec["merge_left_right"], unknown="background")
-    if spec["ids"] is None and parent is not None:
-        return LabelMap.from_table(parent.read_json("labels.json")["classes"])
-    return LabelMap(spec["ids"], names={int(k): v for k, v in spec["names"].items()},
-                    merge_left_right=spec["merge_left_right"], unknown=spec["unknown"])
-
-
-def _preprocessing(recipe: Recipe, folder: pathlib.Path, train, parent, log):
-    """Writes RUN/preprocess.json (and RUN/template.nii.gz); returns the Preprocessor."""
-    from dazoo.preprocess import PreprocessConfig, Preprocessor, build_affine_template
-
-    template = folder / "template.nii.gz"
-    if parent is not None:
-        config = parent.read_json("preprocess.json")
-        if config.get("template"):
-            if not template.exists():
-                shutil.copyfile(parent.path / config["template"], template)
-            config["template"] = template.name
-        config = PreprocessConfig.from_dict(config, source=str(parent.file("preprocess.json")))
-    elif recipe.builds_template:
-        if not template.exists():
-            spec = recipe["preprocess"]
-            options = dict(spec["template"]["build"])
-            started = time.perf_counter()
-            log(f"building an affine template from {len(train)} training images")
-            volume = build_affine_template(
-                [s.image for s in train], voxel_size=spec["voxel_size"], shape=spec["shape"],
-                orientation=spec["orientation"], intensity=spec["intensity"],
-                iterations=options.pop("iterations", 2),
-                metric=options.pop("metric", spec["metric"]), **options)
-            io.write_image(volume, template)
-            log(f"template built in {time.perf_counter() - started:.0f} s")
-        config = recipe.preprocess_config(template.name)
-    else:
-        given = recipe["preprocess"]["template"]
-        if given is not None:
-            if not os.path.isfile(given):
-                raise DazooInputError(recipe.source, f"template {given} does not exist")
-            if not template.exists():
-                shutil.copyfile(given, template)
-        config = recipe.preprocess_config(template.name if given is not None else None)
-    io.write_text_atomic(folder / "preprocess.json", config.to_json() + "\n")
-    return Preprocessor(config, root=folder)
 
 
 def _uses_bfloat16(precision) -> bool:
@@ -343,18 +243,6 @@ def make_strategy(name: str):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def _worker(strategy) -> tuple[bool, int, int]:
-    """``(is chief, task index, workers)`` of a strategy (a single process: the chief)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True, 0, 1
-    spec = resolver.cluster_spec().as_dict()
-    workers = sum(len(v) for k, v in spec.items() if k in ("chief", "worker"))
-    kind, index = resolver.task_type, int(resolver.task_id or 0)
-    chief = kind == "chief" or (kind == "worker" and index == 0 and "chief" not in spec)
-    return chief, index, workers
-
-
 # ----------------------------------------------------------------------------- train
 def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
           resume: bool = False, callbacks: Sequence = (), verbose: int | None = None,
@@ -393,94 +281,30 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
     from dazoo.training.cache import VolumeCache
     from dazoo.training.callbacks import (RunCheckpoint, Validation, Validator,
                                           keep_steps_up_to, read_validation, steps_done)
+    from dazoo.training.data import gather, preprocessing
     from dazoo.training.pairs import PairDataset
-    from dazoo.training.subjects import load_subjects
 
-    folder = pathlib.Path(out)
-    chief, task, workers = _worker(strategy) if strategy is not None else (True, 0, 1)
-    if not chief:
-        folder = folder / f".worker-{task}"
-    if resume:
-        if not (folder / "run.json").is_file():
-            raise DazooInputError(folder, "is not a run folder (no run.json) to resume")
-        recipe = Recipe.load(folder / "recipe.json")
-        record = json.loads((folder / "run.json").read_text())
-    else:
+    fallback = None
+    if not resume:
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
         recipe, fallback = _precision_here(recipe)
-        if (folder / "run.json").exists() or (folder / "checkpoint.keras").exists():
-            raise DazooInputError(folder, "holds a run already: resume it (--resume) or "
-                                          "choose another folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        io.write_text_atomic(folder / "recipe.json", recipe.to_json() + "\n")
-        record = None
-    log_file = open(folder / "train.log", "a", buffering=1, encoding="utf-8")
-
-    def say(message: str) -> None:
-        log(message)
-        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
+    run = RunFolder(out, recipe=None if resume else recipe, resume=resume, strategy=strategy,
+                    log=log)
+    folder, recipe, say = run.path, run.recipe, run.say
     if resume and _uses_bfloat16(recipe["precision"]) and not native_bfloat16():
         say(f"warning: {folder}: the run trains in mixed_bfloat16, which this machine emulates "
             f"(no AVX512-BF16/AMX, no GPU): expect steps several times slower than float32")
-    elif not resume and fallback:
+    elif fallback:
         say(fallback)
     try:
-        c = recipe.config
-        data = c["data"]
-        subjects = load_subjects(data["train"], image=data["image"], labels=data["labels"])
-        train_subjects, val_subjects = split_subjects(subjects, data["validation"],
-                                                      source=recipe.source, seed=c["seed"])
-        label_maps = []
-        if data["label_maps"] is not None:
-            from dazoo.training.subjects import find_label_maps
-
-            label_maps = find_label_maps(data["label_maps"], source=recipe.source)
-            held = {os.path.realpath(s.labels) for s in val_subjects if s.labels}
-            names = [s.name for s in val_subjects]
-            # The same file, or another file of a validation subject (a map named after
-            # it, e.g. Mindboggle-101's OASIS-TRT-20-12.aparcNMMjt+aseg.mgz for the
-            # validation subject OASIS-TRT-20-12): both contaminate the validation.
-            leaked = [m.labels for m in label_maps
-                      if os.path.realpath(m.labels) in held
-                      or any(_named_after(os.path.basename(m.labels), n) for n in names)]
-            if leaked:
-                raise DazooInputError(recipe.source, f"data.label_maps holds validation "
-                                                     f"label maps {leaked}")
-        if len(train_subjects) + len(label_maps) < 2 or not train_subjects:
-            raise DazooInputError(data["train"], f"training needs at least 2 images (pairs for "
-                                                 f"registration), one of them real; found "
-                                                 f"{len(train_subjects)} images and "
-                                                 f"{len(label_maps)} label maps")
-        if not any(s.labels for s in train_subjects + label_maps) and \
-                SEGMENTATION in _schedule(recipe).networks:
-            raise DazooInputError(data["train"], "no training image has a label map: "
-                                                 "segmentation needs at least 1")
-        unlabelled_val = [s.name for s in val_subjects if s.labels is None]
-        if unlabelled_val:
-            raise DazooInputError(recipe.source, f"validation subject(s) {unlabelled_val} "
-                                                 "have no label map")
+        c, t = recipe.config, recipe.config["training"]
         parent = get_preset(c["init"]["preset"]) if (c["init"] or {}).get("preset") else None
-        label_map = _label_map(recipe, train_subjects + label_maps, parent)
-        # Left/right tables, by FreeSurfer's ids (a heuristic: a right-side id, or a DK/DKT
-        # or Destrieux cortical id of either side; custom id schemes are not recognised).
-        sided = any(left_id(i) != i or 1000 <= i < 3000 or 11000 <= i < 13000
-                    for i in label_map.ids.tolist())
-        if recipe["preprocess"].get("mirror") == "auto" and sided:
-            raise DazooInputError(recipe.source, "preprocess.mirror \"auto\" reflects some scans "
-                                                 "onto the template's side, which would swap "
-                                                 "left/right labels: not with a label table "
-                                                 "that has left and right structures")
-        if c["augmentation"].get("flip") and sided:
-            raise DazooInputError(recipe.source, "augmentation.flip mirrors images and keeps "
-                                                 "their label ids, which would swap left/right "
-                                                 "labels: not with a label table that has left "
-                                                 "and right structures")
-        table = label_map.to_table()
-        _write_json(folder / "labels.json", {"classes": table})
-        preprocessor = _preprocessing(recipe, folder, train_subjects, parent, say)
-        cache = VolumeCache(preprocessor, folder=data["cache"] or folder / "cache")
+        data = gather(recipe, _schedule(recipe), parent)
+        write_json(folder / "labels.json", {"classes": data.labels.to_table()})
+        preprocessor = preprocessing(recipe, folder, data.train, parent, say)
+        cache = VolumeCache(preprocessor, folder=c["data"]["cache"] or folder / "cache")
 
+        # The model: resumed from its checkpoint, or built (and compiled) from the recipe.
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         checkpoint = folder / "checkpoint.keras"
         with scope:
@@ -491,74 +315,57 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
                 say(f"resumed {folder} at step {steps_done(model)}")
             else:
                 keras.utils.set_random_seed(c["seed"])
-                model = build_model(recipe, label_map.num_classes, parent, log=say)
+                model = build_model(recipe, data.labels.num_classes, parent, log=say)
                 compile_model(model, recipe)
-        done = steps_done(model)
-        t = c["training"]
-        total, every = t["steps"], t["checkpoint_every"]
+        done, total, every = steps_done(model), t["steps"], t["checkpoint_every"]
         if done % every:
             raise DazooInputError(checkpoint, f"was saved at step {done}, not a multiple of "
                                               f"checkpoint_every {every}")
         keep_steps_up_to(folder, done)
 
+        # The batches and the validation.
         started = time.perf_counter()
-        say(f"preprocessing {len(train_subjects) + len(val_subjects)} images"
-            + (f" and {len(label_maps)} label maps" if label_maps else "")
+        say(f"preprocessing {len(data.train) + len(data.validation)} images"
+            + (f" and {len(data.label_maps)} label maps" if data.label_maps else "")
             + f" (cached in {cache.folder})")
         synth, synth_probability = recipe.synth()
         dataset = PairDataset.from_subjects(
-            train_subjects + label_maps, preprocessor, cache=cache, label_map=label_map,
+            data.train + data.label_maps, preprocessor, cache=cache, label_map=data.labels,
             synth=synth, synth_probability=synth_probability,
             batch_size=t["batch_size"], steps_per_epoch=every, seed=c["seed"],
             labelled_fraction=t["labelled_fraction"], map_fraction=t["map_fraction"],
             augment=recipe.augmentation(),
             schedule=model.schedule, augment_phases=c["augmentation"]["phases"],
-            **_labelled_options(data["labelled"]))
-        validator = Validator(val_subjects, cache, label_map, max_pairs=t["validation_pairs"])
+            **_labelled_options(c["data"]["labelled"]))
+        validator = Validator(data.validation, cache, data.labels,
+                              max_pairs=t["validation_pairs"])
         say(f"preprocessed in {time.perf_counter() - started:.0f} s ({cache.computed} new)")
         labelled = [dataset.names[i] for i in dataset.labelled]
-        if record is None:
-            record = {
-                "dazoo_version": __version__, "created": _now(), "command": command,
-                "recipe": "recipe.json", "seed": c["seed"], "steps_planned": total,
-                "train": [s.name for s in train_subjects],
-                "label_maps": [m.labels for m in label_maps],
-                "validation": [s.name for s in val_subjects],
-                "labelled": labelled,
-                "unlabelled": [n for n in dataset.names if n not in labelled],
-                "classes": label_map.num_classes,
-                "parent": None if parent is None else {
-                    "name": parent.name, "path": str(parent.path),
-                    "weights_sha256": parent.metadata.get("weights_sha256"),
-                    "version": parent.metadata.get("version")},
-                "sessions": [],
-                "strategy": None if strategy is None else {
-                    "name": type(strategy).__name__,
-                    "replicas": int(strategy.num_replicas_in_sync), "workers": workers},
-            }
-        say(f"{len(train_subjects)} training images"
-            + (f" + {len(label_maps)} label maps (synthesised)" if label_maps else "")
+        record = run.record or _new_record(recipe, data, dataset, labelled, parent, command,
+                                           strategy, run.workers)
+        say(f"{len(data.train)} training images"
+            + (f" + {len(data.label_maps)} label maps (synthesised)" if data.label_maps else "")
             + f" ({len(labelled)} labelled), "
-            f"{len(val_subjects)} validation; {label_map.num_classes} classes; steps "
+            f"{len(data.validation)} validation; {data.labels.num_classes} classes; steps "
             f"{done} -> {total}")
-        session = {"started": _now(), "from_step": done}
+        session = {"started": now(), "from_step": done}
         record["sessions"].append(session)
-        _write_json(folder / "run.json", record)
+        run.write_record(record)
 
-        monitor = t["monitor"]
+        # Fitting: one Keras epoch per checkpoint interval.
         cbs = []
         if validator:
             cbs.append(Validation(validator, preprocessor, folder, every=t["validate_every"],
-                                  last_step=total, monitor=monitor, log=say))
+                                  last_step=total, monitor=t["monitor"], log=say))
         started = time.perf_counter()
 
-        def record_session(epoch, logs=None):
+        def record_session(epoch=None, logs=None):
             # run.json says how far this session got at every checkpoint: a run stopped
             # between checkpoints (a session cut off) keeps its steps and training time.
             steps = steps_done(model)
             session.update(to_step=steps, seconds=round(time.perf_counter() - started, 1))
             record["steps_completed"] = steps
-            _write_json(folder / "run.json", record)
+            run.write_record(record)
 
         cbs += [RunCheckpoint(checkpoint, log=None),
                 keras.callbacks.LambdaCallback(on_epoch_end=record_session),
@@ -575,133 +382,35 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
             model.fit(dataset.steps(done, total), epochs=total // every,
                       initial_epoch=done // every, steps_per_epoch=every, shuffle=False,
                       callbacks=cbs, verbose=verbose)
+        record_session()
         steps = steps_done(model)
-        session.update(to_step=steps, seconds=round(time.perf_counter() - started, 1))
-        record["steps_completed"] = steps
-        _write_json(folder / "run.json", record)
         say(f"done: {steps} steps, {session['seconds']:.0f} s this session")
         return Run(folder, model, steps, read_validation(folder))
     finally:
-        log_file.close()
+        run.close()
 
 
-def _named_after(filename: str, subject: str) -> bool:
-    """Whether ``filename`` is ``subject`` followed by ``.`` or ``_`` (and more): a file of
-    that subject (``"s12.aseg.mgz"`` is one of ``"s12"``, ``"s123.mgz"`` is not)."""
-    return filename.startswith(subject) and filename[len(subject):][:1] in (".", "_")
-
-
-# ----------------------------------------------------------------------------- export
-def _float32(model):
-    """The same DeepAtlas computing in float32 everywhere (weights copied): both networks
-    rebuilt with the standard ``dtype="float32"`` policy."""
-    from dazoo.models import DeepAtlas, RegistrationNet, SegmentationNet
-
-    seg, reg = model.segmentation_net, model.registration_net
-    plain_seg = SegmentationNet.from_config(dict(seg.get_config(), dtype="float32"))
-    plain_seg.set_weights(seg.get_weights())
-    if reg.dtype_policy.name != "float32":
-        plain_reg = RegistrationNet.from_config(dict(reg.get_config(), dtype="float32"))
-        plain_reg.set_weights(reg.get_weights())
-        reg = plain_reg
-    return DeepAtlas(reg, plain_seg, mode=model.mode,
-                     registration_steps=model.registration_steps,
-                     segmentation_steps=model.segmentation_steps)
-
-
-def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = "best",
-           command: str | None = None, log: Callable[[str], None] = _stderr):
-    """Writes a preset folder from a run folder's own record (``dazoo export``).
-
-    Args:
-        run: the run folder.
-        out: the preset folder to write (replaced whole, atomically, if it exists).
-        checkpoint: ``"best"`` (the best validation score; the last checkpoint when the run
-            has no validation) or ``"last"``.
-        command: the export command line, for the model card.
-
-    Returns:
-        the written :class:`dazoo.presets.Preset` (verified).
-    """
-    import keras
-
-    import dazoo.models  # noqa: F401  (registers dazoo's classes)
-    from dazoo.presets import render_card, save_preset
-    from dazoo.training.callbacks import read_validation, steps_done
-
-    folder = pathlib.Path(run)
-    if checkpoint not in ("best", "last"):
-        raise DazooInputError("export", f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    if not (folder / "run.json").is_file():
-        raise DazooInputError(folder, "is not a run folder (no run.json)")
-    path = folder / ("best.keras" if checkpoint == "best" and (folder / "best.keras").exists()
-                     else "checkpoint.keras")
-    if not path.is_file():
-        raise DazooInputError(folder, "has no checkpoint yet")
-    record = json.loads((folder / "run.json").read_text())
-    recipe = Recipe.load(folder / "recipe.json")
-    model = keras.saving.load_model(path)
-    steps = steps_done(model)
-    history = read_validation(folder)
-    scores = next((h for h in history if h["step"] == steps), None)
+def _new_record(recipe, data, dataset, labelled, parent, command, strategy, workers) -> dict:
+    """The ``run.json`` record of a new run."""
     c = recipe.config
-    card = c["card"]
-    parent = record.get("parent")
-    parent_meta = {}
-    if parent is not None:
-        from dazoo.presets import get_preset
-
-        try:
-            parent_meta = get_preset(parent["path"]).metadata
-        except DazooInputError:
-            parent_meta = {}
-    tasks = [task for task in (SEGMENTATION, REGISTRATION) if task in model.schedule.networks]
-    preprocess = json.loads((folder / "preprocess.json").read_text())
-    labels = json.loads((folder / "labels.json").read_text())["classes"]
-    summary = {}
-    if scores:
-        for key, text in (("native_seg_dice", "segmentation Dice (validation, native)"),
-                          ("native_reg_dice", "registration Dice (validation pairs, native)")):
-            if key in scores:
-                summary[text] = round(scores[key], 3)
-    metadata = {
-        "version": __version__,
-        "description": c["description"] or (
-            f"DeepAtlas ({model.mode}) trained with dazoo train"
-            + (f", fine-tuned from the {parent['name']} preset" if parent else "") + "."),
-        "task": tasks,
-        "license": card["license"] or parent_meta.get("license", "unspecified"),
-        "license_note": card["license_note"] or parent_meta.get("license_note", ""),
-        "data": {"name": card["data_name"] or os.path.basename(c["data"]["train"].rstrip("/")),
-                 "train": record["train"], "validation": record["validation"],
-                 "labelled": record["labelled"], "unlabelled": record["unlabelled"]},
-        "labels": {"classes": len(labels), "regions": len(labels) - 1},
-        "input": {"model_grid": preprocess},
-        "training": {
-            "command": record.get("command"), "export_command": command,
-            "recipe": "recipe.json", "seed": record["seed"], "steps_completed": steps,
-            "steps_planned": record["steps_planned"], "checkpoint": path.name,
-            "mode": model.mode, "precision": c["precision"],
-            "seconds": round(sum(s.get("seconds", 0) for s in record["sessions"]), 1),
-            "parent": parent},
-        "validation": {"at_step": steps if scores else None, "scores": scores,
-                       "history": history},
-        "summary": summary,
-        **({"flip": True} if c["inference"]["flip"] else {}),
-        **({"refine": dict(c["inference"]["refine"])} if c["inference"].get("refine") else {}),
-        "notes": list(card["notes"]),
-        "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]
-                                             if x != DEEPATLAS_CITATION],
+    return {
+        "dazoo_version": __version__, "created": now(), "command": command,
+        "recipe": "recipe.json", "seed": c["seed"], "steps_planned": c["training"]["steps"],
+        "train": [s.name for s in data.train],
+        "label_maps": [m.labels for m in data.label_maps],
+        "validation": [s.name for s in data.validation],
+        "labelled": labelled,
+        "unlabelled": [n for n in dataset.names if n not in labelled],
+        "classes": data.labels.num_classes,
+        "parent": None if parent is None else {
+            "name": parent.name, "path": str(parent.path),
+            "weights_sha256": parent.metadata.get("weights_sha256"),
+            "version": parent.metadata.get("version")},
+        "sessions": [],
+        "strategy": None if strategy is None else {
+            "name": type(strategy).__name__,
+            "replicas": int(strategy.num_replicas_in_sync), "workers": workers},
     }
-    files = {"recipe.json": folder / "recipe.json"}
-    if preprocess.get("template"):
-        files[preprocess["template"]] = folder / preprocess["template"]
-    name = pathlib.Path(out).name
-    metadata_for_card = {"name": name, **metadata}
-    preset = save_preset(out, model=_float32(model), preprocess=preprocess, labels=labels,
-                         metadata=metadata, files=files, readme=render_card(metadata_for_card))
-    log(f"exported {path} (step {steps}) -> {preset.path}")
-    return preset
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -793,6 +502,6 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     recipe = Recipe.from_dict(config, source=os.fspath(data))
     train(None if resume else recipe, run, resume=resume, callbacks=callbacks, verbose=verbose,
           command=command, strategy=strategy, log=log)
-    if strategy is not None and not _worker(strategy)[0]:
+    if strategy is not None and not worker(strategy)[0]:
         return None  # only the chief exports
     return export(run, out, checkpoint="best", command=None, log=log)

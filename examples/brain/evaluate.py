@@ -41,7 +41,7 @@ from dazoo import io
 from dazoo.evaluate import evaluate_registration, evaluate_segmentation, score_labels, summarise
 from dazoo.hub import load
 from dazoo.presets import get_preset
-from dazoo.training.engine import split_subjects
+from dazoo.training.data import split_subjects
 from dazoo.training.recipe import Recipe
 from dazoo.training.subjects import Subject, load_subjects
 

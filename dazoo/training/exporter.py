@@ -1,0 +1,137 @@
+"""Run folder -> preset folder (``dazoo export``): the model in float32, the run's
+preprocessing, label table, recipe and template, and a model card from the run's own record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+
+from dazoo import __version__
+from dazoo.batch import REGISTRATION, SEGMENTATION
+from dazoo.errors import DazooInputError
+from dazoo.training.recipe import Recipe
+
+__all__ = ["export", "DEEPATLAS_CITATION"]
+
+DEEPATLAS_CITATION = (
+    "Xu Z., Niethammer M. DeepAtlas: Joint Semi-supervised Learning of Image Registration and "
+    "Segmentation. MICCAI 2019. doi:10.1007/978-3-030-32245-8_47")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _float32(model):
+    """The same DeepAtlas computing in float32 everywhere (weights copied): both networks
+    rebuilt with the standard ``dtype="float32"`` policy."""
+    from dazoo.models import DeepAtlas, RegistrationNet, SegmentationNet
+
+    seg, reg = model.segmentation_net, model.registration_net
+    plain_seg = SegmentationNet.from_config(dict(seg.get_config(), dtype="float32"))
+    plain_seg.set_weights(seg.get_weights())
+    if reg.dtype_policy.name != "float32":
+        plain_reg = RegistrationNet.from_config(dict(reg.get_config(), dtype="float32"))
+        plain_reg.set_weights(reg.get_weights())
+        reg = plain_reg
+    return DeepAtlas(reg, plain_seg, mode=model.mode,
+                     registration_steps=model.registration_steps,
+                     segmentation_steps=model.segmentation_steps)
+
+
+def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = "best",
+           command: str | None = None, log: Callable[[str], None] = _stderr):
+    """Writes a preset folder from a run folder's own record (``dazoo export``).
+
+    Args:
+        run: the run folder.
+        out: the preset folder to write (replaced whole, atomically, if it exists).
+        checkpoint: ``"best"`` (the best validation score; the last checkpoint when the run
+            has no validation) or ``"last"``.
+        command: the export command line, for the model card.
+
+    Returns:
+        the written :class:`dazoo.presets.Preset` (verified).
+    """
+    import keras
+
+    import dazoo.models  # noqa: F401  (registers dazoo's classes)
+    from dazoo.presets import render_card, save_preset
+    from dazoo.training.callbacks import read_validation, steps_done
+
+    folder = pathlib.Path(run)
+    if checkpoint not in ("best", "last"):
+        raise DazooInputError("export", f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    if not (folder / "run.json").is_file():
+        raise DazooInputError(folder, "is not a run folder (no run.json)")
+    path = folder / ("best.keras" if checkpoint == "best" and (folder / "best.keras").exists()
+                     else "checkpoint.keras")
+    if not path.is_file():
+        raise DazooInputError(folder, "has no checkpoint yet")
+    record = json.loads((folder / "run.json").read_text())
+    recipe = Recipe.load(folder / "recipe.json")
+    model = keras.saving.load_model(path)
+    steps = steps_done(model)
+    history = read_validation(folder)
+    scores = next((h for h in history if h["step"] == steps), None)
+    c = recipe.config
+    card = c["card"]
+    parent = record.get("parent")
+    parent_meta = {}
+    if parent is not None:
+        from dazoo.presets import get_preset
+
+        try:
+            parent_meta = get_preset(parent["path"]).metadata
+        except DazooInputError:
+            parent_meta = {}
+    tasks = [task for task in (SEGMENTATION, REGISTRATION) if task in model.schedule.networks]
+    preprocess = json.loads((folder / "preprocess.json").read_text())
+    labels = json.loads((folder / "labels.json").read_text())["classes"]
+    summary = {}
+    if scores:
+        for key, text in (("native_seg_dice", "segmentation Dice (validation, native)"),
+                          ("native_reg_dice", "registration Dice (validation pairs, native)")):
+            if key in scores:
+                summary[text] = round(scores[key], 3)
+    metadata = {
+        "version": __version__,
+        "description": c["description"] or (
+            f"DeepAtlas ({model.mode}) trained with dazoo train"
+            + (f", fine-tuned from the {parent['name']} preset" if parent else "") + "."),
+        "task": tasks,
+        "license": card["license"] or parent_meta.get("license", "unspecified"),
+        "license_note": card["license_note"] or parent_meta.get("license_note", ""),
+        "data": {"name": card["data_name"] or os.path.basename(c["data"]["train"].rstrip("/")),
+                 "train": record["train"], "validation": record["validation"],
+                 "labelled": record["labelled"], "unlabelled": record["unlabelled"]},
+        "labels": {"classes": len(labels), "regions": len(labels) - 1},
+        "input": {"model_grid": preprocess},
+        "training": {
+            "command": record.get("command"), "export_command": command,
+            "recipe": "recipe.json", "seed": record["seed"], "steps_completed": steps,
+            "steps_planned": record["steps_planned"], "checkpoint": path.name,
+            "mode": model.mode, "precision": c["precision"],
+            "seconds": round(sum(s.get("seconds", 0) for s in record["sessions"]), 1),
+            "parent": parent},
+        "validation": {"at_step": steps if scores else None, "scores": scores,
+                       "history": history},
+        "summary": summary,
+        **({"flip": True} if c["inference"]["flip"] else {}),
+        **({"refine": dict(c["inference"]["refine"])} if c["inference"].get("refine") else {}),
+        "notes": list(card["notes"]),
+        "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]
+                                             if x != DEEPATLAS_CITATION],
+    }
+    files = {"recipe.json": folder / "recipe.json"}
+    if preprocess.get("template"):
+        files[preprocess["template"]] = folder / preprocess["template"]
+    name = pathlib.Path(out).name
+    metadata_for_card = {"name": name, **metadata}
+    preset = save_preset(out, model=_float32(model), preprocess=preprocess, labels=labels,
+                         metadata=metadata, files=files, readme=render_card(metadata_for_card))
+    log(f"exported {path} (step {steps}) -> {preset.path}")
+    return preset
