@@ -271,10 +271,10 @@ def test_map_fraction_sets_how_often_label_maps_are_drawn(phase_mode):
 
 @pytest.mark.parametrize("kernel, order", [("bspline", 3), ("linear", 1)])
 def test_separable_upsampling_equals_scipy_zoom(kernel, order):
-    from dazoo.training.synth import _zoom_to
+    from dazoo.spatial import upsample
 
     coarse = np.random.default_rng(0).normal(size=(4, 5, 3)).astype(np.float32)
     shape = (23, 30, 17)
     expected = ndi.zoom(coarse, [n / c for n, c in zip(shape, coarse.shape)], order=order,
                         mode="nearest", grid_mode=True, prefilter=False)[:23, :30, :17]
-    np.testing.assert_allclose(_zoom_to(coarse, shape, kernel=kernel), expected, atol=1e-5)
+    np.testing.assert_allclose(upsample(coarse, shape, kernel=kernel), expected, atol=1e-5)

@@ -1,12 +1,13 @@
-"""Random spatial and intensity augmentation of training images (NumPy / SciPy)."""
+"""Random spatial and intensity augmentation of training images (NumPy / SciPy; the spatial
+sampler is :mod:`dazoo.spatial`, shared with synthesis)."""
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.ndimage as ndi
 
+from dazoo import spatial
 from dazoo.errors import DazooInputError
 
 __all__ = ["Augmentation"]
@@ -59,27 +60,17 @@ class Augmentation:
         return bool(self.rotation or self.scale or self.translation or self.elastic)
 
     def coordinates(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-        """Sampling coordinates ``(3, D, H, W)`` float32: where each output voxel samples."""
+        """Sampling coordinates ``(3, D, H, W)`` float32: where each output voxel samples
+        (:func:`dazoo.spatial.coordinates`; the elastic part a B-spline-smooth field,
+        :func:`dazoo.spatial.smooth_noise`)."""
         shape = tuple(int(n) for n in shape)
-        centre = (np.array(shape) - 1) / 2
-        matrix = np.diag(rng.uniform(1 - self.scale, 1 + self.scale, 3))
-        for axis, angle in enumerate(rng.uniform(-self.rotation, self.rotation, 3)):
-            matrix = _axis_rotation(axis, np.deg2rad(angle)) @ matrix
+        matrix = spatial.random_matrix(rng, rotation=self.rotation, scale=self.scale)
         shift = rng.uniform(-self.translation, self.translation, 3)
-        offset = centre - matrix @ centre + shift
-        axes = [np.arange(n, dtype=np.float32) for n in shape]
-        coords = np.empty((3,) + shape, dtype=np.float32)
-        for row in range(3):
-            coords[row] = offset[row] + sum(
-                (matrix[row, a] * axes[a]).reshape([-1 if b == a else 1 for b in range(3)])
-                for a in range(3))
+        coords = spatial.coordinates(shape, matrix, shift)
         if self.elastic:
-            coarse = tuple(int(np.ceil(n / self.elastic_spacing)) + 1 for n in shape)
             for row in range(3):
-                control = rng.normal(0.0, self.elastic, coarse)
-                coords[row] += ndi.zoom(control, [n / c for n, c in zip(shape, coarse)],
-                                        order=3, mode="nearest", grid_mode=True)[
-                                   : shape[0], : shape[1], : shape[2]]
+                coords[row] += spatial.smooth_noise(shape, self.elastic_spacing, self.elastic,
+                                                    rng)
         return coords
 
     def __call__(self, image: np.ndarray, labels: np.ndarray | None,
@@ -92,9 +83,9 @@ class Augmentation:
         probability ``self.flip``."""
         if self.spatial:
             coords = self.coordinates(image.shape, rng)
-            image = ndi.map_coordinates(image, coords, order=1, cval=0.0, output=np.float32)
+            image = spatial.sample(image, coords, order=1, cval=0.0)
             if labels is not None:
-                labels = ndi.map_coordinates(labels, coords, order=0, cval=0)
+                labels = spatial.sample(labels, coords, order=0)
         if flip is None:
             flip = bool(self.flip) and rng.random() < self.flip
         if flip:
@@ -107,10 +98,3 @@ class Augmentation:
             image = image + rng.normal(0, self.noise, image.shape).astype(np.float32)
         return np.ascontiguousarray(image, dtype=np.float32), labels
 
-
-def _axis_rotation(axis: int, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix

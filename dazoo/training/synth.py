@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
+from dazoo import spatial
 from dazoo.errors import DazooInputError
-from dazoo.training.augment import _axis_rotation
 
 __all__ = ["LabelSynth", "SynthSample", "integrate_svf"]
 
@@ -177,15 +177,8 @@ class LabelSynth:
     # ------------------------------------------------------------------ spatial
     def affine(self, rng: np.random.Generator) -> np.ndarray:
         """A random 3x3 matrix (rotation @ shear @ scaling), determinant > 0."""
-        matrix = np.diag(rng.uniform(1 - self.scale, 1 + self.scale, 3))
-        shear = np.eye(3)
-        for (i, j), value in zip(((0, 1), (0, 2), (1, 2)),
-                                 rng.uniform(-self.shear, self.shear, 3)):
-            shear[i, j] = value
-        matrix = shear @ matrix
-        for axis, angle in enumerate(rng.uniform(-self.rotation, self.rotation, 3)):
-            matrix = _axis_rotation(axis, np.deg2rad(angle)) @ matrix
-        return matrix
+        return spatial.random_matrix(rng, rotation=self.rotation, scale=self.scale,
+                                     shear=self.shear)
 
     def displacement(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         """A random diffeomorphic displacement ``(3, D, H, W)`` (voxels), the integral of a
@@ -198,25 +191,20 @@ class LabelSynth:
         coarse = tuple(int(np.ceil(n / self.nonlinear_spacing)) + 1 for n in shape)
         # Velocity in half-resolution voxels: full-resolution values / 2.
         velocity = np.stack([
-            _zoom_to(rng.normal(0.0, sigma / 2, coarse), half) for _ in range(3)])
+            spatial.upsample(rng.normal(0.0, sigma / 2, coarse), half) for _ in range(3)])
         half_displacement = integrate_svf(velocity, int(self.integration_steps))
-        return np.stack([_zoom_to(c, shape, kernel="linear") * np.float32(n / h)
+        return np.stack([spatial.upsample(c, shape, kernel="linear") * np.float32(n / h)
                          for c, n, h in zip(half_displacement, shape, half)]).astype(np.float32)
 
     def coordinates(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         """Where each output voxel samples the input, ``(3, D, H, W)``: the grid centre +
-        affine @ (x - centre + u(x)) + translation, ``u`` from :meth:`displacement`."""
+        affine @ (x - centre + u(x)) + translation, ``u`` from :meth:`displacement`
+        (:func:`dazoo.spatial.coordinates`)."""
         shape = tuple(int(n) for n in shape)
         matrix = self.affine(rng)
         shift = rng.uniform(-self.translation, self.translation, 3)
         u = self.displacement(shape, rng)
-        centre = (np.array(shape) - 1) / 2
-        axes = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-        points = [axes[a] - np.float32(centre[a]) + u[a] for a in range(3)]
-        return np.stack([
-            np.float32(centre[r] + shift[r]) + sum(np.float32(matrix[r, a]) * points[a]
-                                                  for a in range(3))
-            for r in range(3)]).astype(np.float32)
+        return spatial.coordinates(shape, matrix, shift, u if self.nonlinear else None)
 
     # ------------------------------------------------------------------ sample
     def draw(self, labels: np.ndarray, rng: np.random.Generator | int | None = None,
@@ -229,8 +217,7 @@ class LabelSynth:
                                            f"{labels.dtype} {labels.shape}")
         shape = labels.shape
         coords = self.coordinates(shape, rng)
-        moved = ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0,
-                                    output=labels.dtype)
+        moved = spatial.sample(labels, coords, order=0)
         ids = np.union1d(np.unique(labels), [0])  # 0: also what lies outside the map
         means, stds = self._gaussians(ids, rng)
         index = np.searchsorted(ids, moved)
@@ -250,7 +237,7 @@ class LabelSynth:
             thickness = 1.0
         if self.bias:
             coarse = tuple(int(np.ceil(n / self.bias_spacing)) + 1 for n in shape)
-            log_bias = _zoom_to(rng.normal(0, rng.uniform(0, self.bias), coarse), shape)
+            log_bias = spatial.upsample(rng.normal(0, rng.uniform(0, self.bias), coarse), shape)
             image = image * np.exp(log_bias).astype(np.float32)
         if self.noise:
             spread = max(self.mean[1] - self.mean[0], 1e-3)
@@ -307,7 +294,7 @@ class LabelSynth:
             regions[background] = 0
             return regions, region_means, region_stds
         coarse = tuple(int(np.ceil(n / self.background_spacing)) + 1 for n in shape)
-        fields = np.stack([_zoom_to(rng.standard_normal(coarse), shape) for _ in range(count)])
+        fields = np.stack([spatial.upsample(rng.standard_normal(coarse), shape) for _ in range(count)])
         regions[background] = np.argmax(fields[:, background], axis=0).astype(np.int8)
         return regions, region_means, region_stds
 
@@ -323,36 +310,6 @@ def integrate_svf(velocity: np.ndarray, steps: int = 7) -> np.ndarray:
         points = grid + u
         u = u + np.stack([ndi.map_coordinates(c, points, order=1, mode="nearest") for c in u])
     return u
-
-
-def _zoom_to(array: np.ndarray, shape: Sequence[int], *, kernel: str = "bspline") -> np.ndarray:
-    """Separable upsampling of ``array`` to ``shape`` (float32), on aligned grids (voxel
-    centres, ``grid_mode``), border values repeated: ``"bspline"``, the cubic B-spline of the
-    values as control points (approximating: smooth, no overshoot), for control grids;
-    ``"linear"``, linear interpolation. One small matrix per axis: far faster than
-    ``scipy.ndimage.zoom``."""
-    out = np.asarray(array, np.float32)
-    for axis, n in enumerate(shape):
-        matrix = _upsampling_matrix(out.shape[axis], int(n), kernel)
-        out = np.moveaxis(np.tensordot(matrix, out, axes=([1], [axis])), 0, axis)
-    return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def _upsampling_matrix(coarse: int, n: int, kernel: str) -> np.ndarray:
-    """``(n, coarse)`` weights of the control values at each output position."""
-    t = (np.arange(n) + 0.5) * coarse / n - 0.5  # output centres in control-grid units
-    offsets = np.arange(-2, 3)
-    index = np.floor(t).astype(int)[:, None] + offsets[None, :]
-    x = np.abs(t[:, None] - index)
-    if kernel == "bspline":
-        weights = np.where(x < 1, 2 / 3 - x ** 2 + x ** 3 / 2,
-                           np.where(x < 2, (2 - x) ** 3 / 6, 0.0))
-    else:
-        weights = np.clip(1 - x, 0, None)
-    matrix = np.zeros((n, coarse))
-    rows = np.repeat(np.arange(n)[:, None], len(offsets), axis=1)
-    np.add.at(matrix, (rows, np.clip(index, 0, coarse - 1)), weights)
-    return (matrix / matrix.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _thick_slices(image: np.ndarray, axis: int, thickness: float) -> np.ndarray:
