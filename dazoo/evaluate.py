@@ -4,7 +4,9 @@ Segmentation: each image is segmented by the pipeline (results on its own grid) 
 against its manual label map, voxel for voxel, on the native grid. Registration: for ordered
 pairs of labelled subjects, the moving label map is carried onto the fixed scan's native grid
 through the predicted transform and scored against the fixed manual labels; the folding
-fraction of each transform is reported.
+fraction of each transform is reported. ``dazoo evaluate`` and the training validator
+(:class:`dazoo.training.callbacks.Validator`, on its cached model-grid images) both score
+through :func:`evaluate_segmentation` / :func:`evaluate_registration`.
 
 Dice is reported per label id, as the mean over the preset's labels, and (the DeepAtlas
 paper's protocol for DKT labels) over regions with left and right merged
@@ -13,6 +15,7 @@ paper's protocol for DKT labels) over regions with left and right merged
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Callable, Sequence
@@ -23,8 +26,8 @@ from dazoo import io
 from dazoo.labels import merge_left_right
 from dazoo.metrics import dice_per_label
 
-__all__ = ["merge_left_right", "score_labels", "evaluate_segmentation", "evaluate_registration",
-           "summarise"]
+__all__ = ["merge_left_right", "score_labels", "Case", "evaluate_segmentation",
+           "evaluate_registration", "summarise"]
 
 
 def score_labels(truth: np.ndarray, prediction: np.ndarray, ids: Sequence[int]) -> dict:
@@ -47,66 +50,118 @@ def _ids(pipeline) -> list[int]:
     return [int(i) for i in pipeline.class_ids if i != 0]
 
 
-def evaluate_segmentation(pipeline, subjects, *, flip: bool | None = None,
-                          log: Callable[[str], None] = print) -> list[dict]:
+@dataclasses.dataclass
+class Case:
+    """A labelled scan to score: its native image and label ids (``truth``, on the image's
+    grid), and optionally the image already on the model grid (``pre``, a
+    :class:`~dazoo.preprocess.Preprocessed`, e.g. from a training run's cache), which is
+    then not preprocessed again. ``Case.of(subject)`` reads the files only when scored
+    (:meth:`load`), so a large cohort is never held in memory at once."""
+
+    name: str
+    image: io.Volume | None = None
+    truth: np.ndarray | None = None
+    pre: object = None
+    subject: object = None
+
+    @classmethod
+    def of(cls, subject) -> Case:
+        """A case of a :class:`dazoo.training.Subject` with labels (read by :meth:`load`)."""
+        return cls(subject.name, subject=subject)
+
+    def load(self) -> Case:
+        """This case with its image and truth read (itself when they are already there)."""
+        if self.image is not None:
+            return self
+        image = io.read_image(self.subject.image)
+        truth = io.read_labels(self.subject.labels, like=image).array
+        return dataclasses.replace(self, image=image, truth=truth)
+
+
+def _cases(subjects, cases):
+    if cases is not None:
+        return list(cases)
+    return [Case.of(s) for s in subjects if s.labels]
+
+
+def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None = None,
+                          flip: bool | None = None,
+                          log: Callable[[str], None] | None = print) -> list[dict]:
     """Segments every labelled subject and scores it on its native grid.
 
     Args:
         pipeline: a :class:`dazoo.pipeline.Pipeline`.
         subjects: :class:`dazoo.training.Subject` items (those without labels are skipped).
+        cases: :class:`Case` items instead of ``subjects`` (the training validator's, with
+            their preprocessed images).
         flip: left-right test-time augmentation (default: the preset's).
+        log: progress lines (None: quiet).
 
     Returns:
         one dict per subject: ``name``, ``seconds`` and the fields of :func:`score_labels`.
     """
     results = []
-    labelled = [s for s in subjects if s.labels]
-    for number, subject in enumerate(labelled, 1):
-        image = io.read_image(subject.image)
-        truth = io.read_labels(subject.labels, like=image).array
-        seg = pipeline.segment(image, flip=flip)
-        scores = score_labels(truth, seg.labels.array, _ids(pipeline))
-        results.append({"name": subject.name, "seconds": seg.seconds, **scores})
-        log(f"[{number}/{len(labelled)}] segment {subject.name}: mean Dice "
-            f"{scores['mean_dice']:.3f} (merged {scores['mean_merged_dice']:.3f}), "
-            f"{seg.seconds:.1f} s")
+    cases = _cases(subjects, cases)
+    for number, case in enumerate(cases, 1):
+        case = case.load()
+        start = time.perf_counter()
+        if case.pre is not None:
+            labels = pipeline.segment_preprocessed(case.pre, flip=flip)
+        else:
+            labels = pipeline.segment(case.image, flip=flip).labels
+        seconds = time.perf_counter() - start
+        scores = score_labels(case.truth, labels.array, _ids(pipeline))
+        results.append({"name": case.name, "seconds": seconds, **scores})
+        if log is not None:
+            log(f"[{number}/{len(cases)}] segment {case.name}: mean Dice "
+                f"{scores['mean_dice']:.3f} (merged {scores['mean_merged_dice']:.3f}), "
+                f"{seconds:.1f} s")
     return results
 
 
-def evaluate_registration(pipeline, subjects, *, pairs: Sequence[tuple[int, int]] | None = None,
+def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None = None,
+                          pairs: Sequence[tuple[int, int]] | None = None,
                           refine_options: dict | None = None,
-                          log: Callable[[str], None] = print) -> list[dict]:
+                          log: Callable[[str], None] | None = print) -> list[dict]:
     """Registers ordered pairs of labelled subjects and scores the carried labels.
 
     Args:
         pipeline: a :class:`dazoo.pipeline.Pipeline`.
         subjects: :class:`dazoo.training.Subject` items with labels.
-        pairs: ``(moving index, fixed index)`` into ``subjects``; default every ordered pair.
+        cases: :class:`Case` items instead of ``subjects`` (preprocessed when both images of
+            a pair carry ``pre``).
+        pairs: ``(moving index, fixed index)`` into the cases; default every ordered pair.
         refine_options: passed to :meth:`~dazoo.pipeline.Pipeline.register` (e.g.
             ``{"guide": "segmenter"}``: the refinement does not see the moving labels).
+        log: progress lines (None: quiet).
 
     Returns:
         one dict per pair: ``moving``, ``fixed``, ``seconds``, ``folding_fraction`` and the
         fields of :func:`score_labels`.
     """
-    subjects = [s for s in subjects if s.labels]
+    cases = _cases(subjects, cases)
     if pairs is None:
-        pairs = list(itertools.permutations(range(len(subjects)), 2))
+        pairs = list(itertools.permutations(range(len(cases)), 2))
     results = []
     for number, (i, j) in enumerate(pairs, 1):
-        moving, fixed = subjects[i], subjects[j]
-        fixed_image = io.read_image(fixed.image)
-        truth = io.read_labels(fixed.labels, like=fixed_image).array
+        moving, fixed = cases[i].load(), cases[j].load()
+        labels = io.Volume(moving.truth, moving.image.affine, None)
         start = time.perf_counter()
-        result = pipeline.register(moving.image, fixed_image, moving_labels=moving.labels,
-                                   refine_options=refine_options)
+        if moving.pre is not None and fixed.pre is not None:
+            result = pipeline.register_preprocessed(
+                moving.image, moving.pre, fixed.image.affine, fixed.pre, moving_labels=labels,
+                refine_options=refine_options)
+        else:
+            result = pipeline.register(moving.image, fixed.image, moving_labels=labels,
+                                       refine_options=refine_options)
         seconds = time.perf_counter() - start
-        scores = score_labels(truth, result.moved_labels.array, _ids(pipeline))
+        scores = score_labels(fixed.truth, result.moved_labels.array, _ids(pipeline))
         results.append({"moving": moving.name, "fixed": fixed.name, "seconds": seconds,
                         "folding_fraction": result.folding_fraction, **scores})
-        log(f"[{number}/{len(pairs)}] register {moving.name} -> {fixed.name}: mean Dice "
-            f"{scores['mean_dice']:.3f} (merged {scores['mean_merged_dice']:.3f}), folding "
-            f"{100 * result.folding_fraction:.4f} %, {seconds:.1f} s")
+        if log is not None:
+            log(f"[{number}/{len(pairs)}] register {moving.name} -> {fixed.name}: mean Dice "
+                f"{scores['mean_dice']:.3f} (merged {scores['mean_merged_dice']:.3f}), "
+                f"folding {100 * result.folding_fraction:.4f} %, {seconds:.1f} s")
     return results
 
 

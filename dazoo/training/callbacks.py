@@ -18,6 +18,7 @@ import numpy as np
 
 from dazoo import io
 from dazoo.batch import REGISTRATION, SEGMENTATION, make_batch
+from dazoo.evaluate import Case, evaluate_registration, evaluate_segmentation
 from dazoo.labels import LabelMap
 
 __all__ = ["RunCheckpoint", "Validation", "Validator", "save_atomic", "steps_done"]
@@ -90,12 +91,12 @@ class Validator:
         self.entries = [cache.get(s) for s in self.subjects]
         self.classes = [label_map.to_classes(e.labels, source=s.labels)
                         for s, e in zip(self.subjects, self.entries)]
-        self.native = []
-        for subject in self.subjects:
+        self.cases = []  # the scans on their native grids, their ids through the label map
+        for subject, entry in zip(self.subjects, self.entries):
             image = io.read_image(subject.image)
             truth = io.read_labels(subject.labels, like=image)
             ids = label_map.to_ids(label_map.to_classes(truth.array, source=subject.labels))
-            self.native.append((image, io.Volume(ids, truth.affine, None)))
+            self.cases.append(Case(subject.name, image, ids, entry.preprocessed))
         count = len(self.subjects)
         self.pairs = [(i, j) for i in range(count) for j in range(count) if i != j][:max_pairs]
 
@@ -103,12 +104,10 @@ class Validator:
         return bool(self.subjects)
 
     def __call__(self, model, preprocessor) -> dict[str, float]:
-        from dazoo.evaluate import score_labels
         from dazoo.pipeline import Pipeline
 
         pipeline = Pipeline.from_model(model, preprocessor, self.label_map.to_table(),
                                        name="validation")
-        ids = [int(i) for i in self.label_map.ids[1:]]
         scores: dict[str, float] = {}
         registration = REGISTRATION in model.schedule.networks
         segmentation = SEGMENTATION in model.schedule.networks
@@ -122,29 +121,22 @@ class Validator:
                 if key in grid:
                     scores[key] = float(grid[key])
         if segmentation:
-            per = {}
-            for subject, entry, (_, truth) in zip(self.subjects, self.entries, self.native):
-                predicted = pipeline.segment_preprocessed(entry.preprocessed).array
-                per[subject.name] = score_labels(truth.array, predicted, ids)
+            per = {r["name"]: r for r in evaluate_segmentation(pipeline, cases=self.cases,
+                                                                log=None)}
             scores["native_seg_dice"] = float(np.mean([r["mean_dice"] for r in per.values()]))
             scores["native_seg_merged_dice"] = float(np.mean(
                 [r["mean_merged_dice"] for r in per.values()]))
             scores["native_seg_per_subject"] = {k: r["mean_dice"] for k, r in per.items()}
         if registration and self.pairs:
-            per, folding = {}, []
-            for i, j in self.pairs:
-                (moving_image, moving_truth), (_, fixed_truth) = self.native[i], self.native[j]
-                result = pipeline.register_preprocessed(
-                    moving_image, self.entries[i].preprocessed, fixed_truth.affine,
-                    self.entries[j].preprocessed, moving_labels=moving_truth)
-                name = f"{self.subjects[i].name} -> {self.subjects[j].name}"
-                per[name] = score_labels(fixed_truth.array, result.moved_labels.array, ids)
-                folding.append(result.folding_fraction)
+            results = evaluate_registration(pipeline, cases=self.cases, pairs=self.pairs,
+                                            log=None)
+            per = {f"{r['moving']} -> {r['fixed']}": r for r in results}
             scores["native_reg_dice"] = float(np.mean([r["mean_dice"] for r in per.values()]))
             scores["native_reg_merged_dice"] = float(np.mean(
                 [r["mean_merged_dice"] for r in per.values()]))
             scores["native_reg_per_pair"] = {k: r["mean_dice"] for k, r in per.items()}
-            scores["folding_fraction"] = float(np.mean(folding))
+            scores["folding_fraction"] = float(np.mean([r["folding_fraction"]
+                                                        for r in results]))
         natives = [scores[k] for k in ("native_seg_dice", "native_reg_dice") if k in scores]
         if natives:
             scores["native_dice"] = float(np.mean(natives))
