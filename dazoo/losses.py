@@ -230,7 +230,7 @@ def class_sums(values, classes, num_classes: int):
 
     ``values`` and ``classes`` ``(batch, ...)``, ``values`` in ``[0, 1]`` (validity masks,
     probabilities), ``classes`` integers in ``0..K-1``. Summed by
-    :func:`dazoo.ops._unit_segment_sum` (fixed-point: deterministic, ~2x faster on the CPU
+    :func:`dazoo.ops.unit_segment_sum` (fixed-point: deterministic, ~2x faster on the CPU
     than a float segment sum). Returns ``(batch, K)`` float32: e.g.
     ``class_sums(ones, classes, K)`` is the voxel count of each label,
     ``sum(one_hot(classes), spatial axes)`` without the one-hot map.
@@ -238,9 +238,9 @@ def class_sums(values, classes, num_classes: int):
     batch = ops.shape(classes)[0]
     classes = ops.reshape(ops.cast(classes, "int32"), (batch, -1))
     segments = classes + ops.reshape(ops.arange(batch, dtype="int32") * num_classes, (-1, 1))
-    from .ops import _unit_segment_sum
+    from dazoo.ops import unit_segment_sum
 
-    sums = _unit_segment_sum(ops.reshape(ops.cast(values, "float32"), (-1,)),
+    sums = unit_segment_sum(ops.reshape(ops.cast(values, "float32"), (-1,)),
                              ops.reshape(segments, (-1,)), batch * num_classes)
     return ops.reshape(sums, (-1, num_classes))
 

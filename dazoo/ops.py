@@ -32,15 +32,16 @@ __all__ = [
     "warped_label_overlap",
     "warped_one_hot",
     "class_scatter",
+    "unit_segment_sum",
     "warp_adjoint_labels",
     "leaky_relu",
 ]
 
-#: Fixed-point scale of :func:`_unit_segment_sum` (values in [0, 1] become integers of 2**-32).
+#: Fixed-point scale of :func:`unit_segment_sum` (values in [0, 1] become integers of 2**-32).
 _FIXED_POINT = 2.0 ** 32
 
 
-def _unit_segment_sum(values, ids, num_segments: int):
+def unit_segment_sum(values, ids, num_segments: int):
     """``ops.segment_sum`` of 1-D ``values`` in ``[0, 1]`` by ids ``0..num_segments-1``:
     per-class sums of interpolation weights and probabilities.
 
@@ -250,7 +251,7 @@ def warped_label_overlap(labels, displacement, target, num_classes: int, *,
         displacement: ``(batch, D, H, W, 3)`` in voxels.
         target: ``(batch, D, H, W, K)`` fixed-image one-hot labels or probabilities.
         num_classes: ``K``.
-        fixed_point: the class sums by :func:`_unit_segment_sum` (default; TensorFlow: ~2x
+        fixed_point: the class sums by :func:`unit_segment_sum` (default; TensorFlow: ~2x
             faster than ``segment_sum``, deterministic, resolution 2**-32 per term); False:
             ``ops.segment_sum`` (float32 accumulation, the comparison).
 
@@ -285,7 +286,7 @@ def warped_label_overlap(labels, displacement, target, num_classes: int, *,
     segments = batch * (k + 1)
     if fixed_point:
         def class_sum(v):
-            return _unit_segment_sum(v, ids, segments)
+            return unit_segment_sum(v, ids, segments)
     else:
         def class_sum(v):
             return ops.segment_sum(v, ids, num_segments=segments)
@@ -615,10 +616,10 @@ def _unflatten(outputs, inputs):
 
 def class_scatter(values, labels, num_classes):
     """``(batch, K)`` sums of ``values`` ``(batch, n, M)`` in ``[0, 1]`` (probabilities times
-    interpolation weights) per label ``labels`` (same shape), by :func:`_unit_segment_sum`."""
+    interpolation weights) per label ``labels`` (same shape), by :func:`unit_segment_sum`."""
     batch = ops.shape(labels)[0]
     segments = labels + ops.reshape(ops.arange(batch, dtype="int32") * num_classes, (-1, 1, 1))
-    sums = _unit_segment_sum(ops.reshape(values, (-1,)), ops.reshape(segments, (-1,)),
+    sums = unit_segment_sum(ops.reshape(values, (-1,)), ops.reshape(segments, (-1,)),
                              batch * num_classes)
     return ops.reshape(sums, (-1, num_classes))
 

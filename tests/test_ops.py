@@ -145,7 +145,7 @@ def test_unit_segment_sum_equals_bincount_is_deterministic_and_its_gradient_is_a
     x = tf.constant(values)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        sums = dops._unit_segment_sum(x, tf.constant(ids), 9)        # bins 7, 8 stay empty
+        sums = dops.unit_segment_sum(x, tf.constant(ids), 9)        # bins 7, 8 stay empty
         loss = tf.reduce_sum(sums * tf.range(9, dtype=tf.float32) ** 2)
     np.testing.assert_allclose(sums.numpy(), np.bincount(ids, weights=values, minlength=9),
                                rtol=1e-6)
@@ -153,7 +153,7 @@ def test_unit_segment_sum_equals_bincount_is_deterministic_and_its_gradient_is_a
     # many values into few bins, run again: bit for bit the same (a float bincount is not)
     ids = tf.constant(rng.integers(0, 63, 2_000_000).astype(np.int32))
     values = tf.constant(rng.random(2_000_000).astype(np.float32))
-    runs = [dops._unit_segment_sum(values, ids, 63).numpy() for _ in range(4)]
+    runs = [dops.unit_segment_sum(values, ids, 63).numpy() for _ in range(4)]
     for other in runs[1:]:
         np.testing.assert_array_equal(other, runs[0])
 

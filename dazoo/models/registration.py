@@ -9,8 +9,15 @@ import keras
 import numpy as np
 
 from dazoo.layers import RescaleTransform, SpatialTransformer, VecInt
-from dazoo.models.unet import (DEFAULT_FEATURES, check_features, create_layer, layers_of,
-                               num_poolings, unet)
+from dazoo.models.unet import (
+    DEFAULT_FEATURES,
+    check_divisible,
+    check_features,
+    create_layer,
+    layers_of,
+    num_poolings,
+    unet,
+)
 
 __all__ = ["RegistrationNet", "load_voxelmorph_weights"]
 
@@ -116,7 +123,7 @@ class RegistrationNet(keras.Model):
         dtype = None if dtype is None else keras.dtype_policies.get(dtype)
         inshape = tuple(int(n) for n in inshape)
         features = check_features(features, conv_per_level)
-        _check_divisible(inshape, num_poolings(features, conv_per_level))
+        check_divisible(inshape, num_poolings(features, conv_per_level))
         flow_resolution = 2 if half_res else 1
         if int_steps > 0:
             if int(int_resolution) < flow_resolution:
@@ -184,16 +191,6 @@ class RegistrationNet(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-def _check_divisible(inshape: Sequence[int], levels: int) -> None:
-    multiple = 2**levels
-    bad = [n for n in inshape if n % multiple]
-    if bad:
-        raise ValueError(
-            f"every spatial size must be a multiple of 2**{levels} = {multiple} for this "
-            f"U-Net, got {tuple(inshape)}"
-        )
 
 
 def _voxelmorph_weight_groups(path: str | os.PathLike) -> tuple[str, dict[str, list[np.ndarray]]]:

@@ -5,8 +5,14 @@ from typing import Sequence
 
 import keras
 
-from dazoo.models.unet import NORMALIZATIONS, check_features, layers_of, num_poolings, unet
-from dazoo.models.registration import _check_divisible
+from dazoo.models.unet import (
+    NORMALIZATIONS,
+    check_divisible,
+    check_features,
+    layers_of,
+    num_poolings,
+    unet,
+)
 
 __all__ = ["SegmentationNet"]
 
@@ -60,7 +66,7 @@ class SegmentationNet(keras.Model):
         dtype = None if dtype is None else keras.dtype_policies.get(dtype)
         inshape = tuple(int(n) for n in inshape)
         features = check_features(features, conv_per_level)
-        _check_divisible(inshape, num_poolings(features, conv_per_level))
+        check_divisible(inshape, num_poolings(features, conv_per_level))
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if num_classes < 2:

@@ -206,3 +206,15 @@ def unet(
 
         x = run(real_level, [up] + units[1:], x, skips[real_level])
     return x
+
+
+def check_divisible(inshape: Sequence[int], levels: int) -> None:
+    """Refuses a grid a U-Net with ``levels`` poolings cannot take (every size a multiple of
+    ``2**levels``)."""
+    multiple = 2**levels
+    bad = [n for n in inshape if n % multiple]
+    if bad:
+        raise ValueError(
+            f"every spatial size must be a multiple of 2**{levels} = {multiple} for this "
+            f"U-Net, got {tuple(inshape)}"
+        )
