@@ -327,7 +327,7 @@ def main(argv=None):
     if bad:
         parser.error(f"--precision: unknown {bad}; choose from {list(PRECISIONS)}")
 
-    from dazoo.training.recipe import BFLOAT16_CPU_FLAGS, cpu_flags  # no backend import
+    from dazoo.training.precision import BFLOAT16_CPU_FLAGS, cpu_flags  # no backend import
 
     native = sorted(cpu_flags() & set(BFLOAT16_CPU_FLAGS))
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "

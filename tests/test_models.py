@@ -76,7 +76,7 @@ def test_keras_save_load_gives_identical_outputs(tmp_path, net):
 
 
 def test_segmentation_in_mixed_bfloat16_matches_float32_weights(tmp_path):
-    from dazoo.training.recipe import native_bfloat16
+    from dazoo.training.precision import native_bfloat16
 
     keras.utils.set_random_seed(0)
     mixed = SegmentationNet(SHAPE, 3, dtype="mixed_bfloat16")  # the standard Keras argument

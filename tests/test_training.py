@@ -147,7 +147,7 @@ def test_recipe_precision_per_network(tmp_path):
 
 def test_bfloat16_falls_back_to_float32_where_the_machine_emulates_it(tmp_path, monkeypatch):
     from dazoo.training import engine, train
-    from dazoo.training.recipe import cpu_flags, machine_precision
+    from dazoo.training.precision import cpu_flags, machine_precision
 
     intel = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
     assert cpu_flags(intel) == {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16", "amx_tile"}

@@ -38,7 +38,8 @@ from dazoo.batch import REGISTRATION, SEGMENTATION, Schedule
 from dazoo.errors import DazooInputError
 from dazoo.training.data import split_subjects  # noqa: F401  (was defined here)
 from dazoo.training.exporter import DEEPATLAS_CITATION, export  # noqa: F401  (the same API)
-from dazoo.training.recipe import Recipe, machine_precision, native_bfloat16, network_precisions
+from dazoo.training.precision import machine_precision, native_bfloat16, network_precisions
+from dazoo.training.recipe import Recipe
 from dazoo.training.runfolder import RunFolder, now, worker, write_json
 
 __all__ = ["train", "export", "finetune", "Run", "build_model", "compile_model",
@@ -72,7 +73,7 @@ def _uses_bfloat16(precision) -> bool:
 
 def _precision_here(recipe: Recipe) -> tuple[Recipe, str | None]:
     """The recipe with its precision for this machine (bfloat16 -> float32 where bfloat16 is
-    emulated, see :func:`~dazoo.training.recipe.native_bfloat16`) and the warning to print."""
+    emulated, see :func:`~dazoo.training.precision.native_bfloat16`) and the warning to print."""
     asked = recipe["precision"]
     if not _uses_bfloat16(asked):
         return recipe, None
@@ -279,8 +280,14 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
 
     from dazoo.presets import get_preset
     from dazoo.training.cache import VolumeCache
-    from dazoo.training.callbacks import (RunCheckpoint, Validation, Validator,
-                                          keep_steps_up_to, read_validation, steps_done)
+    from dazoo.training.callbacks import (
+        RunCheckpoint,
+        Validation,
+        Validator,
+        keep_steps_up_to,
+        read_validation,
+        steps_done,
+    )
     from dazoo.training.data import gather, preprocessing
     from dazoo.training.pairs import PairDataset
 
