@@ -92,6 +92,18 @@ def trained(tmp_path_factory):
     return folder, recipe, run
 
 
+def test_progress_lines_when_there_is_no_progress_bar(trained):
+    """Output that is not a terminal (a log file, nohup) gets progress lines in the run's log:
+    the step, the losses, the pace and the time left, at the first and the last step at
+    least (issue: ~140 s of silence in a trial)."""
+    folder, _, run = trained
+    lines = (run.folder / "train.log").read_text().splitlines()
+    first = next(line for line in lines if "step 1/8:" in line)
+    assert "reg_loss" in first and "seg_loss" in first and "s/step" in first
+    assert "left" in first
+    assert any("step 8/8:" in line and "0:00:00 left" in line for line in lines)
+
+
 # ----------------------------------------------------------------------------- recipes
 def test_recipe_defaults_paths_and_strict_keys(tmp_path):
     recipe = Recipe.from_dict({"data": {"train": "d.csv"}, "labels": {"ids": [1]}},

@@ -21,7 +21,8 @@ from dazoo.batch import REGISTRATION, SEGMENTATION, make_batch
 from dazoo.evaluate import Case, evaluate_registration, evaluate_segmentation
 from dazoo.labels import LabelMap
 
-__all__ = ["RunCheckpoint", "Validation", "Validator", "save_atomic", "steps_done"]
+__all__ = ["ProgressLog", "RunCheckpoint", "Validation", "Validator", "save_atomic",
+           "steps_done"]
 
 
 def _count(variable) -> int:
@@ -41,6 +42,40 @@ def save_atomic(model, path: str | os.PathLike) -> None:
     """``model.save(path)`` through a temporary file and a rename: a kill never leaves a
     truncated checkpoint."""
     io.atomic_write(path, model.save)
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Progress lines for output that is not a terminal (a log file, ``nohup``), where
+    Keras's progress bar does not draw: the first step, then one line at most every
+    ``seconds``: ``step S/T``, the running means of the losses over the current checkpoint
+    interval, seconds per step this session, and the time left at that pace.
+
+    Args:
+        total: the run's last step.
+        seconds: the least time between two lines (0: every step).
+        log: function receiving the lines.
+    """
+
+    def __init__(self, total: int, *, seconds: float = 30.0,
+                 log: Callable[[str], None] = print):
+        super().__init__()
+        self.total, self.seconds, self.log = int(total), float(seconds), log
+
+    def on_train_begin(self, logs=None):
+        self.first = steps_done(self.model)
+        self.started = self.last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        step = steps_done(self.model)
+        if step != self.first + 1 and step != self.total and now - self.last < self.seconds:
+            return
+        self.last = now
+        per_step = (now - self.started) / max(step - self.first, 1)
+        left = int(round(per_step * (self.total - step)))
+        shown = " ".join(f"{k} {float(v):.4g}" for k, v in sorted((logs or {}).items()))
+        self.log(f"step {step}/{self.total}: {shown}; {per_step:.2f} s/step, "
+                 f"{left // 3600:d}:{left % 3600 // 60:02d}:{left % 60:02d} left")
 
 
 class RunCheckpoint(keras.callbacks.Callback):

@@ -281,6 +281,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
     from dazoo.presets import get_preset
     from dazoo.training.cache import VolumeCache
     from dazoo.training.callbacks import (
+        ProgressLog,
         RunCheckpoint,
         Validation,
         Validator,
@@ -383,6 +384,8 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         cbs += list(callbacks)
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
+        if verbose != 1:  # no progress bar: a line at least every 30 s instead
+            cbs.append(ProgressLog(total, seconds=30.0, log=say))
         if done < total:
             # One iterator over the remaining steps (item i = step done + i), never shuffled:
             # each step gets its own batch whatever the epoch bookkeeping.
