@@ -294,9 +294,22 @@ def _register(args: argparse.Namespace) -> int:
             args.fixed, result.moved, result.displacement,
             os.path.join(args.qc, f"{stem(args.moving)}_to_{stem(args.fixed)}.png"),
             title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}"))
-    _log(f"done in {result.seconds:.1f} s; folding voxels "
-         f"{100 * result.folding_fraction:.4f} %; wrote {', '.join(written)}")
+    _log(f"done in {result.seconds:.1f} s; {_folding_line(result, args.jacobian)}; wrote "
+         f"{', '.join(written)}")
     return 0
+
+
+def _folding_line(result, jacobian_path) -> str:
+    """Folding as measured where it is: the network's deformation on the model grid, and,
+    when the Jacobian map was written, that map's own count on the fixed image's grid (the
+    whole transform resampled there can fold where the model grid's does not)."""
+    line = (f"folding {100 * result.folding_fraction:.4f} % of model-grid voxels (the "
+            f"deformable part)")
+    if jacobian_path:
+        det = result.jacobian_map().array
+        line += (f"; {os.path.basename(jacobian_path)} (fixed grid, affine included): "
+                 f"{int((det <= 0).sum())} voxels <= 0, min {float(det.min()):.3g}")
+    return line
 
 
 def _add_register(sub) -> None:

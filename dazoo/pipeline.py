@@ -101,11 +101,15 @@ class Registration:
         one of them), the transform contains a reflection and every determinant is negative:
         its sign then says nothing about folding (``folding_fraction``, on the model grid, is
         not affected)."""
+        cached = self.__dict__.get("_jacobian_map")
+        if cached is not None:
+            return cached
         from dazoo.metrics import world_jacobian_determinant
 
         affine = self.displacement.affine
         det = world_jacobian_determinant(self.displacement.array, affine)
-        return Volume(det.astype(np.float32), affine, None)
+        self.__dict__["_jacobian_map"] = Volume(det.astype(np.float32), affine, None)
+        return self.__dict__["_jacobian_map"]
 
     def save(self, *, moved: str | os.PathLike | None = None,
              warp: str | os.PathLike | None = None,

@@ -84,6 +84,12 @@ def test_warp_reproduces_register(preset_dir, scans, tmp_path, capsys):  # noqa:
                  paths["moved"], "--warp", paths["warp"], "--moving-labels", moving_labels,
                  "--moved-labels", paths["ml"], "--jacobian", paths["jac"],
                  "--qc", str(tmp_path / "qc")]) == 0
+    # The folding line says where it was measured, and counts the written map's voxels.
+    done = [line for line in capsys.readouterr().err.splitlines() if "done in" in line][0]
+    det = np.asarray(nib.load(paths["jac"]).dataobj)
+    assert "of model-grid voxels" in done
+    assert f"jac.nii.gz (fixed grid, affine included): {int((det <= 0).sum())} voxels <= 0" \
+        in done
     assert main(["warp", moving_labels, "--warp", paths["warp"], "--reference", fixed,
                  "-o", str(tmp_path / "again_labels.nii.gz"), "--labels"]) == 0
     expected = np.asarray(nib.load(paths["ml"]).dataobj)
