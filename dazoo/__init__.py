@@ -34,6 +34,8 @@ _LAZY = {
 }
 
 __all__ = sorted([*_LAZY, "__version__"])
+#: Names that do not import Keras.
+_LIGHT = {"io", "metrics", "DazooInputError", "list_presets"}
 
 
 def __getattr__(name: str):
@@ -41,6 +43,10 @@ def __getattr__(name: str):
         module_name, attribute = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module 'dazoo' has no attribute {name!r}") from None
+    if name not in _LIGHT:  # TensorFlow's start-up lines hidden, as in the CLI
+        from dazoo.startup import quiet_for_api
+
+        quiet_for_api()
     module = importlib.import_module(module_name)
     value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from dazoo import __version__
 from dazoo.errors import DazooInputError
+from dazoo.startup import quiet_tensorflow
 
 __all__ = ["main"]
 
@@ -643,54 +644,6 @@ def _add_finetune(sub) -> None:
 
 
 # --------------------------------------------------------------------------- main
-def quiet_tensorflow(*, verbose: bool = False, threads: int | None = None) -> None:
-    """Before TensorFlow is imported: hide its C++ and Python log lines (on a CPU machine the
-    CUDA probe prints an error-looking line, oneDNN an info line) unless ``verbose``, and set
-    its thread counts. Environment variables the user set already win."""
-    import logging
-
-    if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
-        try:
-            import absl.logging
-
-            absl.logging.set_verbosity(absl.logging.ERROR)
-        except ImportError:  # pragma: no cover
-            pass
-    if threads is not None:
-        for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
-            os.environ[name] = str(threads)
-        os.environ["TF_NUM_INTEROP_THREADS"] = "1" if threads == 1 else "2"
-    if not verbose and "tensorflow" not in sys.modules:
-        # TensorFlow's C++ side logs at import and at its CUDA probe before its log-level
-        # settings apply (absl writes "All log messages before absl::InitializeLog() ..." to
-        # the stderr file descriptor): import it with that descriptor sent to /dev/null.
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 2)
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
-        except ImportError:  # pragma: no cover (reported by the verb that needs it)
-            pass
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
-    if threads is not None:
-        try:
-            import tensorflow as tf
-
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1 if threads == 1 else 2)
-        except (ImportError, RuntimeError):  # reported by the verb / already initialised
-            pass
-
-
 #: Verbs that run TensorFlow (imported quietly before them).
 _TENSORFLOW_VERBS = {"segment", "register", "evaluate", "train", "finetune", "export", "demo"}
 

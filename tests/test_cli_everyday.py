@@ -185,3 +185,23 @@ def test_qc_slices_are_in_world_orientation(codes):
     shown, ras_spacing = _ras(Volume(array, affine, None))
     np.testing.assert_array_equal(shown, np.asarray(canonical.dataobj))
     np.testing.assert_allclose(ras_spacing, canonical.header.get_zooms()[:3])
+
+
+def test_python_api_does_not_print_tensorflow_start_up_lines(tmp_path):
+    """``import dazoo`` and a first use of a network print none of TensorFlow's C++ start-up
+    lines (oneDNN, the CUDA probe, absl), as the CLI does not (a user's TF_CPP_MIN_LOG_LEVEL
+    below 3 brings them back)."""
+    import subprocess
+    import sys
+
+    code = ("import dazoo\n"
+            "net = dazoo.SegmentationNet((16, 16, 16), 3)\n"
+            "print('params', net.count_params())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "params" in result.stdout
+    noise = [line for line in result.stderr.splitlines()
+             if any(w in line for w in ("oneDNN", "cuda", "cuInit", "absl", "cpu_feature"))]
+    assert noise == []
