@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from dazoo import __version__
 from dazoo.errors import DazooInputError
-from dazoo.startup import quiet_tensorflow
+from dazoo.startup import quiet_tensorflow, tensorflow
 
 __all__ = ["main"]
 
@@ -38,6 +38,7 @@ _STRICT_HELP = ("make a failed input sanity check (implausible size, failed alig
 # --------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
     """Train a tiny DeepAtlas on synthetic anatomies and write its results as NIfTI."""
+    tensorflow()  # its start-up quiet (main asked for it)
     import numpy as np
 
     from dazoo.demo import run_demo
@@ -141,12 +142,47 @@ def _segment_targets(inputs: Sequence[str], out: str) -> list[str]:
 
 
 def _check_outputs(outputs: Sequence[str | None], inputs: Sequence[str]) -> None:
-    """Refuses, before any work, an output path that names an input file."""
+    """Refuses, before any work, an output path that names an input file or that cannot be
+    written (see :func:`_check_writable`)."""
     from dazoo.io import same_file
 
     for path in outputs:
         if path is not None and any(same_file(path, p) for p in inputs):
             raise DazooInputError(path, "refusing to overwrite an input file")
+    for path in outputs:
+        if path is not None:
+            _check_writable(path)
+
+
+def _check_writable(path: str) -> None:
+    """Refuses an output whose folder cannot take it: the nearest existing folder above it
+    must be a folder (not a file) in which a file can be created (tried: a probe file,
+    removed at once; permissions alone do not tell, e.g. for root in /proc)."""
+    import tempfile
+
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise DazooInputError(path, f"cannot be written: {probe} is a file, not a folder")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".dazoo-probe-", dir=probe)
+        os.close(handle)
+        os.remove(name)
+    except OSError as err:
+        raise DazooInputError(path, f"cannot be written in {probe} "
+                                    f"({err.strerror or err})") from None
+
+
+def _load(preset: str):
+    """The preset's pipeline: its name or folder checked first (no TensorFlow needed), then
+    TensorFlow started (quietly) and the networks loaded."""
+    from dazoo.hub import load
+    from dazoo.presets import get_preset
+
+    get_preset(preset)
+    tensorflow()
+    return load(preset)
 
 
 def _write_volumes(path: str, rows: list[dict], names: dict) -> None:
@@ -166,7 +202,6 @@ def _write_volumes(path: str, rows: list[dict], names: dict) -> None:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from dazoo.hub import load
     from dazoo.io import stem
 
     keep_going = args.continue_on_error
@@ -192,7 +227,7 @@ def _segment(args: argparse.Namespace) -> int:
         print(f"dazoo: error: {err}", file=sys.stderr)
     if not inputs:
         raise failed[0][1] if failed else DazooInputError("segment", "no input")
-    pipeline = load(args.preset)
+    pipeline = _load(args.preset)
     rows = []
     for number, (path, target, prob) in enumerate(zip(inputs, targets, probabilities), 1):
         try:
@@ -259,7 +294,6 @@ def _add_segment(sub) -> None:
 
 # --------------------------------------------------------------------------- register
 def _register(args: argparse.Namespace) -> int:
-    from dazoo.hub import load
 
     if args.moved_labels and not args.moving_labels:
         raise DazooInputError("--moved-labels", "needs --moving-labels")
@@ -276,7 +310,7 @@ def _register(args: argparse.Namespace) -> int:
     if args.warp and not args.warp.endswith((".nii", ".nii.gz")):
         raise DazooInputError(args.warp, "displacement fields are written as .nii or .nii.gz")
     _check_outputs([args.moved, args.warp, args.moved_labels, args.jacobian], inputs)
-    pipeline = load(args.preset)
+    pipeline = _load(args.preset)
     _log(f"registering {args.moving} -> {args.fixed}")
     result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels,
                                strict=args.strict, refine=args.refine)
@@ -436,13 +470,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from dazoo.training import load_subjects
     from dazoo.evaluate import evaluate_registration, evaluate_segmentation, summarise
-    from dazoo.hub import load
-
     subjects = [s for s in load_subjects(args.data, image=args.image, labels=args.labels)
                 if s.labels]
     if not subjects:
         raise DazooInputError(args.data, "no subject has a label map to evaluate against")
-    pipeline = load(args.preset)
+    pipeline = _load(args.preset)
     report = {"preset": pipeline.name, "data": os.path.abspath(args.data),
               "subjects": [s.name for s in subjects]}
     if not args.skip_segmentation:
@@ -530,6 +562,7 @@ def _command_line() -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    tensorflow()  # its start-up quiet (main asked for it)
     from dazoo.training.engine import make_strategy, train
 
     strategy = make_strategy(args.strategy) if args.strategy else None  # before any TF op
@@ -576,6 +609,7 @@ def _add_train(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    tensorflow()  # its start-up quiet (main asked for it)
     from dazoo.training.exporter import export
 
     preset = export(args.run_folder, args.output, checkpoint=args.checkpoint,
@@ -597,6 +631,7 @@ def _add_export(sub) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    tensorflow()  # its start-up quiet (main asked for it)
     from dazoo.training.engine import finetune, make_strategy
 
     strategy = make_strategy(args.strategy) if args.strategy else None  # before any TF op
@@ -675,8 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    if args.verb in _TENSORFLOW_VERBS:
-        quiet_tensorflow(verbose=args.verbose, threads=args.threads)
+    if args.verb in _TENSORFLOW_VERBS:  # imported by the verb once its arguments are checked
+        quiet_tensorflow(verbose=args.verbose, threads=args.threads, now=False)
     try:
         return args.run(args)
     except DazooInputError as err:

@@ -8,13 +8,33 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["quiet_tensorflow", "quiet_for_api"]
+__all__ = ["quiet_tensorflow", "quiet_for_api", "tensorflow"]
 
 
-def quiet_tensorflow(*, verbose: bool = False, threads: int | None = None) -> None:
+#: What :func:`quiet_tensorflow` asked for, applied by :func:`tensorflow` when ``now=False``.
+_PENDING: dict = {}
+
+
+def tensorflow() -> None:
+    """Imports TensorFlow now, as a :func:`quiet_tensorflow` call with ``now=False`` asked
+    (quietly, its thread counts set); a no-op otherwise or when it is imported already. The
+    CLI's verbs call it once their arguments are checked, so that a wrong path or preset name
+    is reported at once, not after TensorFlow's few seconds of start-up."""
+    if _PENDING:
+        options = dict(_PENDING)
+        _PENDING.clear()
+        quiet_tensorflow(**options)
+
+
+def quiet_tensorflow(*, verbose: bool = False, threads: int | None = None,
+                     now: bool = True) -> None:
     """Before TensorFlow is imported: hide its C++ and Python log lines (on a CPU machine the
     CUDA probe prints an error-looking line, oneDNN an info line) unless ``verbose``, and set
-    its thread counts. Environment variables the user set already win."""
+    its thread counts. Environment variables the user set already win. ``now=False``: only
+    remember the request; :func:`tensorflow` carries it out."""
+    if not now:
+        _PENDING.update(verbose=verbose, threads=threads)
+        return
     import logging
 
     if not verbose:

@@ -205,3 +205,50 @@ def test_python_api_does_not_print_tensorflow_start_up_lines(tmp_path):
     noise = [line for line in result.stderr.splitlines()
              if any(w in line for w in ("oneDNN", "cuda", "cuInit", "absl", "cpu_feature"))]
     assert noise == []
+
+
+@pytest.mark.parametrize("case", ["missing input", "unknown preset", "output under a file",
+                                  "unwritable folder", "kernel folder"])
+def test_bad_paths_and_preset_names_are_refused_before_tensorflow_starts(tmp_path, case):
+    """A missing input, an unknown preset or an output that cannot be written is a one-line
+    error (exit 2, the user's path named) found before any work: here TensorFlow cannot even
+    be imported (a stand-in module that raises), so the check must come first."""
+    import subprocess
+    import sys
+
+    stand_in = tmp_path / "site"
+    stand_in.mkdir()
+    marker = tmp_path / "tensorflow-was-imported"
+    (stand_in / "tensorflow.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                            "raise ImportError('tensorflow imported')\n")
+    image = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), image)
+    (tmp_path / "afile").write_text("not a folder")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    args = {"missing input": [str(tmp_path / "nosuch.nii.gz"), "-o", str(tmp_path / "out")],
+            "unknown preset": [str(image), "-o", str(tmp_path / "out"), "--preset", "nosuch"],
+            "output under a file": [str(image), "-o", str(tmp_path / "afile" / "seg.nii.gz")],
+            "unwritable folder": [str(image), "-o", str(readonly / "seg.nii.gz")],
+            "kernel folder": [str(image), "-o", "/proc/seg.nii.gz"]}[case]
+    if case == "kernel folder" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    if case == "unwritable folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        readonly.chmod(0o500)
+    env = {**os.environ, "PYTHONPATH": f"{stand_in}{os.pathsep}{os.getcwd()}"}
+    try:
+        result = subprocess.run([sys.executable, "-m", "dazoo", "segment", *args],
+                                capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        readonly.chmod(0o700)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("dazoo: error:"), result.stderr
+    assert not marker.exists(), "TensorFlow was imported before the check"
+    expected = {"missing input": "nosuch.nii.gz", "unknown preset": "nosuch",
+                "output under a file": "is a file, not a folder",
+                "unwritable folder": "cannot be written",
+                "kernel folder": "/proc/seg.nii.gz: cannot be written"}[case]
+    assert expected in lines[0]
