@@ -210,15 +210,20 @@ def render_card(meta: dict) -> str:
     what = "weights and template" if grid.get("template") else "weights"
     lines += [f"**License of the {what}: {meta.get('license', 'unspecified')}.** "
               + (meta.get("license_note") or ""), ""]
+    # A shipped preset loads by name; any other (fine-tuned, exported) by its folder.
+    shipped = (preset_root() / str(name) / "metadata.json").is_file()
+    where = repr(name) if shipped else repr(f"path/to/{name}")
     lines += ["## Use", "", "```python", "import dazoo",
-              f"model = dazoo.load({name!r})          # or the preset folder's path"]
+              f"model = dazoo.load({where})" + ("          # or the preset folder's path"
+                                               if shipped else "   # the preset folder")]
     if "segmentation" in meta.get("task", []):
         lines.append("model.segment('scan.nii.gz').save('scan_seg.nii.gz')")
     if "registration" in meta.get("task", []):
         lines.append("model.register('moving.nii.gz', 'fixed.nii.gz').save(moved='moved.nii.gz', "
                      "warp='warp.nii.gz')")
+    ref = name if shipped else f"path/to/{name}"
     lines += ["```", "", f"From the shell: `dazoo segment scan.nii.gz -o seg.nii.gz --preset "
-              f"{name}`; fine-tune it further with `dazoo finetune --from {name} ...`.", ""]
+              f"{ref}`; fine-tune it further with `dazoo finetune --from {ref} ...`.", ""]
     if grid:
         template = "an affine pre-alignment to the shipped template, " if grid.get(
             "template") else ""
