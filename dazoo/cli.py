@@ -180,9 +180,13 @@ def _load(preset: str):
     from dazoo.hub import load
     from dazoo.presets import get_preset
 
+    from dazoo.startup import device_summary
+
     get_preset(preset)
     tensorflow()
-    return load(preset)
+    pipeline = load(preset)
+    _log(f"preset {pipeline.name}: {device_summary()}")
+    return pipeline
 
 
 def _write_volumes(path: str, rows: list[dict], names: dict) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["quiet_tensorflow", "quiet_for_api", "tensorflow"]
+__all__ = ["quiet_tensorflow", "quiet_for_api", "tensorflow", "device_summary"]
 
 
 #: What :func:`quiet_tensorflow` asked for, applied by :func:`tensorflow` when ``now=False``.
@@ -90,3 +90,29 @@ def quiet_for_api() -> None:
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") not in ("3", ""):
         return
     quiet_tensorflow()
+
+
+def device_summary() -> str:
+    """Where the networks run, in words: ``"GPU (NVIDIA H100 ...)"`` or ``"CPU (2 cores)"``,
+    with the Keras backend (imports it: call after :func:`tensorflow`)."""
+    import keras
+
+    backend = keras.backend.backend()
+    gpus = []
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        for device in tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(device)
+            gpus.append(details.get("device_name", device.name))
+    elif backend == "torch":
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    elif backend == "jax":
+        import jax
+
+        gpus = [str(d) for d in jax.devices() if d.platform != "cpu"]
+    if gpus:
+        return f"{backend} on GPU ({', '.join(gpus)})"
+    return f"{backend} on CPU ({os.cpu_count()} cores)"

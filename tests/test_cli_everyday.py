@@ -85,9 +85,13 @@ def test_warp_reproduces_register(preset_dir, scans, tmp_path, capsys):  # noqa:
                  "--moved-labels", paths["ml"], "--jacobian", paths["jac"],
                  "--qc", str(tmp_path / "qc")]) == 0
     # The folding line says where it was measured, and counts the written map's voxels.
-    done = [line for line in capsys.readouterr().err.splitlines() if "done in" in line][0]
+    err_lines = capsys.readouterr().err.splitlines()
+    done = [line for line in err_lines if "done in" in line][0]
     det = np.asarray(nib.load(paths["jac"]).dataobj)
     assert "of model-grid voxels" in done
+    # and which device ran the networks (issue: nothing said so)
+    assert any(line.startswith("preset ") and (" on CPU (" in line or " on GPU (" in line)
+               for line in err_lines)
     assert f"jac.nii.gz (fixed grid, affine included): {int((det <= 0).sum())} voxels <= 0" \
         in done
     assert main(["warp", moving_labels, "--warp", paths["warp"], "--reference", fixed,
