@@ -598,6 +598,21 @@ def _save(array, affine, path, *, protect, kind, descrip=None, slope=None) -> st
     return atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
+def read_json(path: str | os.PathLike, *, what: str = "JSON"):
+    """The content of a JSON file; a :class:`DazooInputError` naming the file otherwise
+    (``"no such <what> file"`` when it is missing, ``"cannot be read as <what> (...)"``)."""
+    import json
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise DazooInputError(path, f"no such {what} file") from None
+    except (OSError, ValueError) as err:
+        raise DazooInputError(path, f"cannot be read as {what} ({err})") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, *,
                       protect: Iterable[str | os.PathLike] = ()) -> str:
     """Write a text file (a report, a JSON config) atomically (:func:`atomic_write`)."""

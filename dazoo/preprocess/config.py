@@ -128,13 +128,9 @@ class PreprocessConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> PreprocessConfig:
         """Read a JSON file (e.g. a preset's ``preprocess.json``)."""
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                config = json.load(handle)
-        except (OSError, ValueError) as err:
-            raise DazooInputError(path, f"cannot be read as JSON ({err})") from None
-        return cls.from_dict(config, source=path)
+        from dazoo.io import read_json
+
+        return cls.from_dict(read_json(path), source=os.fspath(path))
 
     def fingerprint(self) -> str:
         """A short hash of the config (for cache keys)."""

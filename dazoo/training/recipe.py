@@ -184,14 +184,10 @@ class Recipe:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
         """Reads a recipe file (paths in it are relative to its folder)."""
+        from dazoo.io import read_json
+
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                config = json.load(handle)
-        except FileNotFoundError:
-            raise DazooInputError(path, "no such recipe file") from None
-        except (OSError, ValueError) as err:
-            raise DazooInputError(path, f"is not a readable JSON recipe ({err})") from None
+        config = read_json(path, what="JSON recipe")
         return cls.from_dict(config, root=os.path.dirname(os.path.abspath(path)), source=path)
 
     def with_overrides(self, items) -> Recipe:
