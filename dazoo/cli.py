@@ -180,13 +180,16 @@ def _load(preset: str):
     from dazoo.hub import load
     from dazoo.presets import get_preset
 
-    from dazoo.startup import device_summary
-
     get_preset(preset)
     tensorflow()
-    pipeline = load(preset)
-    _log(f"preset {pipeline.name}: {device_summary()}")
-    return pipeline
+    return load(preset)
+
+
+def _device() -> str:
+    """Where the networks run, for the first result line (an error stays one line)."""
+    from dazoo.startup import device_summary
+
+    return device_summary()
 
 
 def _write_volumes(path: str, rows: list[dict], names: dict) -> None:
@@ -256,7 +259,8 @@ def _segment(args: argparse.Namespace) -> int:
             failed.append((path, err))
             continue
         rows.append({"image": path, "volumes": result.volumes()})
-        _log(f"[{number}/{len(inputs)}] {path} -> {target} ({result.seconds:.1f} s)")
+        _log(f"[{number}/{len(inputs)}] {path} -> {target} ({result.seconds:.1f} s"
+             + (f", {pipeline.name}, {_device()})" if len(rows) == 1 else ")"))
     if args.volumes and rows:
         _write_volumes(args.volumes, rows, pipeline.label_names)
         _log(f"volumes: {args.volumes}")
@@ -333,8 +337,8 @@ def _register(args: argparse.Namespace) -> int:
             args.fixed, result.moved, result.displacement,
             os.path.join(args.qc, f"{stem(args.moving)}_to_{stem(args.fixed)}.png"),
             title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}"))
-    _log(f"done in {result.seconds:.1f} s; {_folding_line(result, args.jacobian)}; wrote "
-         f"{', '.join(written)}")
+    _log(f"done in {result.seconds:.1f} s ({pipeline.name}, {_device()}); "
+         f"{_folding_line(result, args.jacobian)}; wrote {', '.join(written)}")
     return 0
 
 
@@ -482,7 +486,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = {"preset": pipeline.name, "data": os.path.abspath(args.data),
               "subjects": [s.name for s in subjects]}
     if not args.skip_segmentation:
-        _log(f"segmentation of {len(subjects)} subjects")
+        _log(f"segmentation of {len(subjects)} subjects ({pipeline.name}, {_device()})")
         per_subject = evaluate_segmentation(pipeline, subjects, log=_log)
         report["segmentation"] = {"summary": summarise(per_subject), "subjects": per_subject}
     if args.pairs != 0 and len(subjects) > 1:
