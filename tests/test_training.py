@@ -489,3 +489,33 @@ def test_a_recipe_grows_the_parents_segmenter_without_changing_its_output(traine
     config["init"] = {"segmentation_features": wide}
     with pytest.raises(DazooInputError, match="init.preset"):
         Recipe.from_dict(config, root=folder)
+
+
+def test_knee_v2_recipe_parses_and_keeps_validation_subjects_out_of_its_maps():
+    """examples/knee/recipe_v2.json: a valid recipe (DESS priors, 6 OAI-ZIB ids, the grid
+    measured in examples/knee/README), and no training map belongs to a subject that
+    make_validation.py holds out (both time points of an OAI_AKOA subject on one side)."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "examples" / "knee"
+    sys.path.insert(0, str(root))
+    try:
+        import make_validation
+    finally:
+        sys.path.remove(str(root))
+    recipe = Recipe.load(root / "recipe_v2.json")
+    synth, probability = recipe.synth()
+    assert probability == 1.0 and synth.prior_probability == 0.5
+    assert synth.priors[2][0] > synth.priors[1][1]  # cartilage brighter than bone marrow
+    assert recipe["labels"]["ids"] == [1, 2, 3, 4, 5, 6]
+    assert recipe["preprocess"]["shape"] == [80, 160, 160]
+    maps = [os.path.basename(m["path"]) for m in recipe["data"]["label_maps"]]
+    assert all(m["relabel"] == {"7": 1, "8": 3, "9": 5} for m in recipe["data"]["label_maps"])
+    subjects = [make_validation.subject_of(m) for m in maps]
+    assert len(maps) == 46 and len(set(subjects)) == 30
+    # every OAI_AKOA subject (two time points each) lies wholly on the training side
+    assert all(subjects.count(s) == 2 for s in subjects if s.startswith("OAI_AKOA"))
+    data = root.parent.parent.parent / "shared" / "data" / "oai-knee-labels"
+    if data.is_dir():  # the recipe's maps are exactly what make_validation.py leaves
+        files = sorted(str(p) for p in data.glob("OAI_*.nii*"))
+        train, held = make_validation.split(files, 3, 3, 0)
+        assert sorted(os.path.basename(f) for f in train) == sorted(maps)
+        assert not {make_validation.subject_of(f) for f in held} & set(subjects)
