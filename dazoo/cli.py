@@ -563,6 +563,15 @@ def _add_list(sub) -> None:
 
 
 # --------------------------------------------------------------------------- train
+def _add_patterns(p) -> None:
+    p.add_argument("--image", help="image file pattern inside each subject folder, may name "
+                                   "subfolders, e.g. 'mri/T1.mgz' (default: image.*; BIDS: "
+                                   "*_T1w.nii*)")
+    p.add_argument("--labels", help="label file pattern likewise; subjects without one are "
+                                    "unlabelled (default: labels.*; BIDS: *_dseg.nii*, also "
+                                    "under derivatives/)")
+
+
 def _command_line() -> str:
     import shlex
 
@@ -583,10 +592,16 @@ def _train(args: argparse.Namespace) -> int:
             raise DazooInputError("train", "needs RECIPE.json and -o RUN/ (or --resume RUN/)")
         from dazoo.training.recipe import Recipe
 
+        _check_writable(os.path.join(args.output, "run.json"))
         recipe = Recipe.load(args.recipe)
         overrides = list(args.set or ())
         if args.data is not None:
+            if not os.path.exists(args.data):
+                raise DazooInputError(args.data, "no such file or folder")
             overrides.append(f"data.train={os.path.abspath(args.data)}")
+        for key in ("image", "labels"):
+            if getattr(args, key) is not None:
+                overrides.append(f"data.{key}={getattr(args, key)}")
         if overrides:
             recipe = recipe.with_overrides(overrides)
         run = train(recipe, args.output, command=_command_line(), strategy=strategy, log=_log)
@@ -607,6 +622,7 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--data", help="training data (CSV manifest or folder) instead of the "
                                   "recipe's data.train")
+    _add_patterns(p)
     p.add_argument("--strategy", choices=("mirrored", "multi_worker"),
                    help="tf.distribute: all local GPUs (mirrored) or several machines "
                         "(multi_worker, cluster in TF_CONFIG); batch_size is the global batch")
@@ -646,8 +662,11 @@ def _finetune(args: argparse.Namespace) -> int:
     for path in [args.data] + ([args.validation] if args.validation else []):
         if not os.path.exists(path):
             raise DazooInputError(path, "no such file or folder")
+    for path in (args.output, args.run_dir or f"{args.output.rstrip('/')}.run"):
+        _check_writable(os.path.join(path, "x"))
     preset = finetune(args.parent, args.data, args.output, steps=args.steps,
-                      validation=args.validation, labels_from_data=args.labels_from_data,
+                      validation=args.validation, image=args.image, labels=args.labels,
+                      labels_from_data=args.labels_from_data,
                       freeze=args.freeze or (), learning_rate=args.lr, seed=args.seed,
                       run=args.run_dir, resume=args.resume, strategy=strategy,
                       command=_command_line(), log=_log)
@@ -665,11 +684,15 @@ def _add_finetune(sub) -> None:
                     "dazoo segment/register --preset and dazoo.load().")
     p.add_argument("--from", dest="parent", default="brain",
                    help="parent preset name or folder (default: brain)")
-    p.add_argument("--data", required=True, help="cohort: CSV manifest or data folder")
+    p.add_argument("--data", required=True,
+                   help="cohort: CSV manifest or data folder (images/ + labels/, one subfolder "
+                        "per subject with --image/--labels patterns, or BIDS sub-*/anat/)")
+    _add_patterns(p)
     p.add_argument("-o", "--output", required=True, metavar="PRESET", help="new preset folder")
     p.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
-    p.add_argument("--validation", help="CSV manifest of labelled validation scans: scored at "
-                                        "native resolution, the best checkpoint is exported")
+    p.add_argument("--validation", help="labelled validation scans (CSV manifest or folder, "
+                                        "same patterns): scored at native resolution, the "
+                                        "best checkpoint is exported")
     p.add_argument("--labels-from-data", action="store_true",
                    help="the cohort's own label ids as the label table (re-initialises the "
                         "segmenter's last layer); default: the parent's, unknown ids -> "

@@ -83,6 +83,80 @@ def test_folder_layouts(tmp_path, make_affine, phantom, phantom_labels):
         data.find_subjects(tmp_path / "per_subject", image="t1.nii.gz")
 
 
+def _touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "wb").close()
+    return str(path)
+
+
+def test_freesurfer_and_nested_patterns(tmp_path):
+    """Patterns may name subfolders (FreeSurfer's mri/) and use ** (any depth)."""
+    root = tmp_path / "fs"
+    for name in ("bert", "ernie"):
+        _touch(root / name / "mri" / "T1.mgz")
+        _touch(root / name / "mri" / "brainmask.mgz")
+    _touch(root / "bert" / "mri" / "aparc.DKTatlas+aseg.mgz")
+    _touch(root / "fsaverage" / "surf" / "lh.white")  # not a subject: no image
+    subjects = data.find_subjects(root, image="mri/brainmask.mgz",
+                                  labels="mri/aparc.DKTatlas+aseg.mgz")
+    assert [(s.name, os.path.relpath(s.image, root), s.labels and os.path.relpath(s.labels, root))
+            for s in subjects] == [
+        ("bert", "bert/mri/brainmask.mgz", "bert/mri/aparc.DKTatlas+aseg.mgz"),
+        ("ernie", "ernie/mri/brainmask.mgz", None)]
+    deep = data.find_subjects(root, image="**/brainmask.mgz", labels=None)
+    assert [s.name for s in deep] == ["bert", "ernie"] and all(s.labels is None for s in deep)
+
+
+def test_bids_layout(tmp_path):
+    """sub-*/[ses-*/]anat/*_T1w with labels beside them or in derivatives/, named after the
+    entities; both sessions of a subject kept apart; other suffixes ignored."""
+    root = tmp_path / "bids"
+    (root).mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.8.0"}')
+    t1 = {
+        "sub-01_ses-1": _touch(root / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"),
+        "sub-01_ses-2": _touch(root / "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"),
+        "sub-02": _touch(root / "sub-02/anat/sub-02_T1w.nii"),
+        "sub-03": _touch(root / "sub-03/anat/sub-03_T1w.nii.gz"),
+    }
+    _touch(root / "sub-02/anat/sub-02_T2w.nii.gz")
+    _touch(root / "sub-02/anat/sub-02_T1w.json")
+    beside = _touch(root / "sub-02/anat/sub-02_dseg.nii.gz")
+    derived = _touch(root / "derivatives/manual/sub-01/ses-2/anat/sub-01_ses-2_desc-dkt_dseg.nii.gz")
+    subjects = data.load_subjects(root)  # the recipe's / CLI's default patterns
+    assert {s.name: s.image for s in subjects} == t1
+    assert {s.name: s.labels for s in subjects} == {"sub-01_ses-1": None, "sub-01_ses-2": derived,
+                                                    "sub-02": beside, "sub-03": None}
+    assert data.find_subjects(root, image="image.*", labels="labels.*")[1].labels == derived
+    t2 = data.find_subjects(root, image="*_T2w.nii*", labels=None)
+    assert [s.name for s in t2] == ["sub-02"]
+    _touch(root / "derivatives/auto/sub-02/anat/sub-02_desc-aseg_dseg.nii.gz")
+    with pytest.raises(DazooInputError, match="2 label maps matching"):
+        data.load_subjects(root)
+    picked = data.find_subjects(root, labels="*_desc-aseg_dseg.nii.gz")
+    assert [s.name for s in picked if s.labels] == ["sub-02"]
+    empty = tmp_path / "empty_bids"
+    _touch(empty / "sub-01/anat/sub-01_FLAIR.nii.gz")
+    with pytest.raises(DazooInputError, match=r"no subjects found \(expected sub-\*"):
+        data.load_subjects(empty)
+
+
+def test_validation_folder_read_with_the_training_patterns(tmp_path, make_affine, phantom,
+                                                             phantom_labels):
+    from dazoo.training.data import split_subjects
+
+    _write_subjects(tmp_path / "all", make_affine, phantom, phantom_labels)
+    subjects = data.find_subjects(tmp_path / "all", image="image.*", labels="labels.*")
+    held = tmp_path / "held"
+    os.makedirs(held / "v1")
+    os.link(subjects[1].image, held / "v1" / "image.nii.gz")
+    os.link(subjects[1].labels, held / "v1" / "labels.mgz")
+    train, validation = split_subjects(subjects, str(held), source="r", image="image.*",
+                                       labels="labels.*")
+    assert [s.name for s in train] == ["s0", "s2"]  # the same file is held out
+    assert [(s.name, s.labels is not None) for s in validation] == [("v1", True)]
+
+
 # ----------------------------------------------------------------------------- label map
 def test_label_map_contiguous_classes():
     label_map = data.LabelMap([17, 2, 1002, 0, 53], names={17: "Left-Hippocampus"})

@@ -296,6 +296,10 @@ def test_cli_refuses_bad_runs_in_one_line(trained, tmp_path):
                   tmp_path / "p")
     assert result.returncode == 2 and "at least 2 images" in result.stderr
     assert len(_dazoo_lines(result.stderr)) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.run").exists() and not (tmp_path / "p").exists()  # nothing left
+    result = _cli("finetune", "--from", "brain", "--data", tmp_path / "one.csv", "-o",
+                  tmp_path / "one.csv" / "p")
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr
 
 
 # ----------------------------------------------------------------------------- export
@@ -384,6 +388,31 @@ def test_finetune_keeps_the_parent_table_or_learns_the_cohorts(trained, exported
     result = _cli("segment", cohort / "s0.nii.gz", "-o", tmp_path / "s.nii.gz", "--preset",
                   grown.path)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_finetune_cli_from_a_subject_folder(trained, exported, tmp_path):
+    """FreeSurfer-like subject folders with --image/--labels patterns (subfolders named in
+    them), a subject without a label file trained as unlabelled, a validation folder."""
+    cohort = _cohort(tmp_path / "flat", count=5, unlabelled=(3,))
+    for name, where in (("s0", "cohort"), ("s1", "cohort"), ("s2", "cohort"), ("s3", "cohort"),
+                        ("s4", "held")):
+        mri = tmp_path / where / name / "mri"
+        mri.mkdir(parents=True)
+        os.link(cohort / f"{name}.nii.gz", mri / "T1.nii.gz")
+        if name != "s3":
+            os.link(cohort / f"{name}_seg.nii.gz", mri / "aseg.nii.gz")
+    result = _cli("finetune", "--from", exported.path, "--data", tmp_path / "cohort", "--image",
+                  "mri/T1.nii.gz", "--labels", "mri/aseg.nii.gz", "--validation",
+                  tmp_path / "held", "--steps", "2", "-o", tmp_path / "mine")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "mine.run" / "run.json").read_text())
+    assert sorted(record["labelled"]) == ["s0", "s1", "s2"] and record["unlabelled"] == ["s3"]
+    assert record["validation"] == ["s4"]
+    assert (tmp_path / "mine" / "model.weights.h5").is_file()
+    result = _cli("finetune", "--from", exported.path, "--data", tmp_path / "cohort",
+                  "--steps", "2", "-o", tmp_path / "nope")
+    assert result.returncode == 2 and "no subjects found (expected <name>/image.*" in result.stderr
+    assert not (tmp_path / "nope.run").exists()
 
 
 def test_finetune_example_script(trained, exported, tmp_path):

@@ -48,17 +48,18 @@ def gather(recipe: Recipe, schedule, parent=None) -> RunData:
     data = c["data"]
     subjects = load_subjects(data["train"], image=data["image"], labels=data["labels"])
     train, validation = split_subjects(subjects, data["validation"], source=recipe.source,
-                                       seed=c["seed"])
+                                       seed=c["seed"], image=data["image"],
+                                       labels=data["labels"])
     maps = []
     if data["label_maps"] is not None:
         maps = find_label_maps(data["label_maps"], source=recipe.source)
-        held = {os.path.realpath(s.labels) for s in validation if s.labels}
+        held = {file_key(s.labels) for s in validation if s.labels}
         names = [s.name for s in validation]
         # The same file, or another file of a validation subject (a map named after it, e.g.
         # Mindboggle-101's OASIS-TRT-20-12.aparcNMMjt+aseg.mgz for the validation subject
         # OASIS-TRT-20-12): both contaminate the validation.
         leaked = [m.labels for m in maps
-                  if os.path.realpath(m.labels) in held
+                  if file_key(m.labels) in held
                   or any(named_after(os.path.basename(m.labels), n) for n in names)]
         if leaked:
             raise DazooInputError(recipe.source, f"data.label_maps holds validation label "
@@ -97,16 +98,19 @@ def check_sides(recipe: Recipe, table: LabelMap) -> None:
                                              "and right structures")
 
 
-def split_subjects(subjects, validation, *, source: str, seed: int = 0):
-    """``(train, validation)`` subjects from the recipe's ``data.validation``."""
-    from dazoo.training.subjects import read_manifest
+def split_subjects(subjects, validation, *, source: str, seed: int = 0,
+                   image: str | None = None, labels: str | None = None):
+    """``(train, validation)`` subjects from the recipe's ``data.validation``: None, subject
+    names, ``{"count": n, "seed": s}``, or a CSV manifest or folder (read with the
+    ``image`` / ``labels`` patterns, as the training data)."""
+    from dazoo.training.subjects import LABELS, load_subjects
 
     if validation is None:
         return list(subjects), []
     if isinstance(validation, str):
-        held = read_manifest(validation)
-        images = {os.path.realpath(s.image) for s in held}
-        train = [s for s in subjects if os.path.realpath(s.image) not in images]
+        held = load_subjects(validation, image=image, labels=labels or LABELS)
+        images = {file_key(s.image) for s in held}
+        train = [s for s in subjects if file_key(s.image) not in images]
         return train, held
     names = [s.name for s in subjects]
     if isinstance(validation, dict):
@@ -123,6 +127,16 @@ def split_subjects(subjects, validation, *, source: str, seed: int = 0):
                                       f"(found {names[:6]}{' ...' if len(names) > 6 else ''})")
     held = [s for s in subjects if s.name in set(validation)]
     return [s for s in subjects if s.name not in set(validation)], held
+
+
+def file_key(path: str):
+    """What makes two paths the same file: device and inode (symbolic and hard links
+    included), or the resolved path where the file cannot be examined."""
+    try:
+        status = os.stat(path)
+        return status.st_dev, status.st_ino
+    except OSError:
+        return os.path.realpath(path)
 
 
 def named_after(filename: str, subject: str) -> bool:

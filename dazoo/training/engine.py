@@ -396,6 +396,9 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         steps = steps_done(model)
         say(f"done: {steps} steps, {session['seconds']:.0f} s this session")
         return Run(folder, model, steps, read_validation(folder))
+    except Exception:
+        run.discard()  # no half-made run folder left by a run that never started
+        raise
     finally:
         run.close()
 
@@ -431,7 +434,7 @@ def checkpoint_interval(steps: int, at_most: int = 100) -> int:
 
 def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
              steps: int = 400, validation: str | os.PathLike | None = None,
-             labels_from_data: bool = False, freeze: Sequence[str] = (),
+             image: str | None = None, labels: str | None = None, labels_from_data: bool = False, freeze: Sequence[str] = (),
              learning_rate: float | None = None, seed: int = 0,
              run: str | os.PathLike | None = None, resume: bool = False,
              checkpoint_every: int | None = None, validate_every: int | None = None,
@@ -447,11 +450,15 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
     Args:
         parent: a preset name or folder (e.g. ``"brain"``).
         data: the cohort, a CSV manifest ``image,labels`` (an empty ``labels`` cell for an
-            unlabelled image) or a data folder.
+            unlabelled image) or a data folder (see :mod:`dazoo.training.subjects`: images/ +
+            labels/, one subfolder per subject, or BIDS).
         out: the preset folder to write.
         steps: training steps (both networks together).
-        validation: a CSV manifest of labelled validation scans (scored at native
+        validation: a CSV manifest or folder of labelled validation scans (scored at native
             resolution; the best checkpoint is exported). Without it the last one is.
+        image, labels: the file patterns inside subject folders (default ``image.*`` /
+            ``labels.*``; BIDS ``*_T1w.nii*`` / ``*_dseg.nii*``); a subject without a label
+            file is unlabelled.
         labels_from_data: use the cohort's own label ids as the label table (the
             segmenter's last layer is re-initialised). Default: the parent's table, ids it
             does not know count as background.
@@ -499,7 +506,8 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         description="",
         seed=int(seed),
         data={"train": os.path.abspath(data), "validation": (
-            os.path.abspath(validation) if validation is not None else None)},
+            os.path.abspath(validation) if validation is not None else None),
+              **({"image": image} if image else {}), **({"labels": labels} if labels else {})},
         init={"preset": str(preset.path), "labels_from_data": bool(labels_from_data)},
         training={"steps": int(steps), "checkpoint_every": every,
                   "validate_every": validate_every or every * max(1, int(steps) // every // 4)},

@@ -8,7 +8,7 @@ one takes the default shown by ``Recipe.defaults()``)::
       "seed": 0,
       "data": {"train": "data/",              CSV manifest (image,labels) or folder
                "image": "t1.nii.gz", "labels": "labels.nii.gz",   folder patterns
-               "validation": ["s12", "s13"],  names in "train", a CSV manifest, or
+               "validation": ["s12", "s13"],  names in "train", a CSV manifest or folder, or
                                                {"count": 3, "seed": 0}: a seeded split
                "labelled": "all",             "all", k (seeded choice), or names
                "cache": null,                  folder of preprocessed volumes (default RUN/cache)

@@ -56,6 +56,7 @@ class RunFolder:
         folder = pathlib.Path(out)
         self.path = folder if self.chief else folder / f".worker-{self.task}"
         self._log = log
+        self.created = False
         if resume:
             if not (self.path / "run.json").is_file():
                 raise DazooInputError(self.path, "is not a run folder (no run.json) to resume")
@@ -65,6 +66,7 @@ class RunFolder:
             if (self.path / "run.json").exists() or (self.path / "checkpoint.keras").exists():
                 raise DazooInputError(self.path, "holds a run already: resume it (--resume) "
                                                  "or choose another folder")
+            self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             io.write_text_atomic(self.path / "recipe.json", recipe.to_json() + "\n")
             self.recipe, self.record = recipe, None
@@ -83,3 +85,17 @@ class RunFolder:
 
     def close(self) -> None:
         self._file.close()
+
+    def discard(self) -> bool:
+        """After a failure before the run started (no ``run.json`` written): removes the
+        folder this call created unless it holds preprocessed volumes worth keeping (the
+        same ``-o`` reuses them). Returns whether it was removed."""
+        import shutil
+
+        self.close()
+        cache = self.path / "cache"
+        if (not self.created or self.record is not None or (self.path / "run.json").exists()
+                or (cache.is_dir() and any(cache.iterdir()))):
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True

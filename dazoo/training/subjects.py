@@ -10,13 +10,21 @@ Manifests (lists of :class:`Subject`) come from either
       scans/s01.nii.gz,segs/s01.nii.gz
       scans/s02.mgz,
 
-* or a folder, in one of two layouts (see :func:`find_subjects`):
+* or a folder, in one of three layouts (see :func:`find_subjects`):
 
   - ``images/<name>.nii.gz`` with optional ``labels/<name>.nii.gz`` (any of ``.nii``,
     ``.nii.gz``, ``.mgz``), the nnU-Net-like layout;
   - one subfolder per subject, ``<name>/<image pattern>`` with an optional
-    ``<name>/<labels pattern>`` (glob patterns, e.g. Mindboggle:
-    ``image="t1weighted_brain.nii.gz", labels="labels.DKT31.manual.nii.gz"``).
+    ``<name>/<labels pattern>`` (glob patterns, which may name subfolders and use ``**``;
+    e.g. Mindboggle: ``image="t1weighted_brain.nii.gz",
+    labels="labels.DKT31.manual.nii.gz"``; FreeSurfer subjects: ``image="mri/T1.mgz",
+    labels="mri/aparc.DKTatlas+aseg.mgz"``);
+  - a BIDS dataset (``dataset_description.json``, or ``sub-*`` folders): every
+    ``sub-<x>[/ses-<y>]/anat/*_T1w.nii[.gz]`` is a subject named after its entities
+    (``sub-01_ses-1``); its label map is the file of the same entities matching
+    ``*_dseg.nii*`` in the same ``anat`` folder or in ``derivatives/<pipeline>/`` (BIDS
+    derivatives). The image and labels patterns replace ``*_T1w.nii*`` / ``*_dseg.nii*``
+    when given.
 """
 from __future__ import annotations
 
@@ -29,7 +37,11 @@ from dazoo.errors import DazooInputError
 from dazoo.io import WRITABLE, stem
 
 __all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects", "find_label_maps",
-           "relabelled"]
+           "relabelled", "IMAGE", "LABELS", "BIDS_IMAGE", "BIDS_LABELS"]
+
+#: Default patterns of the subfolder layout and of a BIDS dataset (see the module docstring).
+IMAGE, LABELS = "image.*", "labels.*"
+BIDS_IMAGE, BIDS_LABELS = "*_T1w.nii*", "*_dseg.nii*"
 
 # ----------------------------------------------------------------------------- manifests
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +126,17 @@ def _check_unique(subjects, source):
 def find_subjects(
     folder: str | os.PathLike,
     *,
-    image: str = "image.*",
-    labels: str | None = "labels.*",
+    image: str | None = None,
+    labels: str | None = LABELS,
 ) -> list[Subject]:
-    """Subjects from a folder (see the module docstring for the two layouts).
+    """Subjects from a folder (see the module docstring for the layouts).
 
     Args:
         folder: the data folder.
-        image: glob pattern of the image inside each subject folder (subfolder layout).
-        labels: glob pattern of the label map inside each subject folder, or None.
+        image: glob pattern of the image inside each subject folder (default ``image.*``; in
+            a BIDS dataset, of the file name in each ``anat`` folder, default ``*_T1w.nii*``).
+        labels: glob pattern of the label map likewise (default ``labels.*``, BIDS
+            ``*_dseg.nii*``), or None for no labels.
 
     Returns:
         Subjects sorted by name.
@@ -131,14 +145,64 @@ def find_subjects(
     if not os.path.isdir(folder):
         raise DazooInputError(folder, "is not a folder")
     if os.path.isdir(os.path.join(folder, "images")):
-        subjects = _images_layout(folder)
+        subjects, expected = _images_layout(folder), "images/<name>.nii.gz"
+    elif is_bids(folder):
+        image = BIDS_IMAGE if image in (None, IMAGE) else image
+        labels = BIDS_LABELS if labels == LABELS else labels
+        subjects, expected = _bids_layout(folder, image, labels), f"sub-*/[ses-*/]anat/{image}"
     else:
-        subjects = _subfolder_layout(folder, image, labels)
+        image = image or IMAGE
+        subjects, expected = _subfolder_layout(folder, image, labels), f"<name>/{image}"
     if not subjects:
-        raise DazooInputError(
-            folder, f"no subjects found (expected images/<name>.nii.gz or <name>/{image})"
-        )
+        raise DazooInputError(folder, f"no subjects found (expected {expected}; the patterns "
+                                      f"are --image / --labels, or data.image / data.labels "
+                                      f"in a recipe)")
     return sorted(subjects, key=lambda s: s.name)
+
+
+def is_bids(folder: str | os.PathLike) -> bool:
+    """A BIDS dataset: ``dataset_description.json`` or subject folders ``sub-*``."""
+    folder = os.fspath(folder)
+    return (os.path.isfile(os.path.join(folder, "dataset_description.json"))
+            or bool(glob.glob(os.path.join(glob.escape(folder), "sub-*", "anat")))
+            or bool(glob.glob(os.path.join(glob.escape(folder), "sub-*", "ses-*", "anat"))))
+
+
+def _entities(filename: str) -> str:
+    """A BIDS file name's entities, without the suffix: ``sub-01_ses-1`` of
+    ``sub-01_ses-1_T1w.nii.gz``."""
+    parts = stem(filename).split("_")
+    return "_".join(parts[:-1]) if len(parts) > 1 else parts[0]
+
+
+def _bids_layout(folder, image, labels):
+    subjects = []
+    root = glob.escape(folder)
+    anats = sorted(glob.glob(os.path.join(root, "sub-*", "anat"))
+                   + glob.glob(os.path.join(root, "sub-*", "ses-*", "anat")))
+    derivatives = sorted(p for p in glob.glob(os.path.join(root, "derivatives", "*"))
+                         if os.path.isdir(p))
+    for anat in anats:
+        relative = os.path.relpath(anat, folder)
+        images = sorted(p for p in glob.glob(os.path.join(glob.escape(anat), image))
+                        if p.endswith(WRITABLE))
+        candidates = []
+        if labels is not None:
+            for where in [anat] + [os.path.join(d, relative) for d in derivatives]:
+                candidates += sorted(p for p in glob.glob(os.path.join(glob.escape(where), labels))
+                                     if p.endswith(WRITABLE))
+            images = [p for p in images if p not in candidates]
+        for path in images:
+            name = _entities(os.path.basename(path))
+            mine = [c for c in candidates if os.path.basename(c).startswith(name + "_")]
+            if len(mine) > 1:
+                found = ", ".join(os.path.relpath(m, folder) for m in mine)
+                raise DazooInputError(path, f"has {len(mine)} label maps matching {labels!r} "
+                                            f"(--labels / data.labels): {found}; give a "
+                                            f"pattern that matches one")
+            subjects.append(Subject(path, mine[0] if mine else None, name))
+    _check_unique(subjects, folder)
+    return subjects
 
 
 def _images_layout(folder):
@@ -161,9 +225,11 @@ def _subfolder_layout(folder, image, labels):
         sub = os.path.join(folder, name)
         if not os.path.isdir(sub):
             continue
-        images = sorted(glob.glob(os.path.join(glob.escape(sub), image)))
+        images = sorted(p for p in glob.glob(os.path.join(glob.escape(sub), image),
+                                             recursive=True) if os.path.isfile(p))
         if labels is not None:
-            label_files = sorted(glob.glob(os.path.join(glob.escape(sub), labels)))
+            label_files = sorted(p for p in glob.glob(os.path.join(glob.escape(sub), labels),
+                                                      recursive=True) if os.path.isfile(p))
             images = [p for p in images if p not in label_files]
         else:
             label_files = []
