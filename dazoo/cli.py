@@ -122,23 +122,76 @@ def _file_or_folder(out: str, count: int, what: str) -> bool:
     return False
 
 
-def _targets(inputs: Sequence[str], out: str, suffix: str, what: str) -> list[str]:
-    """Output path per input: ``out`` itself (one input, a NIfTI/MGZ name) or
-    ``out/<input name><suffix>`` (two inputs with one name are refused)."""
+#: Fields of an output pattern (``-o 'segs/{subject}_seg.nii.gz'``) and ``--name-from``.
+NAME_FIELDS = ("name", "parent", "subject", "path")
+
+
+def _name_fields(inputs: Sequence[str]) -> list[dict]:
+    """Per input: ``name`` (file name without its ending), ``parent`` (its folder's name),
+    ``subject`` (the first folder below the inputs' common folder, e.g. ``bert`` of
+    ``fs/bert/mri/T1.mgz``, ``sub-01`` of a BIDS path; the parent when all inputs share one
+    folder) and ``path`` (the path below the common folder, ``/`` -> ``_``, no ending)."""
     from dazoo.io import stem
 
-    if _file_or_folder(out, len(inputs), what):
+    absolute = [os.path.abspath(p) for p in inputs]
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+    fields = []
+    for path in absolute:
+        relative = os.path.relpath(os.path.dirname(path), common)
+        parts = [] if relative == "." else relative.split(os.sep)
+        parent = os.path.basename(os.path.dirname(path))
+        fields.append({"name": stem(path), "parent": parent,
+                       "subject": parts[0] if parts else parent,
+                       "path": "_".join(parts + [stem(path)])})
+    return fields
+
+
+def _targets(inputs: Sequence[str], out: str, suffix: str, what: str,
+             name_from: str = "name") -> list[str]:
+    """Output path per input: ``out`` itself (one input, a NIfTI/MGZ name), ``out`` as a
+    pattern with ``{name}``, ``{parent}``, ``{subject}``, ``{path}`` fields, or
+    ``out/<field name_from><suffix>``. Two inputs given one output are refused."""
+    fields = _name_fields(inputs)
+    if "{" in out:
+        from dazoo.io import WRITABLE
+
+        try:
+            targets = [out.format(**f) for f in fields]
+        except (KeyError, IndexError, ValueError) as err:
+            raise DazooInputError(out, f"bad output pattern ({err}); its fields are "
+                                       + ", ".join("{%s}" % f for f in NAME_FIELDS)) from None
+        if not out.endswith(WRITABLE):
+            raise DazooInputError(out, "an output pattern must end in .nii, .nii.gz or .mgz")
+    elif _file_or_folder(out, len(inputs), what):
         return [out]
-    targets = [os.path.join(out, f"{stem(p)}{suffix}") for p in inputs]
+    else:
+        targets = [os.path.join(out, f"{f[name_from]}{suffix}") for f in fields]
     for number, target in enumerate(targets):
-        if target in targets[:number]:
-            raise DazooInputError(inputs[number], "another input has the same file name, and "
-                                                  f"both would be written to {target}")
+        first = targets.index(target)
+        if first < number:
+            hint = ("; name outputs after their folders: --name-from subject (or parent, path), "
+                    "or a pattern such as -o 'segs/{subject}_seg.nii.gz'")
+            raise DazooInputError(inputs[number], f"{inputs[first]} would also be written to "
+                                                  f"{target}" + hint)
     return targets
 
 
-def _segment_targets(inputs: Sequence[str], out: str) -> list[str]:
-    return _targets(inputs, out, "_seg.nii.gz", "label maps")
+def _pictures(inputs, targets, out, folder) -> list:
+    """QC picture per input in ``folder``: named after its label map (``<input>_seg.png``
+    for one output file), after the whole input path where those names would clash."""
+    from dazoo.io import stem
+
+    if not folder:
+        return [None] * len(inputs)
+    single = len(inputs) == 1 and "{" not in out
+    names = [f"{stem(p)}_seg" if single else stem(t) for p, t in zip(inputs, targets)]
+    if len(set(names)) < len(names):
+        names = [f"{f['path']}_seg" for f in _name_fields(inputs)]
+    return [os.path.join(folder, f"{n}.png") for n in names]
+
+
+def _segment_targets(inputs: Sequence[str], out: str, name_from: str = "name") -> list[str]:
+    return _targets(inputs, out, "_seg.nii.gz", "label maps", name_from)
 
 
 def _check_outputs(outputs: Sequence[str | None], inputs: Sequence[str]) -> None:
@@ -209,16 +262,16 @@ def _write_volumes(path: str, rows: list[dict], names: dict) -> None:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from dazoo.io import stem
-
     keep_going = args.continue_on_error
     inputs, missing = _expand_inputs(args.inputs, keep_going=keep_going,
                                      outputs=[args.output, args.probabilities])
-    targets = _segment_targets(inputs, args.output) if inputs else []
+    targets = _segment_targets(inputs, args.output, args.name_from) if inputs else []
     if args.probabilities and args.probabilities.endswith(".mgz"):
         raise DazooInputError(args.probabilities, "probabilities are written as .nii or .nii.gz")
-    probabilities = (_targets(inputs, args.probabilities, "_prob.nii.gz", "probabilities")
+    probabilities = (_targets(inputs, args.probabilities, "_prob.nii.gz", "probabilities",
+                              args.name_from)
                      if args.probabilities and inputs else [None] * len(inputs))
+    pictures = _pictures(inputs, targets, args.output, args.qc)
     if args.volumes and not args.volumes.endswith(".csv"):
         raise DazooInputError(args.volumes, "the volumes table is written as .csv")
     outputs = targets + [p for p in probabilities if p] + ([args.volumes] if args.volumes else [])
@@ -236,7 +289,8 @@ def _segment(args: argparse.Namespace) -> int:
         raise failed[0][1] if failed else DazooInputError("segment", "no input")
     pipeline = _load(args.preset)
     rows = []
-    for number, (path, target, prob) in enumerate(zip(inputs, targets, probabilities), 1):
+    for number, (path, target, prob, picture) in enumerate(
+            zip(inputs, targets, probabilities, pictures), 1):
         try:
             result = pipeline.segment(
                 path, probabilities=args.probabilities_dtype if prob is not None else False,
@@ -249,7 +303,7 @@ def _segment(args: argparse.Namespace) -> int:
                 from dazoo.qc import label_overlay
 
                 os.makedirs(args.qc, exist_ok=True)
-                label_overlay(path, result.labels, os.path.join(args.qc, f"{stem(path)}_seg.png"),
+                label_overlay(path, result.labels, picture,
                               title=f"{os.path.basename(path)}: {pipeline.name}",
                               names=pipeline.label_names)
         except DazooInputError as err:
@@ -277,7 +331,13 @@ def _add_segment(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="IN",
                    help="NIfTI (.nii, .nii.gz) or MGZ images, or folders of them")
     p.add_argument("-o", "--output", required=True,
-                   help="output file (one input) or folder (<name>_seg.nii.gz per input)")
+                   help="output file (one input), folder (<name>_seg.nii.gz per input), or a "
+                        "pattern with {name} {parent} {subject} {path}, e.g. "
+                        "'segs/{subject}_seg.nii.gz' for subject/t1.nii.gz inputs")
+    p.add_argument("--name-from", choices=NAME_FIELDS, default="name",
+                   help="name outputs in a folder after the file name (default), its parent "
+                        "folder, the subject folder (first folder below the inputs' common "
+                        "folder) or the whole path below it")
     p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
     p.add_argument("--probabilities", metavar="OUT",
                    help="also write class probabilities (4D NIfTI on the input's grid, channel "

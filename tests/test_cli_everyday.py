@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dazoo.cli import main
+from dazoo.errors import DazooInputError
 
 from test_pipeline import IDS, preset_dir, scans  # noqa: F401  (fixtures)
 
@@ -62,6 +63,53 @@ def test_segment_a_folder_past_a_bad_file_with_volumes_probabilities_and_qc(
         assert np.mean(np.array(IDS)[np.argmax(p, -1)] == array) > 0.99
     for n in range(2):
         _png(tmp_path / "qc" / f"s{n}_seg.png")
+
+
+def test_name_fields_and_output_patterns(tmp_path):
+    from dazoo.cli import _targets
+
+    inputs = [str(tmp_path / "fs" / s / "mri" / "T1.mgz") for s in ("bert", "ernie")]
+    assert [os.path.relpath(t, tmp_path) for t in _targets(inputs, str(tmp_path / "o"),
+                                                           "_seg.nii.gz", "x", "subject")] \
+        == ["o/bert_seg.nii.gz", "o/ernie_seg.nii.gz"]
+    assert [os.path.basename(t) for t in _targets(inputs, "o", "_seg.nii.gz", "x", "path")] \
+        == ["bert_mri_T1_seg.nii.gz", "ernie_mri_T1_seg.nii.gz"]
+    assert _targets(inputs, "segs/{subject}/{parent}-{name}.mgz", "", "x") \
+        == ["segs/bert/mri-T1.mgz", "segs/ernie/mri-T1.mgz"]
+    for name_from in ("name", "parent"):  # both clash here
+        with pytest.raises(DazooInputError, match="would also be written"):
+            _targets(inputs, "o", "_seg.nii.gz", "x", name_from)
+    with pytest.raises(DazooInputError, match=r"bad output pattern.*\{subject\}"):
+        _targets(inputs, "o/{sub}.nii.gz", "", "x")
+    with pytest.raises(DazooInputError, match="must end in"):
+        _targets(inputs, "o/{subject}", "", "x")
+    with pytest.raises(DazooInputError, match="would also be written"):
+        _targets(inputs, "o/{name}.nii.gz", "", "x")
+    # Files in one folder: the subject is that folder (BIDS-like names kept whole).
+    flat = [str(tmp_path / "anat" / f"sub-0{i}_T1w.nii.gz") for i in (1, 2)]
+    assert [os.path.basename(t) for t in _targets(flat, "o", "_seg.nii.gz", "x", "path")] \
+        == ["sub-01_T1w_seg.nii.gz", "sub-02_T1w_seg.nii.gz"]
+
+
+def test_same_named_inputs_segmented_into_one_folder(preset_dir, scans, tmp_path,  # noqa: F811
+                                                     capsys):
+    inputs = []
+    for n, (image, _) in enumerate(scans):
+        (tmp_path / f"subj{n}").mkdir()
+        os.symlink(image, tmp_path / f"subj{n}" / "t1.nii.gz")
+        inputs.append(str(tmp_path / f"subj{n}" / "t1.nii.gz"))
+    assert main(["segment", *inputs, "-o", str(tmp_path / "segs"), "--name-from", "subject",
+                 "--qc", str(tmp_path / "qc"), "--preset", str(preset_dir)]) == 0
+    assert sorted(os.listdir(tmp_path / "segs")) == ["subj0_seg.nii.gz", "subj1_seg.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "qc")) == ["subj0_seg.png", "subj1_seg.png"]
+    assert main(["segment", *inputs, "-o", str(tmp_path / "p" / "{subject}" / "seg.mgz"),
+                 "--qc", str(tmp_path / "qc2"), "--preset", str(preset_dir)]) == 0
+    for n in range(2):
+        written = nib.load(tmp_path / "p" / f"subj{n}" / "seg.mgz")
+        np.testing.assert_allclose(written.affine, nib.load(inputs[n]).affine, atol=1e-4)
+    # Same picture names (seg) under a pattern: named after the whole input path instead.
+    assert sorted(os.listdir(tmp_path / "qc2")) == ["subj0_t1_seg.png", "subj1_t1_seg.png"]
+    capsys.readouterr()
 
 
 def test_output_with_an_unknown_extension_is_a_one_line_error(preset_dir, scans, tmp_path,  # noqa: F811

@@ -181,7 +181,8 @@ def test_cli_segment_register_list_and_errors(preset_dir, scans, tmp_path, capsy
     twin.write_bytes(open(moving, "rb").read())
     assert main(["segment", moving, str(twin), "-o", str(tmp_path / "twins"),
                  "--preset", str(preset_dir)]) == 2
-    assert "same file name" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "would also be written to" in err and "--name-from subject" in err
     assert not (tmp_path / "twins").exists()
     # Asking for moved labels without moving labels writes nothing.
     assert main(["register", moving, fixed, "--moved", str(tmp_path / "m2.nii.gz"),
