@@ -245,6 +245,28 @@ def _device() -> str:
     return device_summary()
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (argparse type)."""
+    index, _, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/8") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: I counts from 0 to N-1")
+    return index, count
+
+
+def _shard(inputs: list[str], missing: list[str], shard: tuple[int, int]):
+    """Shard ``I`` of ``N``: every N-th input of the list sorted by path, from the I-th
+    (nnU-Net's ``-part_id/-num_parts``): the shards of one input list are disjoint, cover it,
+    and do not depend on the order the inputs were given in."""
+    index, count = shard
+    everything = sorted(set(inputs) | set(missing), key=os.path.abspath)
+    mine = set(everything[index::count])
+    return [p for p in inputs if p in mine], [p for p in missing if p in mine]
+
+
 def _write_volumes(path: str, rows: list[dict], names: dict) -> None:
     """One row per scan: the file, then mm^3 per region (named columns)."""
     import csv
@@ -272,6 +294,14 @@ def _segment(args: argparse.Namespace) -> int:
                               args.name_from)
                      if args.probabilities and inputs else [None] * len(inputs))
     pictures = _pictures(inputs, targets, args.output, args.qc)
+    if args.shard:  # after naming: an output's name does not depend on the shard
+        kept, missing = _shard(inputs, missing, args.shard)
+        keep = [n for n, p in enumerate(inputs) if p in set(kept)]
+        inputs, targets, probabilities, pictures = (
+            [x[n] for n in keep] for x in (inputs, targets, probabilities, pictures))
+        _log(f"shard {args.shard[0]}/{args.shard[1]}: {len(inputs) + len(missing)} inputs")
+        if not inputs and not missing:
+            return 0
     if args.volumes and not args.volumes.endswith(".csv"):
         raise DazooInputError(args.volumes, "the volumes table is written as .csv")
     outputs = targets + [p for p in probabilities if p] + ([args.volumes] if args.volumes else [])
@@ -352,6 +382,10 @@ def _add_segment(sub) -> None:
     p.add_argument("--continue-on-error", action="store_true",
                    help="skip a bad input (its one-line error is printed), process the rest, "
                         "print a summary; exit status 2 if any failed")
+    p.add_argument("--shard", type=_parse_shard, metavar="I/N",
+                   help="process only shard I (0..N-1) of N: every N-th input of the list "
+                        "sorted by path, for N cluster array jobs (names as for the whole "
+                        "list; one --volumes table per shard)")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="left-right test-time augmentation: average with the mirrored scan "

@@ -2,6 +2,7 @@
 pictures out, dazoo warp reproducing dazoo register, quiet logs, clear pattern errors.
 
 On the tiny untrained preset of test_pipeline (plumbing and geometry, not accuracy)."""
+import argparse
 import csv
 import os
 import subprocess
@@ -89,6 +90,41 @@ def test_name_fields_and_output_patterns(tmp_path):
     flat = [str(tmp_path / "anat" / f"sub-0{i}_T1w.nii.gz") for i in (1, 2)]
     assert [os.path.basename(t) for t in _targets(flat, "o", "_seg.nii.gz", "x", "path")] \
         == ["sub-01_T1w_seg.nii.gz", "sub-02_T1w_seg.nii.gz"]
+
+
+def test_shards_split_the_sorted_inputs_disjointly():
+    from dazoo.cli import _parse_shard, _shard
+
+    inputs = [f"/d/s{n:02d}.nii.gz" for n in range(11)]
+    shards = [_shard(inputs[::-1], [], (i, 4))[0] for i in range(4)]  # given order irrelevant
+    assert sorted(sum(shards, [])) == inputs and sum(len(s) for s in shards) == 11
+    assert sorted(shards[1]) == ["/d/s01.nii.gz", "/d/s05.nii.gz", "/d/s09.nii.gz"]
+    assert _shard(inputs[:2], ["/d/a.nii.gz"], (0, 2)) == (["/d/s01.nii.gz"], ["/d/a.nii.gz"])
+    assert _parse_shard("3/4") == (3, 4)
+    for bad in ("4/4", "1", "a/b", "-1/3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _parse_shard(bad)
+
+
+def test_shards_write_what_one_job_writes(preset_dir, scans, tmp_path, capsys):  # noqa: F811
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for n, (image, _) in enumerate(scans):
+        for copy in range(2):
+            os.symlink(image, folder / f"s{n}{copy}.nii.gz")
+    base = ["segment", str(folder), "--preset", str(preset_dir)]
+    assert main(base + ["-o", str(tmp_path / "all"), "--volumes", str(tmp_path / "all.csv")]) == 0
+    for i in range(3):
+        assert main(base + ["-o", str(tmp_path / "sharded"), "--shard", f"{i}/3",
+                            "--volumes", str(tmp_path / f"v{i}.csv")]) == 0
+    assert sorted(os.listdir(tmp_path / "sharded")) == sorted(os.listdir(tmp_path / "all"))
+    merged = subprocess.run("awk 'FNR>1 || NR==1' v*.csv", shell=True, cwd=tmp_path,
+                            capture_output=True, text=True, check=True).stdout  # the README's
+    rows = list(csv.reader(merged.splitlines()))
+    whole = list(csv.reader((tmp_path / "all.csv").read_text().splitlines()))
+    assert rows[0] == whole[0] and sorted(rows[1:]) == sorted(whole[1:])
+    assert main(base + ["-o", str(tmp_path / "none"), "--shard", "7/8"]) == 0  # 4 inputs
+    assert "shard 7/8: 0 inputs" in capsys.readouterr().err
 
 
 def test_same_named_inputs_segmented_into_one_folder(preset_dir, scans, tmp_path,  # noqa: F811
