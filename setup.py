@@ -32,7 +32,7 @@ setup(
         "tensorboard>=2.16",  # the TensorBoard callback of dazoo train (TF >= 2.20 no longer brings it)
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "build>=1.0"],  # build: the wheel test (tests/test_packaging.py)
         "gpu": ["tensorflow[and-cuda]>=2.20"],
         "torch": ["torch>=2.3"],
         "ants": ["antspyx>=0.5"],

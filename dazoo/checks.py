@@ -13,9 +13,14 @@ look at the input before the network does, with thresholds stored in the preset
   pre-alignment (:func:`dazoo.preprocess.alignment_score`): catches failed alignments;
 - **outside**: for presets trained on masked scans (skull-stripped brains), the fraction of
   the aligned image's bright voxels that fall outside the template's foreground (dilated):
-  catches scans that were not skull-stripped.
+  catches scans that were not skull-stripped;
+- after the segmenter, for presets without a template (the knee): **volumes**, each
+  structure's volume within bounds measured on manual label maps, and **confidence**, the
+  segmenter's mean highest class probability over the voxels it labels
+  (:func:`measure_output`, ``benchmarks/knee_sanity.py``): catch wrong anatomy.
 
-:func:`check_input` returns one line per failed check (empty when all pass). The pipeline
+:func:`check_input` (and :func:`check_output`) return one line per failed check (empty when
+all pass). The pipeline
 attaches them to its results (``result.warnings``), the CLI prints them as ``warning: FILE:
 ...`` and, with ``--strict``, refuses the input (exit 2, nothing written).
 """
@@ -33,7 +38,8 @@ import scipy.ndimage as ndi
 from dazoo.errors import DazooInputError
 from dazoo.io import Volume
 
-__all__ = ["InputChecks", "measure_input", "check_input", "foreground_extent"]
+__all__ = ["InputChecks", "measure_input", "check_input", "foreground_extent",
+           "measure_output", "check_output"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +54,10 @@ class InputChecks:
             dilated foreground (None: no check; for presets trained on masked scans).
         outside_margin_mm: the dilation of the template's foreground for ``max_outside``.
         needs: what the preset expects, for the messages (e.g. "a skull-stripped T1 brain").
+        volumes_ml: ``{id: (low, high)}``: accepted volume (mL) of each structure in the
+            segmentation (None: no check).
+        min_confidence: lowest accepted mean highest class probability over the labelled
+            voxels (None: no check).
     """
 
     extent_mm: tuple[float, float, float]
@@ -56,6 +66,13 @@ class InputChecks:
     max_outside: float | None = None
     outside_margin_mm: float = 6.0
     needs: str = "the anatomy this preset was trained on"
+    volumes_ml: Mapping[str, tuple[float, float]] | None = None
+    min_confidence: float | None = None
+
+    @property
+    def after_network(self) -> bool:
+        """Whether some checks look at the segmentation (:func:`check_output`)."""
+        return bool(self.volumes_ml) or self.min_confidence is not None
 
     def __post_init__(self):
         extent = tuple(float(v) for v in self.extent_mm)
@@ -74,6 +91,13 @@ class InputChecks:
         for key in ("extent_mm", "extent_ratio"):
             if key in values:
                 values[key] = tuple(float(v) for v in values[key])
+        if values.get("volumes_ml") is not None:
+            try:
+                values["volumes_ml"] = {str(int(k)): (float(lo), float(hi))
+                                        for k, (lo, hi) in values["volumes_ml"].items()}
+            except (TypeError, ValueError, AttributeError):
+                raise DazooInputError(source, "volumes_ml must map label ids to [low, high] "
+                                              "mL") from None
         return cls(**values)
 
     @classmethod
@@ -163,6 +187,43 @@ def check_input(measured: Mapping[str, Any], checks: InputChecks) -> list[str]:
         problems.append(f"{100 * outside:.0f} % of the bright voxels lie outside the template's "
                         f"foreground (more than {100 * checks.max_outside:.0f} %): not "
                         f"skull-stripped or masked? this preset expects {checks.needs}")
+    return problems
+
+
+def measure_output(volumes_mm3: Mapping[int, float], scores: np.ndarray) -> dict[str, Any]:
+    """What the segmentation says about its input: ``volumes_ml`` (``{"id": mL}``, from
+    the label map on the input's grid) and ``confidence`` (the mean highest class
+    probability over the model-grid voxels not labelled background; 0 if none)."""
+    scores = np.asarray(scores)
+    best = scores.argmax(axis=-1)
+    labelled = best != 0
+    confidence = float(scores.max(axis=-1)[labelled].mean()) if labelled.any() else 0.0
+    return {"volumes_ml": {str(int(i)): float(v) / 1000.0 for i, v in volumes_mm3.items()
+                           if int(i) != 0},
+            "confidence": confidence}
+
+
+def check_output(measured: Mapping[str, Any], checks: InputChecks,
+                 names: Mapping[int, str] | None = None) -> list[str]:
+    """One line per failed check of :func:`measure_output`'s ``measured`` (empty: all
+    pass, or the preset has no such checks)."""
+    problems = []
+    names = names or {}
+    volumes = measured.get("volumes_ml") or {}
+    odd = []
+    for key, (low, high) in (checks.volumes_ml or {}).items():
+        value = float(volumes.get(key, 0.0))
+        if not low <= value <= high:
+            odd.append(f"{names.get(int(key), key)} {value:.1f} mL (expected "
+                       f"{low:g}..{high:g})")
+    if odd:
+        problems.append("implausible segmentation: " + ", ".join(odd)
+                        + f"; is this {checks.needs}?")
+    confidence = measured.get("confidence")
+    if (checks.min_confidence is not None and confidence is not None
+            and confidence < checks.min_confidence):
+        problems.append(f"the segmenter is unsure (mean confidence {confidence:.2f} < "
+                        f"{checks.min_confidence:.2f}); is this {checks.needs}?")
     return problems
 
 

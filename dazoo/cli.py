@@ -642,10 +642,12 @@ def _list(args: argparse.Namespace) -> int:
         print("no presets installed")
     for preset in presets:
         meta = preset.metadata
-        print(f"{preset.name}  (v{meta.get('version', '?')}, {meta.get('license', '?')})")
+        made = f", dazoo {meta['dazoo_version']}" if meta.get("dazoo_version") else ""
+        print(f"{preset.name}  (version {meta.get('version', '?')}{made}, "
+              f"{meta.get('license', '?')})")
         print(f"    {preset.description}")
         for key, value in meta.get("summary", {}).items():
-            print(f"    {key}: {value}")
+            print(f"    {key}: " + (f"{value:.3f}" if isinstance(value, float) else f"{value}"))
         print(f"    model card: dazoo list --card {preset.name}   folder: {preset.path}")
     return 0
 
@@ -760,6 +762,7 @@ def _finetune(args: argparse.Namespace) -> int:
         _check_writable(os.path.join(path, "x"))
     preset = finetune(args.parent, args.data, args.output, steps=args.steps,
                       validation=args.validation, image=args.image, labels=args.labels,
+                      data_terms=args.data_terms,
                       labels_from_data=args.labels_from_data,
                       freeze=args.freeze or (), learning_rate=args.lr, seed=args.seed,
                       run=args.run_dir, resume=args.resume, strategy=strategy,
@@ -787,6 +790,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--validation", help="labelled validation scans (CSV manifest or folder, "
                                         "same patterns): scored at native resolution, the "
                                         "best checkpoint is exported")
+    p.add_argument("--data-terms", metavar="TEXT",
+                   help="the cohort's license or terms of use, written into the new preset's "
+                        "card (the weights derive from the cohort too)")
     p.add_argument("--labels-from-data", action="store_true",
                    help="the cohort's own label ids as the label table (re-initialises the "
                         "segmenter's last layer); default: the parent's, unknown ids -> "

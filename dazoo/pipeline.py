@@ -32,6 +32,8 @@ class Segmentation:
             on the input image's grid and affine.
         seconds: wall-clock time of the whole call.
         warnings: the input's failed sanity checks (:mod:`dazoo.checks`), one line each.
+        measures: what the checks measured of the segmentation
+            (:func:`dazoo.checks.measure_output`: ``volumes_ml``, ``confidence``).
     """
 
     labels: Volume
@@ -39,6 +41,7 @@ class Segmentation:
     probabilities: Volume | None = None
     names: dict | None = None
     warnings: list = dataclasses.field(default_factory=list)
+    measures: dict = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | os.PathLike, *, protect: Iterable = ()) -> str:
         """Writes the label map (integers, atomically); refuses to overwrite ``protect``."""
@@ -281,9 +284,19 @@ class Pipeline:
                 those of the mirrored image (left and right labels swapped back); twice the
                 network time. Default: the preset's (:attr:`default_flip`).
         """
+        from dazoo.checks import check_output, measure_output
+
         start = time.perf_counter()
-        _, pre, warnings = self._prepare(image, strict)
+        volume, pre, warnings = self._prepare(image, strict)
         labels, scores = self._segment(pre, flip)
+        names = {0: "background", **self.label_names}
+        result = Segmentation(labels=labels, seconds=0.0, names=names, warnings=warnings)
+        measures = measure_output(result.volumes(), scores)
+        if self.checks is not None and self.checks.after_network:
+            problems = check_output(measures, self.checks, self.label_names)
+            if strict and problems:
+                self._refuse(volume, problems)
+            warnings += problems
         maps = None
         if probabilities:
             from dazoo.postprocess import probabilities_to_native
@@ -291,9 +304,9 @@ class Pipeline:
             dtype = "uint8" if probabilities == "uint8" else "float32"
             maps = Volume(probabilities_to_native(scores, pre, dtype=dtype), pre.native_affine,
                           None)
-        names = {0: "background", **self.label_names}
         return Segmentation(labels=labels, seconds=time.perf_counter() - start,
-                            probabilities=maps, names=names, warnings=warnings)
+                            probabilities=maps, names=names, warnings=warnings,
+                            measures=measures)
 
     def segment_preprocessed(self, pre, *, flip: bool | None = None) -> Volume:
         """The label map (ids) on the native grid of an image already preprocessed."""

@@ -195,6 +195,26 @@ def _score(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _names(names, limit: int = 12) -> str:
+    """A list of subject names for a card line: all of them up to ``limit``, else the first
+    few, a count and where the rest is (label maps counted apart)."""
+    names = list(names)
+    if not names:
+        return "none"
+    if len(names) <= limit:
+        return ", ".join(names)
+    maps = [n for n in names if str(n).startswith("maps/")]
+    scans = [n for n in names if not str(n).startswith("maps/")]
+    parts = []
+    if scans:
+        shown = ", ".join(scans[:limit // 2]) + (f" and {len(scans) - limit // 2} more"
+                                                  if len(scans) > limit // 2 else "")
+        parts.append(f"{len(scans)} scans ({shown})")
+    if maps:
+        parts.append(f"{len(maps)} label maps ({', '.join(maps[:3])}, ...)")
+    return " + ".join(parts) + "; every name in `metadata.json`"
+
+
 def render_card(meta: dict) -> str:
     """A preset's model card (README.md) rendered from its metadata alone.
 
@@ -207,9 +227,20 @@ def render_card(meta: dict) -> str:
     data = meta.get("data", {})
     grid = meta.get("input", {}).get("model_grid", {})
     lines = [f"# {name}", "", meta.get("description", ""), ""]
+    if meta.get("version"):
+        lines += [f"Version {meta['version']}"
+                  + (f" (saved with dazoo {meta['dazoo_version']})" if meta.get("dazoo_version")
+                     else "") + ".", ""]
     what = "weights and template" if grid.get("template") else "weights"
     lines += [f"**License of the {what}: {meta.get('license', 'unspecified')}.** "
               + (meta.get("license_note") or ""), ""]
+    parent = training.get("parent")
+    if parent:
+        terms = meta.get("data_terms") or (
+            "not stated: dazoo cannot know them. Check them before sharing these weights")
+        lines += [f"**Fine-tuning data ({data.get('name', '?')}):** the weights derive from "
+                  f"them as well as from `{parent['name']}`, so their terms apply too: "
+                  f"{terms}.", ""]
     # A shipped preset loads by name; any other (fine-tuned, exported) by its folder.
     shipped = (preset_root() / str(name) / "metadata.json").is_file()
     where = repr(name) if shipped else repr(f"path/to/{name}")
@@ -272,9 +303,9 @@ def render_card(meta: dict) -> str:
                      f"weights sha256 {str(parent.get('weights_sha256'))[:12]}...).")
     lines += [
         f"- Data: {data.get('name', '?')}; {len(data.get('train', []))} training subjects "
-        f"({len(data.get('labelled', []))} labelled: {', '.join(data.get('labelled', [])) or 'none'}"
-        f"; unlabelled: {', '.join(data.get('unlabelled', [])) or 'none'}); validation: "
-        f"{', '.join(data.get('validation', [])) or 'none'}.",
+        f"({len(data.get('labelled', []))} labelled: {_names(data.get('labelled', []))}"
+        f"; unlabelled: {_names(data.get('unlabelled', []))}); validation: "
+        f"{_names(data.get('validation', []))}.",
         f"- Mode {training.get('mode')}, seed {training.get('seed')}, precision "
         f"{training.get('precision')}; {training.get('steps_completed')} of "
         f"{training.get('steps_planned')} planned steps (checkpoint `{training.get('checkpoint')}`),"

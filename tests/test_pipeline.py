@@ -191,6 +191,16 @@ def test_cli_segment_register_list_and_errors(preset_dir, scans, tmp_path, capsy
     assert not (tmp_path / "m2.nii.gz").exists()
 
 
+def test_card_lists_long_subject_lists_in_short():
+    from dazoo.presets import _names
+
+    assert _names([]) == "none" and _names(["a", "b"]) == "a, b"
+    many = [f"s{i}" for i in range(12)] + [f"maps/m{i}" for i in range(93)]
+    text = _names(many)
+    assert text.startswith("12 scans (s0, s1, s2, s3, s4, s5 and 6 more) + 93 label maps ")
+    assert "maps/m3" not in text and "every name in `metadata.json`" in text
+
+
 def test_saving_a_preset_again_replaces_it_whole_or_not_at_all(preset_dir, tmp_path):
     folder = tmp_path / "copy"
     preset = get_preset(preset_dir)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import dazoo
 import keras
 import numpy as np
 import pytest
@@ -326,6 +327,8 @@ def test_export_writes_a_verified_preset_from_the_run_record(trained, exported):
     assert f"{best['native_seg_dice']:.3f}" in card and "synthetic test data" in card
     # Not a shipped preset: the card loads it by its folder (its name alone would fail).
     assert "dazoo.load('path/to/tinypreset')" in card and "dazoo.load('tinypreset')" not in card
+    assert meta["version"] == "1" and meta["dazoo_version"] == dazoo.__version__
+    assert "Fine-tuning data" not in card  # trained, not fine-tuned
     assert exported.file("recipe.json").is_file()
     model = DeepAtlas.from_preset(exported.path)
     weights, _ = _state(run.folder / "best.keras")
@@ -372,7 +375,9 @@ def test_finetune_keeps_the_parent_table_or_learns_the_cohorts(trained, exported
     cohort = _cohort(tmp_path / "cohort", count=4, unlabelled=(), extra_id=40)
     parent = DeepAtlas.from_preset(exported.path)
     quiet = dict(steps=2, verbose=0, log=lambda m: None)
-    same = finetune(exported.path, cohort / "train.csv", tmp_path / "same", **quiet)
+    same = finetune(exported.path, cohort / "train.csv", tmp_path / "same",
+                    data_terms="CC0-1.0 (synthetic)", **quiet)
+    assert "their terms apply too: CC0-1.0 (synthetic)" in same.file("README.md").read_text()
     assert [c["id"] for c in same.read_json("labels.json")["classes"]] == [0, *IDS]  # 40 -> bg
     assert same.metadata["training"]["parent"]["name"] == "tinypreset"
     grown = finetune(exported.path, cohort / "train.csv", tmp_path / "grown",
@@ -405,6 +410,8 @@ def test_finetune_cli_from_a_subject_folder(trained, exported, tmp_path):
                   "mri/T1.nii.gz", "--labels", "mri/aseg.nii.gz", "--validation",
                   tmp_path / "held", "--steps", "2", "-o", tmp_path / "mine")
     assert result.returncode == 0, result.stderr[-2000:]
+    card = (tmp_path / "mine" / "README.md").read_text()
+    assert "Fine-tuning data (cohort)" in card and "not stated" in card  # --data-terms absent
     record = json.loads((tmp_path / "mine.run" / "run.json").read_text())
     assert sorted(record["labelled"]) == ["s0", "s1", "s2"] and record["unlabelled"] == ["s3"]
     assert record["validation"] == ["s4"]

@@ -434,7 +434,9 @@ def checkpoint_interval(steps: int, at_most: int = 100) -> int:
 
 def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
              steps: int = 400, validation: str | os.PathLike | None = None,
-             image: str | None = None, labels: str | None = None, labels_from_data: bool = False, freeze: Sequence[str] = (),
+             image: str | None = None, labels: str | None = None,
+             data_terms: str | None = None, labels_from_data: bool = False,
+             freeze: Sequence[str] = (),
              learning_rate: float | None = None, seed: int = 0,
              run: str | os.PathLike | None = None, resume: bool = False,
              checkpoint_every: int | None = None, validate_every: int | None = None,
@@ -459,6 +461,8 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         image, labels: the file patterns inside subject folders (default ``image.*`` /
             ``labels.*``; BIDS ``*_T1w.nii*`` / ``*_dseg.nii*``); a subject without a label
             file is unlabelled.
+        data_terms: the fine-tuning data's license or terms, for the card (the weights
+            derive from them; without it the card says they were not stated).
         labels_from_data: use the cohort's own label ids as the label table (the
             segmenter's last layer is re-initialised). Default: the parent's table, ids it
             does not know count as background.
@@ -515,7 +519,8 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
               "license_note": preset.metadata.get("license_note"),
               "citations": [c for c in base.get("card", {}).get("citations", [])],
               "notes": list(notes),
-              "data_name": os.path.basename(os.path.abspath(data))},
+              "data_name": os.path.basename(os.path.abspath(data)),
+              "data_terms": data_terms},
     )
     recipe = Recipe.from_dict(config, source=os.fspath(data))
     train(None if resume else recipe, run, resume=resume, callbacks=callbacks, verbose=verbose,

@@ -98,13 +98,15 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
             if key in scores:
                 summary[text] = round(scores[key], 3)
     metadata = {
-        "version": __version__,
+        "version": str(card.get("version") or 1),
+        "dazoo_version": __version__,
         "description": c["description"] or (
             f"DeepAtlas ({model.mode}) trained with dazoo train"
             + (f", fine-tuned from the {parent['name']} preset" if parent else "") + "."),
         "task": tasks,
         "license": card["license"] or parent_meta.get("license", "unspecified"),
         "license_note": card["license_note"] or parent_meta.get("license_note", ""),
+        **({"data_terms": card["data_terms"]} if card.get("data_terms") else {}),
         "data": {"name": card["data_name"] or os.path.basename(c["data"]["train"].rstrip("/")),
                  "train": record["train"], "validation": record["validation"],
                  "labelled": record["labelled"], "unlabelled": record["unlabelled"]},

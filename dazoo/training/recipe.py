@@ -63,7 +63,8 @@ one takes the default shown by ``Recipe.defaults()``)::
                                                .., "smoothness": .., "anatomy": ..} makes
                                                register refine N steps by default
       "card": {"license": ..., "license_note": ..., "citations": [...], "notes": [...],
-               "data_name": ...}                model-card prose, copied into the exported preset
+               "data_name": ..., "version": 2}  model-card prose, copied into the exported
+                                                preset; "version": the model's own version
     }
 
 Paths are relative to the recipe file's folder. :meth:`Recipe.load` resolves them, so the
@@ -123,7 +124,7 @@ DEFAULTS: dict[str, Any] = {
     "init": None,
     "inference": {"flip": False, "refine": None},
     "card": {"license": None, "license_note": None, "citations": [], "notes": [],
-             "data_name": None},
+             "data_name": None, "version": None, "data_terms": None},
 }
 # Sections whose content is free-form (checked by the classes they configure).
 _OPEN = {("model", "registration"), ("model", "segmentation"), ("labels", "names"), ("synth",)}
