@@ -214,7 +214,7 @@ def check_output(measured: Mapping[str, Any], checks: InputChecks,
     for key, (low, high) in (checks.volumes_ml or {}).items():
         value = float(volumes.get(key, 0.0))
         if not low <= value <= high:
-            odd.append(f"{names.get(int(key), key)} {value:.1f} mL (expected "
+            odd.append(f"{names.get(int(key), key)} {value:.2f} mL (expected "
                        f"{low:g}..{high:g})")
     if odd:
         problems.append("implausible segmentation: " + ", ".join(odd)

@@ -141,3 +141,74 @@ def test_cli_warning_line_and_strict_exit(checked_preset, scans, tmp_path, capsy
     assert main(["register", scans[0][0], big, "--moved", str(moved), "--preset",
                  str(checked_preset), "--strict"]) == 2
     assert not moved.exists()
+
+
+# ----------------------------------------------------------------- after the segmenter
+def test_measure_output_volumes_and_confidence_by_hand():
+    from dazoo.checks import measure_output
+
+    scores = np.zeros((2, 2, 1, 3), np.float32)
+    scores[..., 0] = 1.0  # background everywhere ...
+    scores[0, 0, 0] = [0.2, 0.7, 0.1]  # ... but two labelled voxels
+    scores[1, 1, 0] = [0.1, 0.4, 0.5]
+    measured = measure_output({1: 1500.0, 2: 250.0}, scores)
+    assert measured["volumes_ml"] == {"1": 1.5, "2": 0.25}
+    assert measured["confidence"] == pytest.approx((0.7 + 0.5) / 2)
+    assert measure_output({}, np.eye(3)[np.zeros((2, 2, 2), int)])["confidence"] == 0.0
+
+
+def test_check_output_flags_volumes_and_confidence():
+    from dazoo.checks import check_output
+
+    checks = InputChecks.from_dict({"extent_mm": [100, 100, 100], "needs": "a knee",
+                                    "volumes_ml": {"1": [50, 300], "2": [1, 20]},
+                                    "min_confidence": 0.9})
+    assert checks.after_network and checks.volumes_ml == {"1": (50.0, 300.0), "2": (1.0, 20.0)}
+    names = {1: "femur", 2: "cartilage"}
+    assert check_output({"volumes_ml": {"1": 120, "2": 10}, "confidence": 0.95}, checks,
+                        names) == []
+    problems = check_output({"volumes_ml": {"1": 20.0}, "confidence": 0.8}, checks, names)
+    assert len(problems) == 2
+    assert problems[0].startswith("implausible segmentation: femur 20.00 mL (expected 50..300)"
+                                  ", cartilage 0.00 mL (expected 1..20)")
+    assert "unsure (mean confidence 0.80 < 0.90); is this a knee?" in problems[1]
+    assert not InputChecks(extent_mm=(1, 1, 1)).after_network
+    with pytest.raises(DazooInputError, match="volumes_ml"):
+        InputChecks.from_dict({"extent_mm": [1, 1, 1], "volumes_ml": {"1": 5}})
+
+
+def test_segmentation_checks_warn_and_strict_refuses(checked_preset, scans, tmp_path,  # noqa: F811
+                                                     capsys):
+    import dazoo
+
+    config = json.loads((checked_preset / "checks.json").read_text())
+    plain = dazoo.load(str(checked_preset)).segment(scans[0][0])
+    confidence = plain.measures["confidence"]
+    assert 0 < confidence <= 1 and set(plain.measures["volumes_ml"]) == {"10", "20", "30"}
+    config["min_confidence"] = min(1.0, confidence + 0.01)  # just above what it measures
+    unsure = tmp_path / "unsure"  # another folder: dazoo.load keeps loaded presets
+    shutil.copytree(checked_preset, unsure)
+    (unsure / "checks.json").write_text(json.dumps(config))
+    result = dazoo.load(str(unsure)).segment(scans[0][0])
+    assert len(result.warnings) == 1 and "the segmenter is unsure" in result.warnings[0]
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", scans[0][0], "-o", str(out), "--preset", str(unsure),
+                 "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "unsure" in err and "(strict)" in err and not out.exists()
+
+
+@pytest.mark.skipif(not (__import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+                         / "data" / "mindboggle-oasis-trt20").is_dir(),
+                    reason="needs ../shared/data")
+def test_knee_preset_flags_a_brain(tmp_path):
+    """The report of issue 28: a brain given to the knee preset came out as femur and tibia
+    without a word."""
+    import pathlib
+
+    import dazoo
+
+    brain = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" /
+             "mindboggle-oasis-trt20" / "OASIS-TRT-20-10" / "t1weighted_brain.nii.gz")
+    result = dazoo.load("knee").segment(brain)
+    assert result.warnings and "is this a knee MRI" in result.warnings[-1]
