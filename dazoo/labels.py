@@ -14,7 +14,8 @@ import numpy as np
 from dazoo.errors import DazooInputError
 from dazoo.io import Volume
 
-__all__ = ["LabelMap", "has_sides", "left_id", "merge_left_right", "mirror_id"]
+__all__ = ["LabelMap", "has_sides", "left_id", "merge_left_right", "mirror_id",
+           "FREESURFER_LUT", "label_colours", "side_free_name"]
 
 #: FreeSurfer subcortical right -> left ids (FreeSurferColorLUT), plus Mindboggle's basal
 #: forebrain (92 -> 91). Cortical parcellations use 2xxx -> 1xxx (DK/DKT) and 12xxx -> 11xxx
@@ -22,6 +23,87 @@ __all__ = ["LabelMap", "has_sides", "left_id", "merge_left_right", "mirror_id"]
 _RIGHT_TO_LEFT = {40: 1, 41: 2, 42: 3, 43: 4, 44: 5, 46: 7, 47: 8, 48: 9, 49: 10, 50: 11,
                   51: 12, 52: 13, 53: 17, 54: 18, 58: 26, 59: 27, 60: 28, 61: 29, 62: 30,
                   63: 31, 92: 91}
+
+
+#: FreeSurfer's names and colours (FreeSurferColorLUT.txt) of the DKT / Desikan cortical
+#: parcels of the left hemisphere (the right's id is +1000, same colour) and of the aseg
+#: structures dazoo's tables use.
+_CORTEX = {
+    1001: ("bankssts", (25, 100, 40)), 1002: ("caudalanteriorcingulate", (125, 100, 160)),
+    1003: ("caudalmiddlefrontal", (100, 25, 0)), 1004: ("corpuscallosum", (120, 70, 50)),
+    1005: ("cuneus", (220, 20, 100)), 1006: ("entorhinal", (220, 20, 10)),
+    1007: ("fusiform", (180, 220, 140)), 1008: ("inferiorparietal", (220, 60, 220)),
+    1009: ("inferiortemporal", (180, 40, 120)), 1010: ("isthmuscingulate", (140, 20, 140)),
+    1011: ("lateraloccipital", (20, 30, 140)), 1012: ("lateralorbitofrontal", (35, 75, 50)),
+    1013: ("lingual", (225, 140, 140)), 1014: ("medialorbitofrontal", (200, 35, 75)),
+    1015: ("middletemporal", (160, 100, 50)), 1016: ("parahippocampal", (20, 220, 60)),
+    1017: ("paracentral", (60, 220, 60)), 1018: ("parsopercularis", (220, 180, 140)),
+    1019: ("parsorbitalis", (20, 100, 50)), 1020: ("parstriangularis", (220, 60, 20)),
+    1021: ("pericalcarine", (120, 100, 60)), 1022: ("postcentral", (220, 20, 20)),
+    1023: ("posteriorcingulate", (220, 180, 220)), 1024: ("precentral", (60, 20, 220)),
+    1025: ("precuneus", (160, 140, 180)), 1026: ("rostralanteriorcingulate", (80, 20, 140)),
+    1027: ("rostralmiddlefrontal", (75, 50, 125)), 1028: ("superiorfrontal", (20, 220, 160)),
+    1029: ("superiorparietal", (20, 180, 140)), 1030: ("superiortemporal", (140, 220, 220)),
+    1031: ("supramarginal", (80, 160, 20)), 1032: ("frontalpole", (100, 0, 100)),
+    1033: ("temporalpole", (70, 70, 70)), 1034: ("transversetemporal", (150, 150, 200)),
+    1035: ("insula", (255, 192, 32)),
+}
+_ASEG = {
+    2: ("Left-Cerebral-White-Matter", (245, 245, 245)), 3: ("Left-Cerebral-Cortex", (205, 62, 78)),
+    4: ("Left-Lateral-Ventricle", (120, 18, 134)), 5: ("Left-Inf-Lat-Vent", (196, 58, 250)),
+    7: ("Left-Cerebellum-White-Matter", (220, 248, 164)),
+    8: ("Left-Cerebellum-Cortex", (230, 148, 34)), 10: ("Left-Thalamus", (0, 118, 14)),
+    11: ("Left-Caudate", (122, 186, 220)), 12: ("Left-Putamen", (236, 13, 176)),
+    13: ("Left-Pallidum", (12, 48, 255)), 14: ("3rd-Ventricle", (204, 182, 142)),
+    15: ("4th-Ventricle", (42, 204, 164)), 16: ("Brain-Stem", (119, 159, 176)),
+    17: ("Left-Hippocampus", (220, 216, 20)), 18: ("Left-Amygdala", (103, 255, 255)),
+    24: ("CSF", (60, 60, 60)), 26: ("Left-Accumbens-area", (255, 165, 0)),
+    28: ("Left-VentralDC", (165, 42, 42)), 30: ("Left-vessel", (160, 32, 240)),
+    31: ("Left-choroid-plexus", (0, 200, 200)), 41: ("Right-Cerebral-White-Matter", (245, 245, 245)),
+    42: ("Right-Cerebral-Cortex", (205, 62, 78)), 43: ("Right-Lateral-Ventricle", (120, 18, 134)),
+    44: ("Right-Inf-Lat-Vent", (196, 58, 250)),
+    46: ("Right-Cerebellum-White-Matter", (220, 248, 164)),
+    47: ("Right-Cerebellum-Cortex", (230, 148, 34)), 49: ("Right-Thalamus", (0, 118, 14)),
+    50: ("Right-Caudate", (122, 186, 220)), 51: ("Right-Putamen", (236, 13, 176)),
+    52: ("Right-Pallidum", (13, 48, 255)), 53: ("Right-Hippocampus", (220, 216, 20)),
+    54: ("Right-Amygdala", (103, 255, 255)), 58: ("Right-Accumbens-area", (255, 165, 0)),
+    60: ("Right-VentralDC", (165, 42, 42)), 62: ("Right-vessel", (160, 32, 240)),
+    63: ("Right-choroid-plexus", (0, 200, 221)), 72: ("5th-Ventricle", (120, 190, 150)),
+    77: ("WM-hypointensities", (200, 70, 255)), 85: ("Optic-Chiasm", (234, 169, 30)),
+}
+FREESURFER_LUT: dict[int, tuple[str, tuple[int, int, int]]] = {
+    **_ASEG,
+    **{i: (f"ctx-lh-{name}", rgb) for i, (name, rgb) in _CORTEX.items()},
+    **{i + 1000: (f"ctx-rh-{name}", rgb) for i, (name, rgb) in _CORTEX.items()},
+}
+
+
+def label_colours(ids: Iterable[int]) -> dict[int, tuple[float, float, float]]:
+    """A display colour (RGB in 0..1) per id: FreeSurfer's for the ids it names (the two
+    hemispheres' twins share one), others spread around the hue circle by the golden angle
+    (distinct for any number of ids, no palette repeats)."""
+    import colorsys
+
+    out, n = {}, 0
+    for label in sorted(int(i) for i in ids):
+        if label in FREESURFER_LUT:
+            out[label] = tuple(c / 255 for c in FREESURFER_LUT[label][1])
+        else:
+            hue = (0.08 + n * 0.618033988749895) % 1.0
+            lightness = (0.55, 0.42, 0.68)[n % 3]
+            out[label] = colorsys.hls_to_rgb(hue, lightness, 0.85)
+            n += 1
+    return out
+
+
+def side_free_name(name: str) -> str:
+    """A label name without its hemisphere: ``ctx-lh-insula`` -> ``insula``,
+    ``Left-Hippocampus`` -> ``Hippocampus``, ``left femur`` -> ``femur``."""
+    for prefix in ("ctx-lh-", "ctx-rh-", "ctx_lh_", "ctx_rh_", "Left-", "Right-", "left ",
+                   "right ", "Left ", "Right "):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def left_id(label: int) -> int:

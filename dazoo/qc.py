@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from dazoo.io import Source, Volume, atomic_write, read_image, read_labels
+from dazoo.labels import FREESURFER_LUT, label_colours, side_free_name
 
 __all__ = ["label_overlay", "registration_overlay"]
 
@@ -34,14 +35,23 @@ def _ras(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _window(array: np.ndarray) -> np.ndarray:
-    """Intensities to [0, 1] between the 0.5 and 99.5 percentiles of the foreground (voxels
-    above the minimum: a skull-stripped or masked scan's zeros do not set the window)."""
+    """Intensities to [0, 1] for display: from the 0.5th to the 99.5th percentile of the
+    foreground (voxels above the minimum: a skull-stripped or masked scan's zeros do not set
+    the window), the upper end raised to 1.3x the peak of the brighter half's histogram when
+    that peak sits near it, so a plateau of bright tissue (FreeSurfer's white matter,
+    normalised to exactly 110) shows as light grey, not white."""
     array = np.asarray(array, np.float32)
     step = max(1, int(round((array.size / 2e6) ** (1 / 3))))
     sample = array[::step, ::step, ::step]
     foreground = sample[sample > sample.min()]
     values = foreground if foreground.size > 0.05 * sample.size else sample.ravel()
-    low, high = np.percentile(values, [0.5, 99.5])
+    low, middle, high = np.percentile(values, [0.5, 50, 99.5])
+    bright = values[(values >= middle) & (values <= high)]
+    peak = high  # the whole upper half one plateau
+    if bright.size > 100 and high > middle:
+        counts, edges = np.histogram(bright, bins=64, range=(middle, high))
+        peak = edges[np.argmax(counts)] + 0.5 * (edges[1] - edges[0])
+    high = max(high, low + 1.3 * (peak - low))
     return np.clip((array - low) / max(high - low, 1e-6), 0, 1)
 
 
@@ -94,8 +104,7 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
             point = np.array(array.shape) // 2
     point = [int(np.clip(p, 0, n - 1)) for p, n in zip(point, array.shape)]
     ids = [] if label_array is None else [int(i) for i in np.unique(label_array) if i != 0]
-    colours = matplotlib.colormaps["tab20"](np.linspace(0, 1, 20))
-    lookup = {label: colours[n % 20] for n, label in enumerate(ids)}
+    lookup = {i: (*rgb, 1.0) for i, rgb in label_colours(ids).items()}
 
     # (name, slicer, horizontal spacing, vertical spacing, edge letters left/right/bottom/top)
     panels = [
@@ -105,6 +114,7 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
     ]
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=dpi,
                                 gridspec_kw={"wspace": 0.05})
+    visible: dict[int, int] = {}  # id -> voxels in the three slices
     for axis, (name, cut, dx, dy, left, right, bottom, top) in zip(axes, panels):
         axis.imshow(cut(shown), cmap="gray", origin="lower", vmin=0, vmax=1,
                     aspect=dy / dx, interpolation="nearest")
@@ -119,31 +129,74 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
                         interpolation="nearest")
             for n, label in enumerate(ids):
                 mask = (slab == label).astype(float)
+                if mask.any():
+                    visible[label] = visible.get(label, 0) + int(mask.sum())
                 if mask.any() and not mask.all():
                     axis.contour(mask, levels=[0.5], colors=[lookup[label]], linewidths=0.7)
         axis.set_xticks([])
         axis.set_yticks([])
         for spine in axis.spines.values():
             spine.set_visible(False)
-        axis.set_title(name, fontsize=9)
-        style = dict(color="yellow", fontsize=9, fontweight="bold", transform=axis.transAxes)
-        axis.text(0.01, 0.5, left, ha="left", va="center", **style)
-        axis.text(0.99, 0.5, right, ha="right", va="center", **style)
-        axis.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
-        axis.text(0.5, 0.99, top, ha="center", va="top", **style)
+        axis.set_title(name, fontsize=9, color="white")
+        _orientation_letters(axis, cut(shown).shape, left, right, bottom, top)
     figure.suptitle(title or os.path.basename(volume.path or "image"), fontsize=11,
                     color="white")
     if ids:
-        handles = [plt.Line2D([], [], color=lookup[i], lw=4,
-                              label=(names or {}).get(i, str(i))) for i in ids[:24]]
-        more = f" (+{len(ids) - 24} more)" if len(ids) > 24 else ""
-        legend = figure.legend(handles=handles, loc="lower center",
-                               ncol=min(len(handles), 6), fontsize=7, frameon=False,
-                               labelcolor="white", bbox_to_anchor=(0.5, -0.12),
-                               title=f"labels{more}" if more else None)
-        if more:
-            legend.get_title().set_color("white")
+        entries = _legend_entries(visible, names or {}, lookup)
+        shown_entries = entries[:_LEGEND_MAX]
+        handles = [plt.Line2D([], [], color=colour, lw=4, label=text)
+                   for text, colour in shown_entries]
+        hidden = len(ids) - len(visible)
+        notes = []
+        if len(entries) > _LEGEND_MAX:
+            notes.append(f"{len(entries) - _LEGEND_MAX} smaller ones not listed")
+        if hidden:
+            notes.append(f"{hidden} labels outside these slices")
+        legend = figure.legend(handles=handles, loc="upper center",
+                               ncol=min(len(handles), 5), fontsize=7, frameon=False,
+                               labelcolor="white", bbox_to_anchor=(0.5, 0.02),
+                               title=("labels in these slices"
+                                      + (f" ({'; '.join(notes)})" if notes else "")),
+                               title_fontsize=7)
+        legend.get_title().set_color("white")
     return _save_figure(figure, path, facecolor="black")
+
+
+#: At most this many legend entries (the largest in the slices; twins count once).
+_LEGEND_MAX = 40
+
+
+def _legend_entries(visible: Mapping[int, int], names: Mapping[int, str],
+                    lookup: Mapping[int, tuple]) -> list[tuple[str, tuple]]:
+    """``(text, colour)`` per legend entry, largest first: the labels seen in the slices,
+    left and right twins of one colour merged into one entry named without the side
+    (``ctx-lh-insula`` + ``ctx-rh-insula`` -> ``insula (L+R)``)."""
+    groups: dict[tuple, list[int]] = {}
+    names = {**{i: n for i, (n, _) in FREESURFER_LUT.items()}, **names}
+    for label in visible:
+        name = names.get(label, str(label))
+        key = (side_free_name(name), tuple(np.round(lookup[label], 3)))
+        groups.setdefault(key, []).append(label)
+    entries = []
+    for (base, _), labels in groups.items():
+        if len(labels) > 1:
+            text = f"{base} (L+R)"
+        else:
+            text = names.get(labels[0], str(labels[0]))
+        entries.append((sum(visible[i] for i in labels), text, lookup[labels[0]]))
+    entries.sort(key=lambda e: -e[0])
+    return [(text, colour) for _, text, colour in entries]
+
+
+def _orientation_letters(axis, shape, left, right, bottom, top, colour="yellow") -> None:
+    """The patient's directions at the edges of an image drawn with ``origin="lower"``,
+    just inside the image (not at the edges of a wider panel)."""
+    rows, columns = shape
+    style = dict(color=colour, fontsize=9, fontweight="bold", transform=axis.transData)
+    axis.text(0.01 * columns, rows / 2, left, ha="left", va="center", **style)
+    axis.text(0.99 * columns - 1, rows / 2, right, ha="right", va="center", **style)
+    axis.text(columns / 2, 0.01 * rows, bottom, ha="center", va="bottom", **style)
+    axis.text(columns / 2, 0.99 * rows - 1, top, ha="center", va="top", **style)
 
 
 def registration_overlay(fixed: Source, moved: Source | None, displacement: Volume,
@@ -151,8 +204,9 @@ def registration_overlay(fixed: Source, moved: Source | None, displacement: Volu
                          dpi: int = 110) -> str:
     """Writes a PNG to check a registration: for the axial, coronal and sagittal slices
     through the fixed image's centre, a checkerboard of the fixed and moved images, the
-    deformed grid, and the Jacobian determinant of ``x -> x + d(x)`` (colour bar; folding,
-    determinant <= 0, in red).
+    deformed grid, and the Jacobian determinant of ``x -> x + d(x)`` on a log scale (blue:
+    contraction, red: expansion, white: volume kept; folding, determinant <= 0, in green),
+    with the patient's directions at the image edges.
 
     Args:
         fixed: the fixed image.
@@ -200,7 +254,8 @@ def registration_overlay(fixed: Source, moved: Source | None, displacement: Volu
         tiles = max(a.shape) // 8 or 1
         yy, xx = np.indices(a.shape)
         board = np.where(((yy // tiles) + (xx // tiles)) % 2 == 0, a, b)
-        axes[row, 0].imshow(board, cmap="gray", origin="lower", aspect=dy / dx)
+        axes[row, 0].imshow(board, cmap="gray", origin="lower", aspect=dy / dx,
+                            vmin=0, vmax=1)
         axes[row, 0].set_title(f"{name}: " + ("fixed image" if moved is None
                                                else "fixed / moved checkerboard"), fontsize=8)
         axes[row, 1].imshow(a, cmap="gray", origin="lower", aspect=dy / dx, alpha=0.6)
@@ -216,18 +271,27 @@ def registration_overlay(fixed: Source, moved: Source | None, displacement: Volu
         axes[row, 1].set_ylim(0, a.shape[0] - 1)
         axes[row, 1].set_title(f"{name}: deformed grid", fontsize=8)
         d = det_ras[index].T
-        shown = axes[row, 2].imshow(d, cmap="coolwarm", origin="lower", aspect=dy / dx,
-                                    vmin=0, vmax=2)
+        # log2 of the determinant: contraction (blue) and expansion (red) symmetric about
+        # volume kept (white); folding (det <= 0) has no logarithm: drawn apart, in green.
+        log_det = np.log2(np.clip(d, 1e-6, None))
+        shown = axes[row, 2].imshow(np.ma.masked_where(d <= 0, log_det), cmap="RdBu_r",
+                                    origin="lower", aspect=dy / dx, vmin=-1, vmax=1)
         folds = np.ma.masked_where(d > 0, np.ones_like(d))
-        axes[row, 2].imshow(folds, cmap=matplotlib.colors.ListedColormap(["red"]),
+        axes[row, 2].imshow(folds, cmap=matplotlib.colors.ListedColormap(["lime"]),
                             origin="lower", aspect=dy / dx, vmin=0, vmax=1)
         axes[row, 2].set_title(f"{name}: Jacobian determinant "
-                               f"(folding {100 * float(np.mean(det <= 0)):.3f} %: red)",
+                               f"(folding {100 * float(np.mean(det <= 0)):.3f} %: green)",
                                fontsize=8)
-        figure.colorbar(shown, ax=axes[row, 2], fraction=0.046, pad=0.02)
-        for ax in axes[row]:
+        bar = figure.colorbar(shown, ax=axes[row, 2], fraction=0.046, pad=0.02,
+                              ticks=[-1, -0.5, 0, 0.5, 1])
+        bar.ax.set_yticklabels(["<=0.5", "0.71", "1", "1.41", ">=2"], fontsize=7)
+        letters = {"axial": ("L", "R", "P", "A"), "coronal": ("L", "R", "I", "S"),
+                   "sagittal": ("P", "A", "I", "S")}[name]
+        for column, ax in enumerate(axes[row]):
             ax.set_xticks([])
             ax.set_yticks([])
+            _orientation_letters(ax, a.shape, *letters,
+                                 colour="black" if column == 2 else "yellow")
     figure.suptitle(title or os.path.basename(fixed_volume.path or "registration"), fontsize=11)
     return _save_figure(figure, path)
 

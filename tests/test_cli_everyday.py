@@ -274,6 +274,45 @@ def test_qc_slices_are_in_world_orientation(codes):
     np.testing.assert_allclose(ras_spacing, canonical.header.get_zooms()[:3])
 
 
+def test_label_colours_are_freesurfers_or_distinct():
+    from dazoo.labels import label_colours
+
+    colours = label_colours([1028, 2028, 17, 53, 2])
+    assert colours[1028] == colours[2028] == (20 / 255, 220 / 255, 160 / 255)  # superiorfrontal
+    assert colours[17] == colours[53] and colours[2] == (245 / 255,) * 3
+    other = label_colours(range(300, 400))  # ids FreeSurfer does not name: no repeats
+    rgb = np.array(list(other.values()))
+    distance = np.sqrt(((rgb[:, None] - rgb[None]) ** 2).sum(-1)) + np.eye(len(rgb))
+    assert distance.min() > 0.01 and len({tuple(np.round(c, 3)) for c in rgb}) == 100
+
+
+def test_legend_merges_twins_largest_first():
+    from dazoo.labels import label_colours
+    from dazoo.qc import _legend_entries
+
+    lookup = label_colours([1025, 2025, 1005, 17, 53, 7])
+    names = {1025: "ctx-lh-precuneus", 2025: "ctx-rh-precuneus", 1005: "ctx-lh-cuneus"}
+    entries = _legend_entries({1025: 50, 2025: 40, 1005: 100, 17: 5, 7: 1}, names, lookup)
+    assert [text for text, _ in entries] == ["ctx-lh-cuneus", "precuneus (L+R)",  # 100, 90
+                                            "Left-Hippocampus", "Left-Cerebellum-White-Matter"]
+    assert entries[0][1] != entries[1][1]  # cuneus and precuneus: different colours
+
+
+def test_display_window_keeps_a_bright_plateau_grey():
+    """FreeSurfer's white matter sits at exactly 110: the 99.5th percentile; the window
+    must not show it as white. A few very bright voxels must not dim the rest either."""
+    from dazoo.qc import _window
+
+    rng = np.random.default_rng(0)
+    brain = np.concatenate([np.full(60000, 110.0), rng.uniform(40, 90, 40000)])
+    array = np.concatenate([np.zeros(100000), brain]).reshape(50, 40, 100)
+    shown = _window(array)
+    assert 0.6 < float(shown.ravel()[100000]) < 0.85  # white matter: light grey
+    fat = np.concatenate([np.zeros(100000), brain[:-500], np.full(500, 255.0)])
+    dimmed = _window(fat.reshape(50, 40, 100))
+    assert float(dimmed.ravel()[100000]) > 0.6  # 0.5 % of fat does not set the window
+
+
 def test_python_api_does_not_print_tensorflow_start_up_lines(tmp_path):
     """``import dazoo`` and a first use of a network print none of TensorFlow's C++ start-up
     lines (oneDNN, the CUDA probe, absl), as the CLI does not (a user's TF_CPP_MIN_LOG_LEVEL
