@@ -39,7 +39,7 @@ from dazoo.errors import DazooInputError
 from dazoo.io import Volume
 
 __all__ = ["InputChecks", "measure_input", "check_input", "foreground_extent",
-           "measure_output", "check_output"]
+           "measure_output", "check_output", "region_confidence", "label_agreement"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -201,6 +201,29 @@ def measure_output(volumes_mm3: Mapping[int, float], scores: np.ndarray) -> dict
     return {"volumes_ml": {str(int(i)): float(v) / 1000.0 for i, v in volumes_mm3.items()
                            if int(i) != 0},
             "confidence": confidence}
+
+
+def region_confidence(scores: np.ndarray, class_ids) -> dict[str, float]:
+    """``{"id": mean highest class probability over the model-grid voxels labelled id}``
+    for the labelled classes present (a per-structure QC score, SynthSeg-like)."""
+    scores = np.asarray(scores)
+    best = scores.argmax(axis=-1).ravel()
+    top = scores.max(axis=-1).ravel().astype(np.float64)
+    count = np.bincount(best, minlength=scores.shape[-1])
+    total = np.bincount(best, weights=top, minlength=scores.shape[-1])
+    return {str(int(class_ids[k])): float(total[k] / count[k])
+            for k in range(1, scores.shape[-1]) if count[k] > 0}
+
+
+def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the non-zero classes present in either of two class maps (1.0 when
+    neither has any)."""
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    size = int(max(a.max(initial=0), b.max(initial=0))) + 1
+    both = np.bincount(a[a == b], minlength=size)[1:]
+    total = np.bincount(a, minlength=size)[1:] + np.bincount(b, minlength=size)[1:]
+    present = total > 0
+    return float(np.mean(2 * both[present] / total[present])) if present.any() else 1.0
 
 
 def check_output(measured: Mapping[str, Any], checks: InputChecks,

@@ -245,6 +245,34 @@ def _device() -> str:
     return device_summary()
 
 
+def _write_qc_scores(path: str, rows: list[dict], names: dict) -> None:
+    """One row per scan: the per-scan QC measures of ``Segmentation.measures`` (see the
+    guide's "QC scores" for what predicts a bad result), then each region's confidence."""
+    import csv
+    import io as stringio
+
+    from dazoo.io import write_text_atomic
+
+    ids = sorted(i for i in names if i != 0)
+    columns = ["confidence", "flip_agreement", "alignment", "outside"]
+    buffer = stringio.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "warnings", *columns, "extent_R_mm", "extent_A_mm",
+                     "extent_S_mm"] + [f"{names[i]} ({i}) confidence" for i in ids])
+
+    def shown(value):
+        return "" if value is None else f"{value:.4f}"
+
+    for row in rows:
+        m = row["measures"]
+        extent = m.get("extent_mm") or [None] * 3
+        regions = m.get("region_confidence", {})
+        writer.writerow([row["image"], row["warnings"], *[shown(m.get(c)) for c in columns],
+                         *[shown(v) for v in extent],
+                         *[shown(regions.get(str(i))) for i in ids]])
+    write_text_atomic(path, buffer.getvalue())
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (argparse type)."""
     index, _, count = text.partition("/")
@@ -302,9 +330,11 @@ def _segment(args: argparse.Namespace) -> int:
         _log(f"shard {args.shard[0]}/{args.shard[1]}: {len(inputs) + len(missing)} inputs")
         if not inputs and not missing:
             return 0
-    if args.volumes and not args.volumes.endswith(".csv"):
-        raise DazooInputError(args.volumes, "the volumes table is written as .csv")
-    outputs = targets + [p for p in probabilities if p] + ([args.volumes] if args.volumes else [])
+    for table, what in ((args.volumes, "the volumes table"), (args.qc_scores, "the QC scores")):
+        if table and not table.endswith(".csv"):
+            raise DazooInputError(table, f"{what} is written as .csv")
+    outputs = targets + [p for p in probabilities if p] + [
+        t for t in (args.volumes, args.qc_scores) if t]
     _check_outputs(outputs, inputs)
     seen = set()
     for path in outputs:
@@ -342,12 +372,16 @@ def _segment(args: argparse.Namespace) -> int:
             print(f"dazoo: error: {err}", file=sys.stderr)
             failed.append((path, err))
             continue
-        rows.append({"image": path, "volumes": result.volumes()})
+        rows.append({"image": path, "volumes": result.volumes(), "measures": result.measures,
+                     "warnings": len(result.warnings)})
         _log(f"[{number}/{len(inputs)}] {path} -> {target} ({result.seconds:.1f} s"
              + (f", {pipeline.name}, {_device()})" if len(rows) == 1 else ")"))
     if args.volumes and rows:
         _write_volumes(args.volumes, rows, pipeline.label_names)
         _log(f"volumes: {args.volumes}")
+    if args.qc_scores and rows:
+        _write_qc_scores(args.qc_scores, rows, pipeline.label_names)
+        _log(f"QC scores: {args.qc_scores}")
     if keep_going or failed:
         _log(f"{len(rows)} segmented, {len(failed)} failed"
              + (": " + ", ".join(p for p, _ in failed) if failed else ""))
@@ -379,6 +413,11 @@ def _add_segment(sub) -> None:
                    help="write a table of region volumes (mm^3, one row per scan)")
     p.add_argument("--qc", metavar="DIR",
                    help="write a picture per scan (three slices, labels overlaid) to DIR")
+    p.add_argument("--qc-scores", metavar="CSV",
+                   help="write a table of per-scan QC scores (segmenter confidence overall "
+                        "and per region, flip agreement with --flip, the input checks' "
+                        "measurements); low confidence predicts a poor segmentation (see "
+                        "docs/guide.md for how well)")
     p.add_argument("--continue-on-error", action="store_true",
                    help="skip a bad input (its one-line error is printed), process the rest, "
                         "print a summary; exit status 2 if any failed")

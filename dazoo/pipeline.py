@@ -32,8 +32,10 @@ class Segmentation:
             on the input image's grid and affine.
         seconds: wall-clock time of the whole call.
         warnings: the input's failed sanity checks (:mod:`dazoo.checks`), one line each.
-        measures: what the checks measured of the segmentation
-            (:func:`dazoo.checks.measure_output`: ``volumes_ml``, ``confidence``).
+        measures: per-scan QC measures (:mod:`dazoo.checks`): the input's ``extent_mm``
+            (and ``alignment``, ``outside`` with a template), the segmentation's
+            ``volumes_ml``, ``confidence`` and ``region_confidence`` (``{id: mean highest
+            probability over its voxels}``), and ``flip_agreement`` with flip TTA.
     """
 
     labels: Volume
@@ -239,14 +241,21 @@ class Pipeline:
         """The failed sanity checks of an input (:mod:`dazoo.checks`; ``pre``: its
         :class:`~dazoo.preprocess.Preprocessed`, for the alignment checks), one line each;
         empty when the preset has no ``checks.json`` or all pass."""
-        from dazoo.checks import check_input, measure_input
+        from dazoo.checks import check_input
 
         if self.checks is None:
             return []
-        measured = measure_input(volume, self.preprocessor.template,
-                                 None if pre is None else pre.alignment,
-                                 outside_margin_mm=self.checks.outside_margin_mm)
-        return check_input(measured, self.checks)
+        return check_input(self.measure(volume, pre), self.checks)
+
+    def measure(self, volume: Volume, pre=None) -> dict:
+        """What the input checks measure (:func:`dazoo.checks.measure_input`: the
+        foreground's extent, and with ``pre`` the alignment's correlation and the outside
+        fraction), whether or not the preset has thresholds for them."""
+        from dazoo.checks import measure_input
+
+        margin = self.checks.outside_margin_mm if self.checks is not None else 6.0
+        return measure_input(volume, self.preprocessor.template,
+                             None if pre is None else pre.alignment, outside_margin_mm=margin)
 
     def _prepare(self, image: Source, strict: bool, role: str = ""):
         """Reads and preprocesses an input and runs the checks; ``strict``: a failed check
@@ -284,14 +293,16 @@ class Pipeline:
                 those of the mirrored image (left and right labels swapped back); twice the
                 network time. Default: the preset's (:attr:`default_flip`).
         """
-        from dazoo.checks import check_output, measure_output
+        from dazoo.checks import check_output, measure_output, region_confidence
 
         start = time.perf_counter()
         volume, pre, warnings = self._prepare(image, strict)
-        labels, scores = self._segment(pre, flip)
+        details: dict = {}
+        labels, scores = self._segment(pre, flip, details)
         names = {0: "background", **self.label_names}
         result = Segmentation(labels=labels, seconds=0.0, names=names, warnings=warnings)
-        measures = measure_output(result.volumes(), scores)
+        measures = {**self.measure(volume, pre), **measure_output(result.volumes(), scores),
+                    "region_confidence": region_confidence(scores, self.class_ids), **details}
         if self.checks is not None and self.checks.after_network:
             problems = check_output(measures, self.checks, self.label_names)
             if strict and problems:
@@ -312,10 +323,10 @@ class Pipeline:
         """The label map (ids) on the native grid of an image already preprocessed."""
         return self._segment(pre, flip)[0]
 
-    def _segment(self, pre, flip=None):
+    def _segment(self, pre, flip=None, details=None):
         from dazoo.postprocess import labels_to_native
 
-        scores = self.segment_scores(pre.array, flip=flip)
+        scores = self.segment_scores(pre.array, flip=flip, details=details)
         classes = labels_to_native(scores, pre)
         return Volume(self.class_ids[classes], pre.native_affine, None), scores
 
@@ -341,10 +352,13 @@ class Pipeline:
         position = {int(i): k for k, i in enumerate(self.class_ids)}
         return np.array([position.get(mirror_id(i), k) for k, i in enumerate(self.class_ids)])
 
-    def segment_scores(self, array: np.ndarray, *, flip: bool | None = None) -> np.ndarray:
+    def segment_scores(self, array: np.ndarray, *, flip: bool | None = None,
+                       details: dict | None = None) -> np.ndarray:
         """The segmenter's class probabilities ``(D, H, W, K)`` of a model-grid image; with
         ``flip`` (default :attr:`default_flip`), the mean of those of the image and of its
-        left-right mirror image (mirrored back, left and right classes swapped)."""
+        left-right mirror image (mirrored back, left and right classes swapped), and
+        ``details["flip_agreement"]`` (if ``details`` is given): the mean Dice over the
+        labelled classes between the two passes' label maps."""
         flip = self.default_flip if flip is None else bool(flip)
         net = self.model.segmentation_net
         array = np.asarray(array, np.float32)
@@ -354,6 +368,11 @@ class Pipeline:
             mirrored = np.ascontiguousarray(np.flip(array, axis))
             other = np.asarray(_infer(net, mirrored[None, ..., None]), np.float32)[0]
             other = np.flip(other, axis)[..., self.flip_permutation()]
+            if details is not None:
+                from dazoo.checks import label_agreement
+
+                details["flip_agreement"] = label_agreement(scores.argmax(-1),
+                                                            other.argmax(-1))
             scores = 0.5 * (scores + other)
         return scores
 

@@ -274,6 +274,33 @@ def test_qc_slices_are_in_world_orientation(codes):
     np.testing.assert_allclose(ras_spacing, canonical.header.get_zooms()[:3])
 
 
+def test_qc_scores_table(preset_dir, scans, tmp_path, capsys):  # noqa: F811
+    table = tmp_path / "qc.csv"
+    assert main(["segment", scans[0][0], scans[1][0], "-o", str(tmp_path / "segs"),
+                 "--qc-scores", str(table), "--flip", "--preset", str(preset_dir)]) == 0
+    rows = list(csv.DictReader(table.open()))
+    assert [r["image"] for r in rows] == [scans[0][0], scans[1][0]]
+    for row in rows:
+        assert 0 < float(row["confidence"]) <= 1 and 0 <= float(row["flip_agreement"]) <= 1
+        regions = [float(v) for k, v in row.items() if k.endswith(") confidence") and v]
+        assert regions and all(0 < v <= 1 for v in regions)
+        assert float(row["extent_R_mm"]) > 0 and row["warnings"] == "0"
+    assert main(["segment", scans[0][0], "-o", str(tmp_path / "x.nii.gz"), "--qc-scores",
+                 str(tmp_path / "qc.txt"), "--preset", str(preset_dir)]) == 2
+    assert "QC scores is written as .csv" in capsys.readouterr().err
+
+
+def test_region_confidence_and_agreement_by_hand():
+    from dazoo.checks import label_agreement, region_confidence
+
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.1, 0.6, 0.3], [0.0, 0.3, 0.7]])
+    assert region_confidence(scores, np.array([0, 17, 53])) == {
+        "17": pytest.approx(0.7), "53": pytest.approx(0.7)}
+    a, b = np.array([0, 1, 1, 2, 2]), np.array([0, 1, 2, 2, 0])
+    assert label_agreement(a, b) == pytest.approx(np.mean([2 * 1 / 3, 2 * 1 / 4]))
+    assert label_agreement(np.zeros(4, int), np.zeros(4, int)) == 1.0
+
+
 def test_label_colours_are_freesurfers_or_distinct():
     from dazoo.labels import label_colours
 
