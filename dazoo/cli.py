@@ -24,10 +24,23 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _note(path: str, notes) -> None:
+    """What was decided for an input (e.g. the skull-strip decision), one line each."""
+    for line in notes:
+        print(f"note: {path}: {line}", file=sys.stderr, flush=True)
+
+
 def _warn(path: str, warnings) -> None:
     """The input's failed sanity checks, one ``warning: FILE: ...`` line each."""
     for line in warnings:
         print(f"warning: {path}: {line}", file=sys.stderr, flush=True)
+
+
+def _add_skull_strip(p) -> None:
+    p.add_argument("--skull-strip", choices=("auto", "on", "off"), default=None,
+                   help="brain extraction before the networks (presets trained on "
+                        "skull-stripped brains: brain): auto (default) strips a head and "
+                        "leaves a brain as it is, saying which on a note line; on; off")
 
 
 _STRICT_HELP = ("make a failed input sanity check (implausible size, failed alignment, not "
@@ -233,7 +246,9 @@ def _load(preset: str):
     from dazoo.hub import load
     from dazoo.presets import get_preset
 
-    get_preset(preset)
+    if get_preset(preset).metadata.get("kind") == "brain-extraction":
+        raise DazooInputError(preset, "is a brain extractor, not a DeepAtlas preset: use "
+                                      "dazoo strip (or --skull-strip on)")
     tensorflow()
     return load(preset)
 
@@ -354,7 +369,8 @@ def _segment(args: argparse.Namespace) -> int:
         try:
             result = pipeline.segment(
                 path, probabilities=args.probabilities_dtype if prob is not None else False,
-                strict=args.strict, flip=args.flip)
+                strict=args.strict, flip=args.flip, skull_strip=args.skull_strip)
+            _note(path, result.notes)
             _warn(path, result.warnings)
             result.save(target, protect=inputs)
             if prob is not None:
@@ -426,11 +442,89 @@ def _add_segment(sub) -> None:
                         "sorted by path, for N cluster array jobs (names as for the whole "
                         "list; one --volumes table per shard)")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
+    _add_skull_strip(p)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="left-right test-time augmentation: average with the mirrored scan "
                         "(left/right labels swapped back; twice the network time). Default: "
                         "the preset's choice")
     p.set_defaults(run=_segment)
+
+
+# --------------------------------------------------------------------------- strip
+def _strip(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dazoo.io import stem
+    from dazoo.presets import get_preset
+
+    keep_going = args.continue_on_error
+    inputs, missing = _expand_inputs(args.inputs, keep_going=keep_going,
+                                     outputs=[args.output, args.mask])
+    targets = _targets(inputs, args.output, "_brain.nii.gz", "brains") if inputs else []
+    masks = (_targets(inputs, args.mask, "_mask.nii.gz", "masks") if args.mask and inputs
+             else [None] * len(inputs))
+    _check_outputs(targets + [m for m in masks if m], inputs)
+    failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
+    for path, err in failed:
+        print(f"dazoo: error: {err}", file=sys.stderr)
+    if not inputs:
+        raise failed[0][1] if failed else DazooInputError("strip", "no input")
+    if get_preset(args.preset).metadata.get("kind") != "brain-extraction":
+        raise DazooInputError(args.preset, "is not a brain-extraction preset")
+    tensorflow()
+    from dazoo.preprocess.skullstrip import BrainExtractor
+
+    extractor = BrainExtractor.from_preset(args.preset)
+    done = 0
+    for number, (path, target, mask) in enumerate(zip(inputs, targets, masks), 1):
+        try:
+            result = extractor.extract(path)
+            written = result.save(target, mask, protect=inputs)
+            if args.qc:
+                from dazoo.qc import label_overlay
+
+                os.makedirs(args.qc, exist_ok=True)
+                written.append(label_overlay(path, result.mask,
+                                             os.path.join(args.qc, f"{stem(target)}.png"),
+                                             names={1: "brain"}, alpha=0.25))
+        except DazooInputError as err:
+            if not keep_going:
+                raise
+            print(f"dazoo: error: {err}", file=sys.stderr)
+            failed.append((path, err))
+            continue
+        done += 1
+        volume_ml = float(np.count_nonzero(result.mask.array)) * abs(
+            np.linalg.det(result.mask.affine[:3, :3])) / 1000
+        _log(f"[{number}/{len(inputs)}] {path} -> {', '.join(written)} (brain "
+             f"{volume_ml:.0f} mL, {result.seconds:.1f} s"
+             + (f", {_device()})" if done == 1 else ")"))
+    if keep_going or failed:
+        _log(f"{done} stripped, {len(failed)} failed"
+             + (": " + ", ".join(p for p, _ in failed) if failed else ""))
+    return 2 if failed else 0
+
+
+def _add_strip(sub) -> None:
+    p = sub.add_parser("strip", help="brain extraction (skull stripping) of T1 head scans",
+                       description="Extracts the brain of each T1-weighted head scan with the "
+                                   "brainmask preset (deepbet's networks in Keras): the "
+                                   "stripped image and, with --mask, the brain mask, both on "
+                                   "the input's own grid and affine.")
+    p.add_argument("inputs", nargs="+", metavar="IN",
+                   help="NIfTI (.nii, .nii.gz) or MGZ images, or folders of them")
+    p.add_argument("-o", "--output", required=True,
+                   help="stripped image: a file (one input) or a folder (<name>_brain.nii.gz)")
+    p.add_argument("--mask", metavar="OUT",
+                   help="also write the brain mask (uint8 0/1): a file or a folder "
+                        "(<name>_mask.nii.gz)")
+    p.add_argument("--preset", default="brainmask",
+                   help="brain-extraction preset (default: brainmask)")
+    p.add_argument("--qc", metavar="DIR", help="write a picture per scan (mask outlined)")
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="skip a bad input (one-line error), process the rest; exit 2 if any "
+                        "failed")
+    p.set_defaults(run=_strip)
 
 
 # --------------------------------------------------------------------------- register
@@ -454,7 +548,11 @@ def _register(args: argparse.Namespace) -> int:
     pipeline = _load(args.preset)
     _log(f"registering {args.moving} -> {args.fixed}")
     result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels,
-                               strict=args.strict, refine=args.refine)
+                               strict=args.strict, refine=args.refine,
+                               skull_strip=args.skull_strip)
+    for line in result.notes:
+        role, _, text = line.partition(": ")
+        _note(args.moving if role == "moving" else args.fixed, [text])
     for line in result.warnings:
         role, _, text = line.partition(": ")
         _warn(args.moving if role == "moving" else args.fixed, [text])
@@ -511,6 +609,7 @@ def _add_register(sub) -> None:
                                                "Jacobian) to DIR")
     p.add_argument("--preset", default="brain", help="preset name or folder (default: brain)")
     p.add_argument("--strict", action="store_true", help=_STRICT_HELP)
+    _add_skull_strip(p)
     p.add_argument("--refine", type=int, metavar="N",
                    help="iterations of anatomy-guided test-time refinement of the network's "
                         "velocity (image similarity + smoothness + soft Dice of the warped "
@@ -850,10 +949,11 @@ def _add_finetune(sub) -> None:
 
 # --------------------------------------------------------------------------- main
 #: Verbs that run TensorFlow (imported quietly before them).
-_TENSORFLOW_VERBS = {"segment", "register", "evaluate", "train", "finetune", "export", "demo"}
+_TENSORFLOW_VERBS = {"segment", "register", "strip", "evaluate", "train", "finetune", "export",
+                     "demo"}
 
 
-_VERBS: list[Callable] = [_add_segment, _add_register, _add_warp, _add_qc, _add_evaluate,
+_VERBS: list[Callable] = [_add_segment, _add_register, _add_strip, _add_warp, _add_qc, _add_evaluate,
                           _add_train, _add_finetune, _add_export, _add_list, _add_demo]
 
 

@@ -36,6 +36,8 @@ class Segmentation:
             (and ``alignment``, ``outside`` with a template), the segmentation's
             ``volumes_ml``, ``confidence`` and ``region_confidence`` (``{id: mean highest
             probability over its voxels}``), and ``flip_agreement`` with flip TTA.
+        brain_mask: the brain mask (uint8, input grid) when the input was brain-extracted.
+        notes: what was decided on the way (the skull-strip decision and its measure).
     """
 
     labels: Volume
@@ -44,6 +46,8 @@ class Segmentation:
     names: dict | None = None
     warnings: list = dataclasses.field(default_factory=list)
     measures: dict = dataclasses.field(default_factory=dict)
+    brain_mask: Volume | None = None
+    notes: list = dataclasses.field(default_factory=list)
 
     def save(self, path: str | os.PathLike, *, protect: Iterable = ()) -> str:
         """Writes the label map (integers, atomically); refuses to overwrite ``protect``."""
@@ -73,6 +77,20 @@ class Segmentation:
 
 
 @dataclasses.dataclass
+class _Input:
+    """An input as :meth:`Pipeline._prepare` leaves it: ``original`` (as read), ``volume``
+    (what the networks see: brain-extracted or the same), its preprocessing ``pre``, the
+    failed checks, the brain ``mask`` (or None) and the skull-strip ``note``."""
+
+    original: Volume
+    volume: Volume
+    pre: object
+    warnings: list
+    mask: Volume | None
+    note: str | None
+
+
+@dataclasses.dataclass
 class Registration:
     """The moving image registered onto the fixed image's own grid.
 
@@ -88,6 +106,8 @@ class Registration:
         jacobian: summary of that determinant (min, max, mean, std).
         seconds: wall-clock time of the whole call.
         warnings: failed sanity checks of either input, ``"moving: ..."`` / ``"fixed: ..."``.
+        masks: ``{"moving": mask or None, "fixed": ...}``, brain masks of extracted inputs.
+        notes: the skull-strip decisions, ``"moving: ..."`` / ``"fixed: ..."``.
     """
 
     moved: Volume
@@ -97,6 +117,8 @@ class Registration:
     jacobian: dict
     seconds: float = 0.0
     warnings: list = dataclasses.field(default_factory=list)
+    masks: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
 
     def jacobian_map(self) -> Volume:
         """Jacobian determinant of ``x -> x + d(x)`` (fixed world -> moving world) on the fixed
@@ -257,11 +279,63 @@ class Pipeline:
         return measure_input(volume, self.preprocessor.template,
                              None if pre is None else pre.alignment, outside_margin_mm=margin)
 
-    def _prepare(self, image: Source, strict: bool, role: str = ""):
-        """Reads and preprocesses an input and runs the checks; ``strict``: a failed check
-        is a :class:`DazooInputError`, the size check before the (then possibly slow or
-        failing) alignment, the others right after it, before the networks run."""
-        volume = io.read_image(image)
+    @property
+    def skull_strip_default(self) -> str:
+        """``"auto"`` for presets trained on skull-stripped brains (``metadata.json``
+        ``"skull_strip": {"default": "auto", ...}``), ``"off"`` otherwise."""
+        meta = (self.preset.metadata.get("skull_strip") if self.preset is not None else None)
+        return (meta or {}).get("default", "off")
+
+    @property
+    def extractor(self):
+        """The brain extractor (:class:`dazoo.preprocess.skullstrip.BrainExtractor`) of the
+        preset's ``"skull_strip"`` settings, loaded on first use."""
+        if getattr(self, "_extractor", None) is None:
+            from dazoo.preprocess.skullstrip import BrainExtractor
+
+            meta = (self.preset.metadata.get("skull_strip") or {}) if self.preset else {}
+            self._extractor = BrainExtractor.from_preset(meta.get("extractor", "brainmask"))
+        return self._extractor
+
+    def skull_strip(self, volume: Volume, mode: str | None = None):
+        """``(image, mask or None, note or None)``: the input brain-extracted or as it is.
+
+        ``mode``: ``"on"`` strips, ``"off"`` leaves it, ``"auto"`` (None: the preset's
+        default) strips when more than the preset's ``outside_threshold`` of the scan's
+        bright voxels lie outside the brain the extractor finds (a head, not a stripped
+        brain). The note says what was decided and on which measure."""
+        mode = self.skull_strip_default if mode is None else mode
+        if mode not in ("auto", "on", "off"):
+            raise DazooInputError("--skull-strip", f"expected auto, on or off, got {mode!r}")
+        if mode == "off":
+            return volume, None, None
+        meta = (self.preset.metadata.get("skull_strip") or {}) if self.preset else {}
+        threshold = float(meta.get("outside_threshold", 0.05))
+        if mode == "auto":
+            outside = self.extractor.outside_fraction(volume)
+            if outside <= threshold:
+                return volume, None, (f"skull-strip auto: {100 * outside:.1f} % of the bright "
+                                      f"voxels lie outside the brain (<= {100 * threshold:.0f} "
+                                      f"%): already a brain, left as it is")
+            why = (f"{100 * outside:.0f} % of the bright voxels lie outside the brain "
+                   f"(> {100 * threshold:.0f} %)")
+        else:
+            why = "asked for"
+        extraction = self.extractor.extract(volume)
+        brain_ml = float(np.count_nonzero(extraction.mask.array)) * abs(
+            np.linalg.det(volume.affine[:3, :3])) / 1000
+        return (extraction.brain, extraction.mask,
+                f"skull-strip {mode}: {why}: brain extracted ({brain_ml:.0f} mL, "
+                f"{extraction.seconds:.1f} s)")
+
+    def _prepare(self, image: Source, strict: bool, role: str = "",
+                 skull_strip: str | None = None):
+        """Reads an input, brain-extracts it (:meth:`skull_strip`), preprocesses it and
+        runs the checks; ``strict``: a failed check is a :class:`DazooInputError`, the size
+        check before the (then possibly slow or failing) alignment, the others right after
+        it, before the networks run."""
+        original = io.read_image(image)
+        volume, mask, note = self.skull_strip(original, skull_strip)
         if strict and self.checks is not None:  # physical size only: no alignment needed
             size = self.check(volume)
             if size:
@@ -270,7 +344,7 @@ class Pipeline:
         warnings = self.check(volume, pre)
         if strict and warnings:
             self._refuse(volume, warnings)
-        return volume, pre, [role + w for w in warnings]
+        return _Input(original, volume, pre, [role + w for w in warnings], mask, note)
 
     @staticmethod
     def _refuse(volume, warnings):
@@ -279,7 +353,8 @@ class Pipeline:
 
     # ----------------------------------------------------------------- segment
     def segment(self, image: Source, *, probabilities: bool | str = False,
-                strict: bool = False, flip: bool | None = None) -> Segmentation:
+                strict: bool = False, flip: bool | None = None,
+                skull_strip: str | None = None) -> Segmentation:
         """Segments one image and returns the label map on its own grid.
 
         Args:
@@ -292,11 +367,15 @@ class Pipeline:
             flip: left-right test-time augmentation: the probabilities are averaged with
                 those of the mirrored image (left and right labels swapped back); twice the
                 network time. Default: the preset's (:attr:`default_flip`).
+            skull_strip: ``"auto"``, ``"on"`` or ``"off"`` (:meth:`skull_strip`; None: the
+                preset's default, ``"auto"`` for ``brain``). The mask is
+                ``result.brain_mask``, the decision ``result.notes``.
         """
         from dazoo.checks import check_output, measure_output, region_confidence
 
         start = time.perf_counter()
-        volume, pre, warnings = self._prepare(image, strict)
+        given = self._prepare(image, strict, skull_strip=skull_strip)
+        volume, pre, warnings = given.volume, given.pre, given.warnings
         details: dict = {}
         labels, scores = self._segment(pre, flip, details)
         names = {0: "background", **self.label_names}
@@ -317,7 +396,8 @@ class Pipeline:
                           None)
         return Segmentation(labels=labels, seconds=time.perf_counter() - start,
                             probabilities=maps, names=names, warnings=warnings,
-                            measures=measures)
+                            measures=measures, brain_mask=given.mask,
+                            notes=[given.note] if given.note else [])
 
     def segment_preprocessed(self, pre, *, flip: bool | None = None) -> Volume:
         """The label map (ids) on the native grid of an image already preprocessed."""
@@ -423,7 +503,7 @@ class Pipeline:
     def register(self, moving: Source, fixed: Source, *,
                  moving_labels: Source | None = None, strict: bool = False,
                  refine: int | None = None, refine_options: dict | None = None,
-                 ) -> Registration:
+                 skull_strip: str | None = None) -> Registration:
         """Registers ``moving`` onto ``fixed``; results are on the fixed image's own grid.
 
         Args:
@@ -442,17 +522,24 @@ class Pipeline:
                 otherwise; ``"guide": "segmenter"`` guides the refinement by the segmenter's
                 prediction of the moving image even when ``moving_labels`` are given (they
                 are still carried along; default ``"labels"``).
+            skull_strip: as for :meth:`segment`, for each image; the networks see the
+                brains, the moved image is the whole moving scan; masks in
+                ``result.masks``.
         """
         start = time.perf_counter()
-        moving_volume, moving_pre, moving_warnings = self._prepare(moving, strict, "moving: ")
+        moving_in = self._prepare(moving, strict, "moving: ", skull_strip)
         labels_volume = None
         if moving_labels is not None:
-            labels_volume = io.read_labels(moving_labels, like=moving_volume)
-        fixed_volume, fixed_pre, fixed_warnings = self._prepare(fixed, strict, "fixed: ")
-        result = self.register_preprocessed(moving_volume, moving_pre, fixed_volume.affine,
-                                            fixed_pre, moving_labels=labels_volume,
-                                            refine=refine, refine_options=refine_options)
-        result.warnings = moving_warnings + fixed_warnings
+            labels_volume = io.read_labels(moving_labels, like=moving_in.original)
+        fixed_in = self._prepare(fixed, strict, "fixed: ", skull_strip)
+        result = self.register_preprocessed(moving_in.original, moving_in.pre,
+                                            fixed_in.original.affine, fixed_in.pre,
+                                            moving_labels=labels_volume, refine=refine,
+                                            refine_options=refine_options)
+        result.warnings = moving_in.warnings + fixed_in.warnings
+        result.masks = {"moving": moving_in.mask, "fixed": fixed_in.mask}
+        result.notes = [f"{role}: {x.note}" for role, x in (("moving", moving_in),
+                                                             ("fixed", fixed_in)) if x.note]
         result.seconds = time.perf_counter() - start
         return result
 
