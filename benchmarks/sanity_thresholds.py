@@ -2,10 +2,13 @@
 copies of them, and proposes (``--write``: stores) the thresholds in the preset's checks.json.
 
 Real scans (all must pass): the Mindboggle OASIS-TRT-20 images and the freesurfer-cohort
-brainmasks. Damaged copies (all but "axes" must be flagged):
+brainmasks. Damaged copies and heads (all but "axes" must be flagged; under the default
+--skull-strip auto a head is brain-extracted before these checks, which then see the brain):
   scalp    a synthetic scalp and skull around the brain (a not skull-stripped scan):
-           CSF/skull (dark) 2-8 mm outside the brain, scalp and fat (bright, textured)
+           CSF/skull (dark) 0-8 mm outside the brain, scalp and fat (bright, textured)
            8-14 mm, air beyond;
+  scalp8   a thinner, dimmer one: skull 0-4 mm, scalp 4-8 mm at 0.6x white matter;
+  head     the FreeSurfer cohort's real raw heads (T1.mgz);
   voxel10  the header says 10 mm voxels (a 2.5 m head);
   voxel01  the header says 0.1 mm voxels (a 2.5 cm head);
   axes     the header's first two axes swapped: the anatomy rotated and mirrored (a 12-
@@ -35,17 +38,20 @@ def _damaged(volume, kind, rng):
 
     array = np.asarray(volume.array, np.float32)
     affine = volume.affine.copy()
-    if kind == "scalp":
+    if kind in ("scalp", "scalp8"):
+        # scalp: skull 0-8 mm, scalp 8-14 mm as bright as white matter; scalp8: a thinner,
+        # dimmer head (skull 0-4 mm, scalp 4-8 mm at 0.6x).
+        inner, outer, level = (8, 14, 0.9) if kind == "scalp" else (4, 8, 0.6)
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         brain = array > 0
         distance = ndi.distance_transform_edt(~brain, sampling=spacing)
         white = float(np.percentile(array[brain], 99))
         out = array.copy()
-        skull = (distance > 0) & (distance <= 8)
-        scalp = (distance > 8) & (distance <= 14)
+        skull = (distance > 0) & (distance <= inner)
+        scalp = (distance > inner) & (distance <= outer)
         out[skull] = 0.08 * white * (1 + 0.3 * rng.standard_normal(int(skull.sum())))
         texture = ndi.gaussian_filter(rng.standard_normal(array.shape).astype(np.float32), 1.5)
-        out[scalp] = white * (0.9 + 0.6 * texture[scalp] / texture.std())
+        out[scalp] = white * (level + 0.6 * texture[scalp] / texture.std())
         return Volume(np.clip(out, 0, None), affine, volume.path)
     if kind in ("voxel10", "voxel01"):
         factor = 10.0 if kind == "voxel10" else 0.1
@@ -84,8 +90,11 @@ def measure_all(pre, template, data, rows):
         name = path.parent.name
         volume = io.read_image(path)
         measure(volume, name, "real")
-        for kind in ("scalp", "voxel10", "voxel01", "axes"):
-            measure(_damaged(volume, kind, rng), name, kind, align=kind in ("scalp", "axes"))
+        for kind in ("scalp", "scalp8", "voxel10", "voxel01", "axes"):
+            measure(_damaged(volume, kind, rng), name, kind,
+                    align=kind in ("scalp", "scalp8", "axes"))
+    for path in sorted(data.glob("freesurfer-cohort/*/T1.mgz")):  # real heads
+        measure(io.read_image(path), path.parent.name, "head")
     knee = data / "knee-dess" / "dess_echo1.nii.gz"
     if knee.exists():
         measure(io.read_image(knee), knee.name, "knee")
@@ -140,11 +149,21 @@ def main(argv=None):
     # the typical scalp copy (geometric mean), not below the smallest.
     typical_scalp = float(np.median([r["outside"] for r in rows if r["kind"] == "scalp"]))
     max_outside = float(np.round(np.sqrt(max(worst_outside, 1e-3) * typical_scalp), 3))
+    # The alignment's scale: a margin of 5 % beyond the real scans' extremes; reported
+    # against the heads and scalp copies it is meant to catch.
+    scales = [r["scale"] for r in real if r.get("scale") is not None]
+    scale_range = (float(np.round(min(scales) / 1.05, 3)), float(np.round(max(scales) * 1.05, 3)))
+    for kind in ("scalp", "scalp8", "head"):
+        values = [r["scale"] for r in rows if r["kind"] == kind and r.get("scale") is not None]
+        if values:
+            print(f"scale: {kind} {min(values):.3f}..{max(values):.3f} (real "
+                  f"{min(scales):.3f}..{max(scales):.3f}, accepted {scale_range})")
     print(f"alignment: real >= {worst_alignment:.3f}, knee <= {best_failed:.3f}"
           + ("" if best_failed < worst_alignment else "  (NOT separable)"))
     checks = InputChecks(extent_mm=tuple(float(v) for v in np.round(reference, 1)),
                          extent_ratio=extent_ratio, min_alignment=min_alignment,
-                         max_outside=max_outside, needs="a skull-stripped T1 brain")
+                         max_outside=max_outside, scale_range=scale_range,
+                         needs="a skull-stripped T1 brain")
     summary = {}
     for row in rows:
         row["flags"] = check_input(row, checks)
@@ -161,7 +180,8 @@ def main(argv=None):
     print("thresholds:", json_checks := {
         "extent_mm": list(checks.extent_mm), "extent_ratio": list(extent_ratio),
         "min_alignment": min_alignment, "max_outside": max_outside,
-        "outside_margin_mm": checks.outside_margin_mm, "needs": checks.needs})
+        "outside_margin_mm": checks.outside_margin_mm, "scale_range": list(scale_range),
+        "needs": checks.needs})
     for kind, entry in summary.items():
         print(f"{kind:8s} {entry['flagged']}/{entry['scans']} flagged")
     out = pathlib.Path(args.out)

@@ -58,6 +58,9 @@ class InputChecks:
             segmentation (None: no check).
         min_confidence: lowest accepted mean highest class probability over the labelled
             voxels (None: no check).
+        scale_range: ``(low, high)``: accepted scale of the affine alignment (cube root of
+            its determinant; None: no check). Catches what the outside check cannot see: a
+            head shrunk into a brain template by the alignment.
     """
 
     extent_mm: tuple[float, float, float]
@@ -68,6 +71,7 @@ class InputChecks:
     needs: str = "the anatomy this preset was trained on"
     volumes_ml: Mapping[str, tuple[float, float]] | None = None
     min_confidence: float | None = None
+    scale_range: tuple[float, float] | None = None
 
     @property
     def after_network(self) -> bool:
@@ -88,8 +92,8 @@ class InputChecks:
         if unknown:
             raise DazooInputError(source, f"unknown key(s) {unknown}")
         values = {k: v for k, v in config.items() if k in fields}
-        for key in ("extent_mm", "extent_ratio"):
-            if key in values:
+        for key in ("extent_mm", "extent_ratio", "scale_range"):
+            if values.get(key) is not None:
                 values[key] = tuple(float(v) for v in values[key])
         if values.get("volumes_ml") is not None:
             try:
@@ -134,6 +138,9 @@ def measure_input(volume: Volume, template: Volume | None, alignment: np.ndarray
     if template is None or alignment is None:
         return out
     out["alignment"] = alignment_score(volume, template, alignment)
+    # How much the alignment had to scale the template to fit the image (the cube root of
+    # its linear part's determinant): a head fitted into a brain template needs more.
+    out["scale"] = float(abs(np.linalg.det(np.asarray(alignment)[:3, :3])) ** (1 / 3))
     out["outside"] = _outside_fraction(volume, template, alignment, outside_margin_mm)
     return out
 
@@ -182,6 +189,13 @@ def check_input(measured: Mapping[str, Any], checks: InputChecks) -> list[str]:
     if checks.min_alignment is not None and score is not None and score < checks.min_alignment:
         problems.append(f"the alignment to the template looks failed (correlation "
                         f"{score:.2f} < {checks.min_alignment:.2f}); is this {checks.needs}?")
+    scale = measured.get("scale")
+    if checks.scale_range is not None and scale is not None and not (
+            checks.scale_range[0] <= scale <= checks.scale_range[1]):
+        problems.append(f"the alignment had to scale the template by {scale:.2f} (the "
+                        f"training scans: {checks.scale_range[0]:.2f}..{checks.scale_range[1]:.2f})"
+                        f": a head or another field of view? this preset expects {checks.needs}"
+                        f" (--skull-strip auto extracts the brain of a head)")
     outside = measured.get("outside")
     if checks.max_outside is not None and outside is not None and outside > checks.max_outside:
         problems.append(f"{100 * outside:.0f} % of the bright voxels lie outside the template's "

@@ -311,8 +311,13 @@ class Pipeline:
             return volume, None, None
         meta = (self.preset.metadata.get("skull_strip") or {}) if self.preset else {}
         threshold = float(meta.get("outside_threshold", 0.05))
+        assessed = None
         if mode == "auto":
-            outside = self.extractor.outside_fraction(volume)
+            assessed = self.extractor.assess(volume)
+            outside = assessed["outside"]
+            if not assessed["brain"]:
+                return volume, None, ("skull-strip auto: the extractor finds no brain in this "
+                                      "image: left as it is")
             if outside <= threshold:
                 return volume, None, (f"skull-strip auto: {100 * outside:.1f} % of the bright "
                                       f"voxels lie outside the brain (<= {100 * threshold:.0f} "
@@ -321,7 +326,7 @@ class Pipeline:
                    f"(> {100 * threshold:.0f} %)")
         else:
             why = "asked for"
-        extraction = self.extractor.extract(volume)
+        extraction = self.extractor.extract(volume, assessed=assessed)
         brain_ml = float(np.count_nonzero(extraction.mask.array)) * abs(
             np.linalg.det(volume.affine[:3, :3])) / 1000
         return (extraction.brain, extraction.mask,

@@ -212,3 +212,18 @@ def test_knee_preset_flags_a_brain(tmp_path):
              "mindboggle-oasis-trt20" / "OASIS-TRT-20-10" / "t1weighted_brain.nii.gz")
     result = dazoo.load("knee").segment(brain)
     assert result.warnings and "is this a knee MRI" in result.warnings[-1]
+
+
+def test_alignment_scale_check():
+    """A head fitted into a brain template needs a larger scale than any brain: flagged."""
+    checks = InputChecks.from_dict({"extent_mm": [100, 100, 100], "scale_range": [0.9, 1.1],
+                                    "needs": "a brain"})
+    ok = {"extent_mm": [100, 100, 100], "scale": 1.05}
+    assert check_input(ok, checks) == []
+    problems = check_input({**ok, "scale": 1.3}, checks)
+    assert len(problems) == 1 and "scale the template by 1.30" in problems[0]
+    assert "--skull-strip auto" in problems[0]
+    affine = np.diag([1.2, 1.2, 1.2, 1.0])
+    volume = Volume(np.ones((8, 8, 8), np.float32), np.eye(4), None)
+    measured = measure_input(volume, volume, affine)
+    assert measured["scale"] == pytest.approx(1.2)

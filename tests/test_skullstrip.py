@@ -182,3 +182,18 @@ def test_converted_networks_match_deepbets():
         model = extractor.bbox_net if key == "bbox" else extractor.mask_net
         assert largest_difference(net, model, volume) < 2e-3
     assert skullstrip.LARGE == (256, 256, 256)
+
+
+def test_dilation_in_millimetres():
+    from dazoo.preprocess.skullstrip import dilate_mm
+
+    mask = np.zeros((9, 9, 9), bool)
+    mask[4, 4, 4] = True
+    grown = dilate_mm(mask, (1, 1, 1), 2)
+    import scipy.ndimage as ndi
+
+    np.testing.assert_array_equal(grown, ndi.binary_dilation(mask, iterations=2))  # 2 layers
+    coarse = dilate_mm(mask, (1, 1, 2), 2)  # 2 mm = one 2 mm voxel along the last axis
+    assert coarse[4, 4, 5] and not coarse[4, 4, 6] and coarse[4, 6, 4]
+    assert not coarse[4, 5, 5]  # L1: 1 + 2 mm > 2 mm
+    np.testing.assert_array_equal(dilate_mm(mask, (1, 1, 1), 0), mask)

@@ -6,7 +6,8 @@ torch, step for step as deepbet 1.0.2 runs it: the scan in RAS orientation; a fi
 network at 128^3 finds the brain's bounding box; the box (plus 10 % on each side) is
 resampled to 256^3 for the second network; its probability map comes back to the box's
 voxels; above 0.5, the largest connected component, holes filled. Resampling is PyTorch's
-``nearest-exact``. The mask lives on the input's own grid and affine.
+``nearest-exact``. The mask lives on the input's own grid and affine. The preset then grows
+it by 2 mm (:func:`dilate_mm`): FreeSurfer-like masks, as the brain preset was trained on.
 
 :func:`outside_fraction` decides ``--skull-strip auto``: the share of the scan's bright
 voxels that lie outside the first network's brain (dilated): near zero for a skull-stripped
@@ -24,7 +25,7 @@ from dazoo import io
 from dazoo.errors import DazooInputError
 from dazoo.io import Source, Volume
 
-__all__ = ["BrainExtractor", "Extraction", "nearest_exact", "network_input",
+__all__ = ["BrainExtractor", "Extraction", "dilate_mm", "nearest_exact", "network_input",
            "outside_fraction"]
 
 SMALL, LARGE = (128, 128, 128), (256, 256, 256)
@@ -114,12 +115,34 @@ class Extraction:
         return written
 
 
-class BrainExtractor:
-    """deepbet's two networks (Keras) and its procedure; ``from_preset("brainmask")``."""
+def dilate_mm(mask: np.ndarray, spacing, distance_mm: float) -> np.ndarray:
+    """``mask`` grown by ``distance_mm`` in the L1 (city-block) metric in millimetres: on a
+    1 mm grid, ``distance_mm`` layers of 6-connected dilation (deepbet's ``n_dilate``)."""
+    if distance_mm <= 0:
+        return mask
+    spacing = np.asarray(spacing, float)
+    reach = np.floor(distance_mm / spacing + 1e-6).astype(int)
+    offsets = np.indices(2 * reach + 1).reshape(3, -1).T - reach
+    inside = (np.abs(offsets) * spacing).sum(axis=1) <= distance_mm + 1e-6
+    structure = np.zeros(2 * reach + 1, bool)
+    structure[tuple((offsets[inside] + reach).T)] = True
+    return ndi.binary_dilation(mask, structure=structure)
 
-    def __init__(self, bbox_net, mask_net, *, threshold: float = 0.5, name: str = "brainmask"):
+
+class BrainExtractor:
+    """deepbet's two networks (Keras) and its procedure; ``from_preset("brainmask")``.
+
+    ``dilate_mm``: the mask grown by this many millimetres (L1) after deepbet's procedure.
+    The brainmask preset's default, 2 mm, gives FreeSurfer-like masks that keep the CSF
+    around the brain, as the brain preset's training scans were masked (measured: see the
+    preset's card); 0 is deepbet's own mask.
+    """
+
+    def __init__(self, bbox_net, mask_net, *, threshold: float = 0.5, dilate_mm: float = 0.0,
+                 name: str = "brainmask"):
         self.bbox_net, self.mask_net = bbox_net, mask_net
         self.threshold, self.name = float(threshold), name
+        self.dilate_mm = float(dilate_mm)
 
     @classmethod
     def from_preset(cls, preset: str | os.PathLike = "brainmask") -> BrainExtractor:
@@ -134,7 +157,8 @@ class BrainExtractor:
             net = LinkNet3D(name=f"{found.name}_{key}")
             net.load_weights(found.file(f"{key}.weights.h5"))
             nets.append(net)
-        return cls(*nets, threshold=found.metadata.get("threshold", 0.5), name=found.name)
+        return cls(*nets, threshold=found.metadata.get("threshold", 0.5),
+                   dilate_mm=found.metadata.get("dilate_mm", 0.0), name=found.name)
 
     @staticmethod
     def _predict(net, array: np.ndarray) -> np.ndarray:
@@ -148,20 +172,34 @@ class BrainExtractor:
                                    > 0.5)
         return small, brain, (low, high)
 
-    def outside_fraction(self, image: Source) -> float:
-        """:func:`outside_fraction` with this extractor's first network."""
-        array, _ = _to_ras(io.read_image(image))
+    def assess(self, image: Source) -> dict:
+        """The first network's look at a scan: ``outside`` (:func:`outside_fraction`; 1.0
+        where it finds no brain), ``brain`` (whether it finds one; a knee: no), and what
+        :meth:`extract` reuses (``state``)."""
+        volume = io.read_image(image)
+        array, ornt = _to_ras(volume)
         small, brain, (low, high) = self._small(array)
-        return outside_fraction(small, brain, low, high)
+        found = bool(brain.any())
+        return {"outside": outside_fraction(small, brain, low, high) if found else 1.0,
+                "brain": found, "state": (volume, array, ornt, brain, (low, high))}
 
-    def extract(self, image: Source) -> Extraction:
-        """The brain mask and the stripped image of a T1 scan, on its own grid."""
+    def outside_fraction(self, image: Source) -> float:
+        """:func:`outside_fraction` with this extractor's first network (1.0 where it finds
+        no brain at all)."""
+        return self.assess(image)["outside"]
+
+    def extract(self, image: Source, *, assessed: dict | None = None) -> Extraction:
+        """The brain mask and the stripped image of a T1 scan, on its own grid
+        (``assessed``: :meth:`assess`'s result for the same scan, not computed again)."""
         import time
 
         started = time.perf_counter()
-        volume = io.read_image(image)
-        array, ornt = _to_ras(volume)
-        _, brain_small, (low, high) = self._small(array)
+        if assessed is None:
+            volume = io.read_image(image)
+            array, ornt = _to_ras(volume)
+            _, brain_small, (low, high) = self._small(array)
+        else:
+            volume, array, ornt, brain_small, (low, high) = assessed["state"]
         box = _box(brain_small.astype(np.float32), array.shape)
         crop = nearest_exact(array[box], LARGE)
         probabilities = self._predict(self.mask_net, _normalise(crop, low, high))
@@ -170,7 +208,9 @@ class BrainExtractor:
         mask = full > self.threshold
         inside = _largest_component(mask[box])
         mask[box] = ndi.binary_fill_holes(inside)
-        mask = _from_ras(mask, ornt).astype(np.uint8)
+        mask = _from_ras(mask, ornt)
+        spacing = np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0))
+        mask = dilate_mm(mask, spacing, self.dilate_mm).astype(np.uint8)
         brain = np.where(mask > 0, np.asarray(volume.array), 0).astype(
             np.asarray(volume.array).dtype)
         return Extraction(mask=Volume(mask, volume.affine, volume.path),
