@@ -5,8 +5,9 @@ Scans (reference labels: DKT31 cortical regions):
   in-domain   the 15 Mindboggle OASIS-TRT-20 scans (manual labels; 12 of them trained the
               preset, the other 3 are its validation subjects: marked);
   other site  the FreeSurfer cohort's 4 labelled brainmasks (FreeSurfer's automatic labels);
-  heads       the cohort's 3 labelled raw heads (T1.mgz, not skull-stripped: the preset's
-              known failure, Dice 0.1-0.3).
+  heads       the cohort's 3 labelled raw heads (T1.mgz) segmented WITHOUT brain extraction
+              (--skull-strip off): the preset's known failure, Dice 0.2-0.3, the bad
+              results the scores must expose.
 For each scan: mean Dice over the 62 regions against the reference, and the scores; then the
 Spearman rank correlation of each score with the Dice over scans, and of the per-region
 confidence with the per-region Dice over all (scan, region) pairs.
@@ -60,7 +61,7 @@ def main(argv=None):
     rows = []
     for name, kind, image, labels in cases:
         started = time.perf_counter()
-        result = pipeline.segment(str(image))
+        result = pipeline.segment(str(image), skull_strip="off")
         got = np.asarray(result.labels.array)
         want = np.asarray(io.read_labels(str(labels)).array)
         dice = {}
