@@ -22,7 +22,8 @@ def _script(name):
 
 @pytest.mark.parametrize("name", ["segment_folder.py", "register_and_warp.py",
                                   "qc_pictures.py", "train_your_own.py",
-                                  "finetune_on_your_cohort.py", "knee/evaluate.py"])
+                                  "finetune_on_your_cohort.py", "knee/evaluate.py",
+                                  "knee/evaluate_folder.py"])
 def test_every_example_has_help(name, capsys):
     with pytest.raises(SystemExit) as done:
         _script(name).main(["--help"])
@@ -79,3 +80,25 @@ def test_train_your_own_example_trains_and_exports(tmp_path):
     preset.verify()
     names = [c["id"] for c in preset.read_json("labels.json")["classes"]]
     assert names == [0, 10, 20]
+
+
+@pytest.mark.parametrize("spacing, tilt", [((1.0, 1.0, 1.0), False), ((0.4, 0.4, 0.7), False),
+                                           ((0.5, 0.5, 0.5), True)])
+def test_knee_cartilage_thickness_of_known_plates(spacing, tilt):
+    """A bone block under a cartilage plate of known thickness (2.5 mm), flat or tilted by
+    30 degrees: the mean thickness from the bone interface is within half a voxel."""
+    knee = _script("knee/evaluate_folder.py")
+    shape = (60, 60, 60)
+    grid = np.indices(shape).astype(float) * np.array(spacing)[:, None, None, None]
+    height = grid[2] - (np.tan(np.radians(30)) * grid[0] if tilt else 0) - 8.0
+    normal = np.cos(np.radians(30)) if tilt else 1.0  # the plate's thickness along z
+    labels = np.zeros(shape, np.int16)
+    labels[height < 0] = 3  # tibia
+    labels[(height >= 0) & (height < 2.5 / normal)] = 4  # tibial cartilage, 2.5 mm thick
+    affine = np.diag([*spacing, 1.0])
+    got = knee.measures(labels, affine)
+    assert got["tibial thickness mm"] == pytest.approx(2.5, abs=0.5 * max(spacing) + 0.1)
+    expected_ml = (labels == 4).sum() * np.prod(spacing) / 1000
+    assert got["tibial volume mL"] == pytest.approx(expected_ml)
+    assert np.isnan(got["femoral thickness mm"])  # no femoral plate
+    assert knee.dice(labels, labels, 4) == 1.0 and np.isnan(knee.dice(labels, labels, 6))
