@@ -269,7 +269,7 @@ def _write_qc_scores(path: str, rows: list[dict], names: dict) -> None:
     from dazoo.io import write_text_atomic
 
     ids = sorted(i for i in names if i != 0)
-    columns = ["confidence", "flip_agreement", "alignment", "outside"]
+    columns = ["confidence", "flip_agreement", "alignment", "outside", "scale"]
     buffer = stringio.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["image", "warnings", *columns, "extent_R_mm", "extent_A_mm",

@@ -285,6 +285,7 @@ def test_qc_scores_table(preset_dir, scans, tmp_path, capsys):  # noqa: F811
         regions = [float(v) for k, v in row.items() if k.endswith(") confidence") and v]
         assert regions and all(0 < v <= 1 for v in regions)
         assert float(row["extent_R_mm"]) > 0 and row["warnings"] == "0"
+        assert "scale" in row and "alignment" in row  # empty without a template
     assert main(["segment", scans[0][0], "-o", str(tmp_path / "x.nii.gz"), "--qc-scores",
                  str(tmp_path / "qc.txt"), "--preset", str(preset_dir)]) == 2
     assert "QC scores is written as .csv" in capsys.readouterr().err
