@@ -42,6 +42,7 @@ def main(argv=None):
 
     from dazoo import io
     from dazoo.hub import load
+    from dazoo.metrics import dice_per_label
 
     pipeline = load(args.preset)
     ids = [int(i) for i in pipeline.class_ids if i != 0]
@@ -64,11 +65,9 @@ def main(argv=None):
         result = pipeline.segment(str(image), skull_strip="off")
         got = np.asarray(result.labels.array)
         want = np.asarray(io.read_labels(str(labels)).array)
-        dice = {}
-        for i in ids:
-            a, b = got == i, want == i
-            if b.any():
-                dice[str(i)] = float(2 * (a & b).sum() / (a.sum() + b.sum()))
+        present = set(np.unique(want).tolist())
+        dice = {str(i): v for i, v in dice_per_label(
+            want, got, [i for i in ids if i in present]).items()}
         m = result.measures
         row = {"scan": name, "kind": kind, "dice": float(np.mean(list(dice.values()))),
                "region_dice": dice, "confidence": m["confidence"],

@@ -232,12 +232,10 @@ def region_confidence(scores: np.ndarray, class_ids) -> dict[str, float]:
 def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Mean Dice over the non-zero classes present in either of two class maps (1.0 when
     neither has any)."""
-    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
-    size = int(max(a.max(initial=0), b.max(initial=0))) + 1
-    both = np.bincount(a[a == b], minlength=size)[1:]
-    total = np.bincount(a, minlength=size)[1:] + np.bincount(b, minlength=size)[1:]
-    present = total > 0
-    return float(np.mean(2 * both[present] / total[present])) if present.any() else 1.0
+    from dazoo.metrics import dice_per_label
+
+    ids = [int(i) for i in np.union1d(np.unique(a), np.unique(b)) if i != 0]
+    return float(np.mean(list(dice_per_label(a, b, ids).values()))) if ids else 1.0
 
 
 def check_output(measured: Mapping[str, Any], checks: InputChecks,

@@ -115,6 +115,27 @@ def _expand_inputs(inputs: Sequence[str], *, keep_going: bool,
     return files, missing
 
 
+def _missing_inputs(inputs: Sequence[str], missing: Sequence[str], verb: str) -> list:
+    """The inputs that do not exist (``--continue-on-error``), each reported in one line, as
+    ``[(path, error)]``; with no input left at all, the first of them (or "no input") is the
+    error."""
+    failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
+    for _, err in failed:
+        print(f"dazoo: error: {err}", file=sys.stderr)
+    if not inputs:
+        raise failed[0][1] if failed else DazooInputError(verb, "no input")
+    return failed
+
+
+def _finish(done: int, verb: str, failed: Sequence, keep_going: bool) -> int:
+    """The summary line of a many-input verb (with --continue-on-error or a failure) and
+    its exit status: 2 if any input failed."""
+    if keep_going or failed:
+        _log(f"{done} {verb}, {len(failed)} failed"
+             + (": " + ", ".join(p for p, _ in failed) if failed else ""))
+    return 2 if failed else 0
+
+
 def _file_or_folder(out: str, count: int, what: str) -> bool:
     """Whether ``out`` names a file (one input, a .nii/.nii.gz/.mgz name); refuses a name
     with another extension instead of making a folder of it."""
@@ -244,11 +265,9 @@ def _load(preset: str):
     """The preset's pipeline: its name or folder checked first (no TensorFlow needed), then
     TensorFlow started (quietly) and the networks loaded."""
     from dazoo.hub import load
-    from dazoo.presets import get_preset
+    from dazoo.presets import DEEPATLAS, get_preset
 
-    if get_preset(preset).metadata.get("kind") == "brain-extraction":
-        raise DazooInputError(preset, "is a brain extractor, not a DeepAtlas preset: use "
-                                      "dazoo strip (or --skull-strip on)")
+    get_preset(preset).require(DEEPATLAS)
     tensorflow()
     return load(preset)
 
@@ -357,11 +376,7 @@ def _segment(args: argparse.Namespace) -> int:
         if real in seen:
             raise DazooInputError(path, "is asked for as two outputs")
         seen.add(real)
-    failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
-    for path, err in failed:
-        print(f"dazoo: error: {err}", file=sys.stderr)
-    if not inputs:
-        raise failed[0][1] if failed else DazooInputError("segment", "no input")
+    failed = _missing_inputs(inputs, missing, "segment")
     pipeline = _load(args.preset)
     rows = []
     for number, (path, target, prob, picture) in enumerate(
@@ -398,10 +413,7 @@ def _segment(args: argparse.Namespace) -> int:
     if args.qc_scores and rows:
         _write_qc_scores(args.qc_scores, rows, pipeline.label_names)
         _log(f"QC scores: {args.qc_scores}")
-    if keep_going or failed:
-        _log(f"{len(rows)} segmented, {len(failed)} failed"
-             + (": " + ", ".join(p for p, _ in failed) if failed else ""))
-    return 2 if failed else 0
+    return _finish(len(rows), "segmented", failed, keep_going)
 
 
 def _add_segment(sub) -> None:
@@ -452,10 +464,8 @@ def _add_segment(sub) -> None:
 
 # --------------------------------------------------------------------------- strip
 def _strip(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from dazoo.io import stem
-    from dazoo.presets import get_preset
+    from dazoo.presets import EXTRACTOR, get_preset
 
     keep_going = args.continue_on_error
     inputs, missing = _expand_inputs(args.inputs, keep_going=keep_going,
@@ -464,13 +474,8 @@ def _strip(args: argparse.Namespace) -> int:
     masks = (_targets(inputs, args.mask, "_mask.nii.gz", "masks") if args.mask and inputs
              else [None] * len(inputs))
     _check_outputs(targets + [m for m in masks if m], inputs)
-    failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
-    for path, err in failed:
-        print(f"dazoo: error: {err}", file=sys.stderr)
-    if not inputs:
-        raise failed[0][1] if failed else DazooInputError("strip", "no input")
-    if get_preset(args.preset).metadata.get("kind") != "brain-extraction":
-        raise DazooInputError(args.preset, "is not a brain-extraction preset")
+    failed = _missing_inputs(inputs, missing, "strip")
+    get_preset(args.preset).require(EXTRACTOR)
     tensorflow()
     from dazoo.preprocess.skullstrip import BrainExtractor
 
@@ -494,15 +499,10 @@ def _strip(args: argparse.Namespace) -> int:
             failed.append((path, err))
             continue
         done += 1
-        volume_ml = float(np.count_nonzero(result.mask.array)) * abs(
-            np.linalg.det(result.mask.affine[:3, :3])) / 1000
         _log(f"[{number}/{len(inputs)}] {path} -> {', '.join(written)} (brain "
-             f"{volume_ml:.0f} mL, {result.seconds:.1f} s"
+             f"{result.volume_ml:.0f} mL, {result.seconds:.1f} s"
              + (f", {_device()})" if done == 1 else ")"))
-    if keep_going or failed:
-        _log(f"{done} stripped, {len(failed)} failed"
-             + (": " + ", ".join(p for p, _ in failed) if failed else ""))
-    return 2 if failed else 0
+    return _finish(done, "stripped", failed, keep_going)
 
 
 def _add_strip(sub) -> None:

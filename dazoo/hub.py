@@ -13,15 +13,10 @@ DEFAULT_PRESET = "brain"
 
 @functools.lru_cache(maxsize=4)
 def _cached(name_or_path: str):
-    from dazoo.errors import DazooInputError
     from dazoo.pipeline import Pipeline
-    from dazoo.presets import get_preset
+    from dazoo.presets import DEEPATLAS, get_preset
 
-    preset = get_preset(name_or_path)
-    if preset.metadata.get("kind") == "brain-extraction":
-        raise DazooInputError(preset.name, "is a brain extractor, not a DeepAtlas preset: "
-                                           "use dazoo strip (or --skull-strip on)")
-    return Pipeline(preset)
+    return Pipeline(get_preset(name_or_path).require(DEEPATLAS))
 
 
 def load(name_or_path: str | os.PathLike = DEFAULT_PRESET):

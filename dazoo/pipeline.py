@@ -80,7 +80,8 @@ class Segmentation:
 class _Input:
     """An input as :meth:`Pipeline._prepare` leaves it: ``original`` (as read), ``volume``
     (what the networks see: brain-extracted or the same), its preprocessing ``pre``, the
-    failed checks, the brain ``mask`` (or None) and the skull-strip ``note``."""
+    failed checks, the brain ``mask`` (or None), the skull-strip ``note`` and what the
+    checks measured (:meth:`Pipeline.measure`)."""
 
     original: Volume
     volume: Volume
@@ -88,6 +89,7 @@ class _Input:
     warnings: list
     mask: Volume | None
     note: str | None
+    measured: dict
 
 
 @dataclasses.dataclass
@@ -327,10 +329,8 @@ class Pipeline:
         else:
             why = "asked for"
         extraction = self.extractor.extract(volume, assessed=assessed)
-        brain_ml = float(np.count_nonzero(extraction.mask.array)) * abs(
-            np.linalg.det(volume.affine[:3, :3])) / 1000
         return (extraction.brain, extraction.mask,
-                f"skull-strip {mode}: {why}: brain extracted ({brain_ml:.0f} mL, "
+                f"skull-strip {mode}: {why}: brain extracted ({extraction.volume_ml:.0f} mL, "
                 f"{extraction.seconds:.1f} s)")
 
     def _prepare(self, image: Source, strict: bool, role: str = "",
@@ -339,6 +339,8 @@ class Pipeline:
         runs the checks; ``strict``: a failed check is a :class:`DazooInputError`, the size
         check before the (then possibly slow or failing) alignment, the others right after
         it, before the networks run."""
+        from dazoo.checks import check_input
+
         original = io.read_image(image)
         volume, mask, note = self.skull_strip(original, skull_strip)
         if strict and self.checks is not None:  # physical size only: no alignment needed
@@ -346,10 +348,12 @@ class Pipeline:
             if size:
                 self._refuse(volume, size)
         pre = self.preprocess(volume)
-        warnings = self.check(volume, pre)
+        measured = self.measure(volume, pre)
+        warnings = check_input(measured, self.checks) if self.checks is not None else []
         if strict and warnings:
             self._refuse(volume, warnings)
-        return _Input(original, volume, pre, [role + w for w in warnings], mask, note)
+        return _Input(original, volume, pre, [role + w for w in warnings], mask, note,
+                      measured)
 
     @staticmethod
     def _refuse(volume, warnings):
@@ -385,7 +389,7 @@ class Pipeline:
         labels, scores = self._segment(pre, flip, details)
         names = {0: "background", **self.label_names}
         result = Segmentation(labels=labels, seconds=0.0, names=names, warnings=warnings)
-        measures = {**self.measure(volume, pre), **measure_output(result.volumes(), scores),
+        measures = {**given.measured, **measure_output(result.volumes(), scores),
                     "region_confidence": region_confidence(scores, self.class_ids), **details}
         if self.checks is not None and self.checks.after_network:
             problems = check_output(measures, self.checks, self.label_names)

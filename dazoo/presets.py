@@ -56,6 +56,21 @@ class Preset:
             raise DazooInputError(self.file(name), f"unreadable preset file ({err})") from None
 
     @property
+    def kind(self) -> str:
+        """``"deepatlas"`` (segment / register) or ``"brain-extraction"`` (``dazoo strip``)."""
+        return self.metadata.get("kind", DEEPATLAS)
+
+    def require(self, kind: str) -> Preset:
+        """This preset if it is of ``kind``; else a one-line :class:`DazooInputError`
+        saying what it is and what to use instead."""
+        if self.kind == kind:
+            return self
+        if self.kind == EXTRACTOR:
+            raise DazooInputError(self.name, "is a brain extractor, not a DeepAtlas preset: "
+                                             "use dazoo strip (or --skull-strip on)")
+        raise DazooInputError(self.name, f"is not a {kind} preset")
+
+    @property
     def description(self) -> str:
         return self.metadata.get("description", "")
 
@@ -90,6 +105,11 @@ def preset_root() -> pathlib.Path:
         return pathlib.Path(installed.__file__).parent
     except ImportError:
         return pathlib.Path(__file__).resolve().parent.parent / "pretrained"
+
+
+#: ``metadata.json`` ``"kind"`` of a brain-extraction preset (``brainmask``); without a
+#: ``"kind"`` a preset is a DeepAtlas one.
+EXTRACTOR, DEEPATLAS = "brain-extraction", "deepatlas"
 
 
 def _read(path: pathlib.Path) -> Preset:

@@ -105,6 +105,12 @@ class Extraction:
     brain: Volume
     seconds: float = 0.0
 
+    @property
+    def volume_ml(self) -> float:
+        """The brain's volume (mL)."""
+        voxel = abs(np.linalg.det(np.asarray(self.mask.affine)[:3, :3]))
+        return float(np.count_nonzero(self.mask.array)) * voxel / 1000
+
     def save(self, brain: str | os.PathLike | None = None, mask: str | os.PathLike | None = None,
              *, protect=()) -> list[str]:
         written = []
@@ -147,11 +153,9 @@ class BrainExtractor:
     @classmethod
     def from_preset(cls, preset: str | os.PathLike = "brainmask") -> BrainExtractor:
         from dazoo.models.linknet import LinkNet3D
-        from dazoo.presets import get_preset
+        from dazoo.presets import EXTRACTOR, get_preset
 
-        found = get_preset(preset)
-        if found.metadata.get("kind") != "brain-extraction":
-            raise DazooInputError(found.name, "is not a brain-extraction preset")
+        found = get_preset(preset).require(EXTRACTOR)
         nets = []
         for key in ("bbox", "mask"):
             net = LinkNet3D(name=f"{found.name}_{key}")

@@ -56,9 +56,10 @@ def measures(labels: np.ndarray, affine: np.ndarray) -> dict:
 
 
 def dice(truth: np.ndarray, prediction: np.ndarray, label: int) -> float:
-    t, p = np.asarray(truth) == label, np.asarray(prediction) == label
-    total = t.sum() + p.sum()
-    return float(2 * (t & p).sum() / total) if total else float("nan")
+    """Dice of one id (NaN where neither map has it)."""
+    from dazoo.metrics import dice_per_label
+
+    return dice_per_label(truth, prediction, [label])[label]
 
 
 def main(argv=None):
@@ -72,6 +73,7 @@ def main(argv=None):
 
     import dazoo
     from dazoo import io
+    from dazoo.metrics import dice_per_label
     from dazoo.training import load_subjects
 
     pipeline = dazoo.load(args.preset)
@@ -89,8 +91,9 @@ def main(argv=None):
         truth = io.read_labels(subject.labels, like=io.read_image(subject.image))
         predicted = np.asarray(result.labels.array)
         row = {"subject": subject.name}
+        scores = dice_per_label(truth.array, predicted, list(STRUCTURES))  # one pass
         for i, name in STRUCTURES.items():
-            row[f"{name} Dice"] = dice(truth.array, predicted, i)
+            row[f"{name} Dice"] = scores[i]
         for key, value in measures(predicted, result.labels.affine).items():
             row[f"{key} (preset)"] = value
         for key, value in measures(truth.array, truth.affine).items():
