@@ -329,19 +329,27 @@ def _shard(inputs: list[str], missing: list[str], shard: tuple[int, int]):
     return [p for p in inputs if p in mine], [p for p in missing if p in mine]
 
 
-def _write_volumes(path: str, rows: list[dict], names: dict) -> None:
-    """One row per scan: the file, then mm^3 per region (named columns)."""
+def _write_volumes(path: str, rows: list[dict], names: dict,
+                   groups: dict | None = None) -> None:
+    """One row per scan: the file, mm^3 per region (named columns), then the total of each
+    structure group (``total <group> mm3``) where the table has groups."""
     import csv
     import io as stringio
 
     from dazoo.io import write_text_atomic
+    from dazoo.labels import group_members
 
     ids = sorted(i for i in names if i != 0)
+    members = group_members(groups or {})
     buffer = stringio.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["image"] + [f"{names[i]} ({i}) mm3" for i in ids])
+    writer.writerow(["image"] + [f"{names[i]} ({i}) mm3" for i in ids]
+                    + [f"total {group} mm3" for group in members])
     for row in rows:
-        writer.writerow([row["image"]] + [f"{row['volumes'].get(i, 0.0):.1f}" for i in ids])
+        volumes = row["volumes"]
+        writer.writerow([row["image"]] + [f"{volumes.get(i, 0.0):.1f}" for i in ids]
+                        + [f"{sum(volumes.get(i, 0.0) for i in group):.1f}"
+                           for group in members.values()])
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -396,7 +404,7 @@ def _segment(args: argparse.Namespace) -> int:
                 os.makedirs(args.qc, exist_ok=True)
                 label_overlay(path, result.labels, picture,
                               title=f"{os.path.basename(path)}: {pipeline.name}",
-                              names=pipeline.label_names)
+                              names=pipeline.label_names, groups=pipeline.label_groups)
         except DazooInputError as err:
             if not keep_going:
                 raise
@@ -408,7 +416,7 @@ def _segment(args: argparse.Namespace) -> int:
         _log(f"[{number}/{len(inputs)}] {path} -> {target} ({result.seconds:.1f} s"
              + (f", {pipeline.name}, {_device()})" if len(rows) == 1 else ")"))
     if args.volumes and rows:
-        _write_volumes(args.volumes, rows, pipeline.label_names)
+        _write_volumes(args.volumes, rows, pipeline.label_names, pipeline.label_groups)
         _log(f"volumes: {args.volumes}")
     if args.qc_scores and rows:
         _write_qc_scores(args.qc_scores, rows, pipeline.label_names)
@@ -739,6 +747,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             if "folding_fraction" in summary:
                 line += f", folding {100 * summary['folding_fraction']:.4f} % of voxels"
             print(line)
+            for group, value in summary.get("group_dice", {}).items():
+                print(f"  {group}: mean Dice {value:.3f}")
     if args.output:
         from dazoo.io import write_text_atomic
 

@@ -18,36 +18,69 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from dazoo import io
-from dazoo.labels import merge_left_right
+from dazoo.labels import group_members, merge_left_right
 from dazoo.metrics import dice_per_label
 
-__all__ = ["merge_left_right", "score_labels", "Case", "evaluate_segmentation",
+__all__ = ["merge_left_right", "score_labels", "group_means", "Case", "evaluate_segmentation",
            "evaluate_registration", "summarise"]
 
 
-def score_labels(truth: np.ndarray, prediction: np.ndarray, ids: Sequence[int]) -> dict:
-    """Dice per id, its mean, and the left/right-merged Dice per region and mean.
+#: The aggregate of every group but the cortex (a whole-brain table's aseg structures).
+NON_CORTICAL = "non-cortical"
+
+
+def score_labels(truth: np.ndarray, prediction: np.ndarray, ids: Sequence[int],
+                 groups: Mapping[int, str] | None = None) -> dict:
+    """Dice per id, its mean, and the left/right-merged Dice per region and mean; with
+    ``groups`` (``{id: structure group}``, :func:`dazoo.labels.table_groups`) also the mean
+    Dice per group (``group_dice``), and, where the table has a cortex group beside others,
+    the mean over every id outside the cortex (``group_dice["non-cortical"]``).
 
     Ids absent from both maps are left out of the means (NaN).
     """
     per_id = dice_per_label(truth, prediction, ids)
     merged_ids = sorted({int(i) for i in merge_left_right(np.asarray(ids))})
     per_merged = dice_per_label(merge_left_right(truth), merge_left_right(prediction), merged_ids)
-    return {
+    scores = {
         "dice": per_id,
-        "mean_dice": float(np.nanmean(list(per_id.values()))),
+        "mean_dice": _mean(per_id.values()),
         "merged_dice": per_merged,
-        "mean_merged_dice": float(np.nanmean(list(per_merged.values()))),
+        "mean_merged_dice": _mean(per_merged.values()),
     }
+    if groups:
+        scores["group_dice"] = group_means(per_id, groups)
+    return scores
+
+
+def group_means(per_id: Mapping[int, float], groups: Mapping[int, str]) -> dict[str, float]:
+    """Mean of ``per_id`` over each group's ids (NaN ids left out), groups in report order;
+    plus ``"non-cortical"`` when there is a ``"cortex"`` group and another."""
+    members = group_members({i: g for i, g in groups.items() if int(i) in per_id})
+    out = {group: _mean(per_id[i] for i in ids) for group, ids in members.items()}
+    if "cortex" in members and len(members) > 1:
+        out[NON_CORTICAL] = _mean(per_id[i] for g, ids in members.items() if g != "cortex"
+                                  for i in ids)
+    return out
+
+
+def _mean(values) -> float:
+    values = np.array(list(values), dtype=float)
+    if not np.isfinite(values).any():
+        return float("nan")
+    return float(np.nanmean(values))
 
 
 def _ids(pipeline) -> list[int]:
     return [int(i) for i in pipeline.class_ids if i != 0]
+
+
+def _groups(pipeline) -> dict[int, str] | None:
+    return getattr(pipeline, "label_groups", None) or None
 
 
 @dataclasses.dataclass
@@ -110,7 +143,7 @@ def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None
         else:
             labels = pipeline.segment(case.image, flip=flip).labels
         seconds = time.perf_counter() - start
-        scores = score_labels(case.truth, labels.array, _ids(pipeline))
+        scores = score_labels(case.truth, labels.array, _ids(pipeline), _groups(pipeline))
         results.append({"name": case.name, "seconds": seconds, **scores})
         if log is not None:
             log(f"[{number}/{len(cases)}] segment {case.name}: mean Dice "
@@ -155,7 +188,8 @@ def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None
             result = pipeline.register(moving.image, fixed.image, moving_labels=labels,
                                        refine_options=refine_options)
         seconds = time.perf_counter() - start
-        scores = score_labels(fixed.truth, result.moved_labels.array, _ids(pipeline))
+        scores = score_labels(fixed.truth, result.moved_labels.array, _ids(pipeline),
+                              _groups(pipeline))
         results.append({"moving": moving.name, "fixed": fixed.name, "seconds": seconds,
                         "folding_fraction": result.folding_fraction, **scores})
         if log is not None:
@@ -179,6 +213,9 @@ def summarise(results: list[dict]) -> dict:
         ids = sorted(results[0][field])
         summary[f"{field}_per_label"] = {
             int(i): float(np.nanmean([r[field][i] for r in results])) for i in ids}
+    if "group_dice" in results[0]:
+        summary["group_dice"] = {g: _mean(r["group_dice"][g] for r in results)
+                                 for g in results[0]["group_dice"]}
     if "folding_fraction" in results[0]:
         summary["folding_fraction_max"] = float(max(r["folding_fraction"] for r in results))
     return summary

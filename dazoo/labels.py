@@ -15,7 +15,9 @@ from dazoo.errors import DazooInputError
 from dazoo.io import Volume
 
 __all__ = ["LabelMap", "has_sides", "left_id", "merge_left_right", "mirror_id",
-           "FREESURFER_LUT", "label_colours", "side_free_name"]
+           "FREESURFER_LUT", "label_colours", "side_free_name", "BRAIN_GROUPS",
+           "freesurfer_group", "label_groups", "table_groups", "group_members",
+           "WHOLE_BRAIN_ASEG", "DKT31_CORTEX"]
 
 #: FreeSurfer subcortical right -> left ids (FreeSurferColorLUT), plus Mindboggle's basal
 #: forebrain (92 -> 91). Cortical parcellations use 2xxx -> 1xxx (DK/DKT) and 12xxx -> 11xxx
@@ -76,6 +78,85 @@ FREESURFER_LUT: dict[int, tuple[str, tuple[int, int, int]]] = {
     **{i: (f"ctx-lh-{name}", rgb) for i, (name, rgb) in _CORTEX.items()},
     **{i + 1000: (f"ctx-rh-{name}", rgb) for i, (name, rgb) in _CORTEX.items()},
 }
+
+
+#: The DKT31 protocol's cortical parcels (Klein & Tourville 2012): 31 per hemisphere, FreeSurfer's
+#: DK ids without banks of the STS (1001), corpus callosum (1004), frontal and temporal pole
+#: (1032, 1033).
+DKT31_CORTEX = tuple(sorted({*range(1002, 1036), *range(2002, 2036)}
+                            - {1004, 2004, 1032, 2032, 1033, 2033}))
+
+#: The non-cortical structures of SynthSeg's whole-brain table (FreeSurfer aseg ids): cerebral
+#: white matter, lateral and inferior lateral ventricles, cerebellar white matter and cortex,
+#: thalamus, caudate, putamen, pallidum, 3rd and 4th ventricles, brainstem, hippocampus,
+#: amygdala, CSF, accumbens, ventral DC; left and right.
+WHOLE_BRAIN_ASEG = (2, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
+                    41, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60)
+
+#: Structure groups of a whole-brain FreeSurfer table, in report order.
+BRAIN_GROUPS = ("cortex", "white matter", "subcortical grey matter", "ventricles and CSF",
+                "cerebellum", "brainstem")
+_GROUP_IDS = {
+    "white matter": (2, 41, 77, 78, 79, 251, 252, 253, 254, 255),
+    "subcortical grey matter": (9, 10, 11, 12, 13, 17, 18, 19, 20, 26, 27, 28,
+                                48, 49, 50, 51, 52, 53, 54, 55, 56, 58, 59, 60),
+    "ventricles and CSF": (4, 5, 14, 15, 24, 31, 43, 44, 63, 72),
+    "cerebellum": (6, 7, 8, 45, 46, 47, 630, 631, 632),
+    "brainstem": (16, 170, 171, 172, 173, 174, 175),
+}
+_GROUP_OF = {i: group for group, ids in _GROUP_IDS.items() for i in ids}
+
+
+def freesurfer_group(label: int) -> str | None:
+    """The :data:`BRAIN_GROUPS` entry of a FreeSurfer id (``1035`` -> ``"cortex"``, ``17`` ->
+    ``"subcortical grey matter"``), or None for ids outside them (0, vessels, ...)."""
+    label = int(label)
+    if 1000 <= label < 3000 or 11000 <= label < 13000 or label in (3, 42):
+        return "cortex"
+    return _GROUP_OF.get(label)
+
+
+def _freesurfer_named(label: int, name: str | None) -> bool:
+    """Whether a table's ``name`` for ``label`` is FreeSurfer's for that id (so a table with
+    its own numbering, a knee's 2 = femoral cartilage, is not read as FreeSurfer's)."""
+    if name is None:
+        return False
+    if label in FREESURFER_LUT:
+        ours, theirs = side_free_name(name).lower(), side_free_name(FREESURFER_LUT[label][0]).lower()
+        return ours.replace("_", "-") == theirs.replace("_", "-")
+    return (1000 <= label < 3000 or 11000 <= label < 13000) and name.lower().startswith("ctx")
+
+
+def label_groups(names: Mapping[int, str]) -> dict[int, str]:
+    """The structure group of each id of a label table (``{id: name}``) that uses FreeSurfer's
+    ids and names (:func:`freesurfer_group`); ids of other schemes get none."""
+    out = {}
+    for label, name in names.items():
+        group = freesurfer_group(label) if _freesurfer_named(int(label), name) else None
+        if group is not None:
+            out[int(label)] = group
+    return out
+
+
+def table_groups(table: Iterable[Mapping[str, Any]]) -> dict[int, str]:
+    """``{id: group}`` of a preset label table (``labels.json``'s ``classes``): the rows'
+    ``"group"`` where the table gives them, else FreeSurfer's (:func:`label_groups`)."""
+    rows = [r for r in table if int(r["id"]) != 0]
+    if any("group" in r for r in rows):
+        return {int(r["id"]): str(r["group"]) for r in rows if r.get("group")}
+    return label_groups({int(r["id"]): r.get("name") for r in rows})
+
+
+def group_members(groups: Mapping[int, str]) -> dict[str, list[int]]:
+    """``{group: [ids]}``, groups in :data:`BRAIN_GROUPS` order first, then the others'
+    first appearance."""
+    out: dict[str, list[int]] = {}
+    order = list(BRAIN_GROUPS) + [g for g in groups.values() if g not in BRAIN_GROUPS]
+    for group in dict.fromkeys(order):
+        ids = sorted(i for i, g in groups.items() if g == group)
+        if ids:
+            out[group] = ids
+    return out
 
 
 def label_colours(ids: Iterable[int]) -> dict[int, tuple[float, float, float]]:
@@ -161,6 +242,8 @@ class LabelMap:
             ``2xxx -> 1xxx``, ``12xxx -> 11xxx``, subcortical pairs such as ``53 -> 17``).
             The class's id is then the left one.
         unknown: what an id not in ``ids`` does: ``"error"`` (default) or ``"background"``.
+        groups: ``{id: structure group}`` (reports, QC legends); default FreeSurfer's groups
+            where the names are FreeSurfer's (:func:`label_groups`), none otherwise.
 
     Example:
 
@@ -170,7 +253,8 @@ class LabelMap:
     """
 
     def __init__(self, ids: Iterable[int], *, names: Mapping[int, str] | None = None,
-                 merge_left_right: bool = False, unknown: str = "error"):
+                 merge_left_right: bool = False, unknown: str = "error",
+                 groups: Mapping[int, str] | None = None):
         if unknown not in ("error", "background"):
             raise DazooInputError("label map", f"unknown must be 'error' or 'background', "
                                                f"got {unknown!r}")
@@ -186,6 +270,9 @@ class LabelMap:
         self._known = np.array([0] + given, dtype=np.int64)
         self._classes = np.concatenate(
             [[0], np.searchsorted(self._class_ids, representative)]).astype(np.int32)
+        groups = label_groups(self.names) if groups is None else groups
+        self.groups = {int(k): str(v) for k, v in groups.items()
+                       if int(k) in set(self._class_ids[1:].tolist())}
 
     @property
     def num_classes(self) -> int:
@@ -249,10 +336,14 @@ class LabelMap:
                    unknown=data.get("unknown", "error"))
 
     def to_table(self) -> list[dict]:
-        """The preset label table ``[{"class", "id", "name"}, ...]`` (inverse of
-        :meth:`from_table`)."""
-        return [{"class": k, "id": int(i), "name": n}
+        """The preset label table ``[{"class", "id", "name"[, "group"]}, ...]`` (inverse of
+        :meth:`from_table`; ``group`` where the id has one)."""
+        rows = [{"class": k, "id": int(i), "name": n}
                 for k, (i, n) in enumerate(zip(self._class_ids, self.class_names))]
+        for row in rows[1:]:
+            if row["id"] in self.groups:
+                row["group"] = self.groups[row["id"]]
+        return rows
 
     @classmethod
     def from_table(cls, table, *, unknown: str = "background") -> LabelMap:
@@ -264,7 +355,8 @@ class LabelMap:
         """
         rows = sorted(table, key=lambda c: c["class"])
         label_map = cls([c["id"] for c in rows[1:]],
-                        names={c["id"]: c["name"] for c in rows[1:]}, unknown=unknown)
+                        names={c["id"]: c["name"] for c in rows[1:]}, unknown=unknown,
+                        groups=table_groups(rows))
         if label_map.ids.tolist() != [c["id"] for c in rows]:
             raise DazooInputError("label table", "classes must follow the sorted label ids")
         return label_map

@@ -247,6 +247,9 @@ class Pipeline:
                                         f"{model.num_classes} outputs")
         self.class_ids = np.array([c["id"] for c in classes], dtype=np.int32)
         self.label_names = {int(c["id"]): c["name"] for c in classes}
+        from dazoo.labels import table_groups
+
+        self.label_groups = table_groups(classes)  # {id: structure group}, may be empty
 
     @property
     def name(self) -> str:

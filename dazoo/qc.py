@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from dazoo.io import Source, Volume, atomic_write, read_image, read_labels
-from dazoo.labels import FREESURFER_LUT, label_colours, side_free_name
+from dazoo.labels import FREESURFER_LUT, label_colours, label_groups, side_free_name
 
 __all__ = ["label_overlay", "registration_overlay"]
 
@@ -68,7 +68,7 @@ def _foreground_centre(array: np.ndarray) -> np.ndarray:
 def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike, *,
                   title: str | None = None, names: Mapping[int, str] | None = None,
                   point: Sequence[int] | None = None, alpha: float = 0.35,
-                  dpi: int = 110) -> str:
+                  dpi: int = 110, groups: Mapping[int, str] | None = None) -> str:
     """Writes a PNG of three orthogonal slices of ``image`` with ``labels`` on top.
 
     Args:
@@ -80,6 +80,10 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
         point: RAS voxel index of the slices' crossing (default: the centre of mass of the
             labels, else the middle of the volume).
         alpha: opacity of the label overlay.
+        groups: ``{id: structure group}``: when the legend would be too long, a group with
+            more than a few entries (a whole-brain table's 31 cortical parcels) is one entry,
+            ``cortex (31 regions)``; default FreeSurfer's groups where the names are
+            FreeSurfer's.
 
     Returns:
         The path written.
@@ -142,7 +146,7 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
     figure.suptitle(title or os.path.basename(volume.path or "image"), fontsize=11,
                     color="white")
     if ids:
-        entries = _legend_entries(visible, names or {}, lookup)
+        entries = _legend_entries(visible, names or {}, lookup, groups)
         shown_entries = entries[:_LEGEND_MAX]
         handles = [plt.Line2D([], [], color=colour, lw=4, label=text)
                    for text, colour in shown_entries]
@@ -166,26 +170,48 @@ def label_overlay(image: Source, labels: Source | None, path: str | os.PathLike,
 _LEGEND_MAX = 40
 
 
+#: A structure group with more legend entries than this is drawn as one entry.
+_GROUP_ENTRIES = 6
+
+
 def _legend_entries(visible: Mapping[int, int], names: Mapping[int, str],
-                    lookup: Mapping[int, tuple]) -> list[tuple[str, tuple]]:
+                    lookup: Mapping[int, tuple],
+                    structure_groups: Mapping[int, str] | None = None) -> list[tuple[str, tuple]]:
     """``(text, colour)`` per legend entry, largest first: the labels seen in the slices,
     left and right twins of one colour merged into one entry named without the side
-    (``ctx-lh-insula`` + ``ctx-rh-insula`` -> ``insula (L+R)``)."""
-    groups: dict[tuple, list[int]] = {}
+    (``ctx-lh-insula`` + ``ctx-rh-insula`` -> ``insula (L+R)``). Where that is more than
+    :data:`_LEGEND_MAX` entries, the structure groups of more than :data:`_GROUP_ENTRIES`
+    entries (the cortical parcels of a whole-brain table), largest group first, become one
+    entry each, ``cortex (31 regions)``, in their largest member's colour."""
+    twins: dict[tuple, list[int]] = {}
     names = {**{i: n for i, (n, _) in FREESURFER_LUT.items()}, **names}
+    if structure_groups is None:
+        structure_groups = label_groups({i: names[i] for i in visible if i in names})
     for label in visible:
         name = names.get(label, str(label))
         key = (side_free_name(name), tuple(np.round(lookup[label], 3)))
-        groups.setdefault(key, []).append(label)
+        twins.setdefault(key, []).append(label)
     entries = []
-    for (base, _), labels in groups.items():
+    for (base, _), labels in twins.items():
         if len(labels) > 1:
             text = f"{base} (L+R)"
         else:
             text = names.get(labels[0], str(labels[0]))
-        entries.append((sum(visible[i] for i in labels), text, lookup[labels[0]]))
+        size = sum(visible[i] for i in labels)
+        biggest = max(labels, key=lambda i: visible[i])
+        entries.append((size, text, lookup[biggest], structure_groups.get(biggest)))
+    per_group: dict[str, list] = {}
+    for entry in entries:
+        if entry[3] is not None:
+            per_group.setdefault(entry[3], []).append(entry)
+    for group, members in sorted(per_group.items(), key=lambda g: -len(g[1])):
+        if len(entries) > _LEGEND_MAX and len(members) > _GROUP_ENTRIES:
+            entries = [e for e in entries if e[3] != group]
+            largest = max(members, key=lambda e: e[0])
+            entries.append((sum(e[0] for e in members), f"{group} ({len(members)} regions)",
+                            largest[2], group))
     entries.sort(key=lambda e: -e[0])
-    return [(text, colour) for _, text, colour in entries]
+    return [(text, colour) for _, text, colour, _ in entries]
 
 
 def _orientation_letters(axis, shape, left, right, bottom, top, colour="yellow") -> None:

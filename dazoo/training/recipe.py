@@ -343,7 +343,7 @@ class Recipe:
         if maps is not None and not (map_entry(maps) or (
                 isinstance(maps, list) and all(map_entry(m) for m in maps))):
             self._fail("data.label_maps must be null, a folder / glob pattern, "
-                       "{\"path\": ..., \"relabel\": {id: new id}}, or a list of them")
+                       "{\"path\": ..., \"relabel\": {id: new id or \"nearest\"}}, or a list of them")
         self.synth()  # checks the values
         if maps is not None and c["synth"] is None:
             self._fail("data.label_maps (label maps without images) needs a \"synth\" section: "

@@ -37,7 +37,7 @@ from dazoo.errors import DazooInputError
 from dazoo.io import WRITABLE, stem
 
 __all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects", "find_label_maps",
-           "relabelled", "IMAGE", "LABELS", "BIDS_IMAGE", "BIDS_LABELS"]
+           "relabelled", "NEAREST", "IMAGE", "LABELS", "BIDS_IMAGE", "BIDS_LABELS"]
 
 #: Default patterns of the subfolder layout and of a BIDS dataset (see the module docstring).
 IMAGE, LABELS = "image.*", "labels.*"
@@ -54,7 +54,8 @@ class Subject:
         labels: str or None. Path of the label map (same grid as the image), if any.
         name: str. A short unique name.
         relabel: ``((id, new id), ...)`` applied to the label map when it is read (a label map
-            from another labelling protocol); ids not listed are kept.
+            from another labelling protocol); ids not listed are kept; a new id
+            :data:`NEAREST` takes the nearest kept structure's id (:func:`relabelled`).
     """
 
     image: str | None
@@ -254,17 +255,58 @@ def load_subjects(source: str | os.PathLike, **kwargs) -> list[Subject]:
     return find_subjects(source, **kwargs)
 
 
+#: ``relabel`` value (``"nearest"`` in a recipe) that gives an id's voxels the id of the
+#: nearest voxel that keeps a non-zero id (e.g. FreeSurfer's unparcellated cortex 1000 -> the
+#: nearest parcel, the corpus callosum 251-255 -> the nearer hemisphere's white matter).
+NEAREST = -1
+
+
 def relabelled(array, relabel):
     """``array`` (label ids) with ``relabel`` (``{id: new id}`` or ``((id, new id), ...)``)
-    applied; ids not listed are kept."""
+    applied; ids not listed are kept. A new id :data:`NEAREST` takes the id of the nearest
+    voxel (Euclidean, in voxels) whose id is neither 0 nor itself relabelled so."""
     import numpy as np
 
     table = dict(relabel or ())
     if not table:
         return array
+    array = np.asarray(array)
     ids = np.unique(array)
     lookup = np.array([table.get(int(i), int(i)) for i in ids], np.int32)
-    return lookup[np.searchsorted(ids, array)]
+    out = lookup[np.searchsorted(ids, array)]
+    nearest = [i for i, new in table.items() if new == NEAREST]
+    if nearest:
+        _fill_nearest(out, out == NEAREST)
+    return out
+
+
+def _fill_nearest(out, mask, margin: int = 8) -> None:
+    """``out[mask]`` <- the value of the nearest voxel outside ``mask`` with a non-zero value,
+    in place. The search works in the masked voxels' box grown by ``margin`` voxels (every
+    point within ``margin`` of a masked voxel lies inside it), doubled until every masked
+    voxel has its donor within the margin; no donor anywhere: background."""
+    import numpy as np
+    import scipy.ndimage as ndi
+
+    if not mask.any():
+        return
+    points = np.argwhere(mask)
+    low, high = points.min(0), points.max(0) + 1
+    while True:
+        box = tuple(slice(max(0, a - margin), min(n, b + margin))
+                    for a, b, n in zip(low, high, out.shape))
+        region, hole = out[box], mask[box]
+        donors = (region != 0) & ~hole
+        covers_all = all(b.start == 0 and b.stop == n for b, n in zip(box, out.shape))
+        if donors.any():
+            distance, index = ndi.distance_transform_edt(~donors, return_indices=True)
+            if covers_all or (distance[hole] <= margin).all():
+                region[hole] = region[tuple(i[hole] for i in index)]
+                return
+        elif covers_all:
+            out[mask] = 0
+            return
+        margin *= 2
 
 
 def find_label_maps(spec, *, source: str = "data.label_maps") -> list[Subject]:
@@ -281,11 +323,14 @@ def find_label_maps(spec, *, source: str = "data.label_maps") -> list[Subject]:
                 raise DazooInputError(source, "an entry must be a path, a glob, or "
                                               "{\"path\": ..., \"relabel\": {id: new id}}")
             try:
-                relabel = tuple(sorted((int(k), int(v))
+                relabel = tuple(sorted((int(k), NEAREST if v == "nearest" else int(v))
                                        for k, v in (item.get("relabel") or {}).items()))
             except (TypeError, ValueError):
                 raise DazooInputError(source, f"relabel of {item['path']!r} must map integer "
-                                              "ids to integer ids") from None
+                                              "ids to integer ids or \"nearest\"") from None
+            if any(v < 0 and v != NEAREST for _, v in relabel):
+                raise DazooInputError(source, f"relabel of {item['path']!r}: new ids must "
+                                              "be >= 0 or \"nearest\"")
             item = item["path"]
         item = os.fspath(item)
         if os.path.isdir(item):
