@@ -3,7 +3,7 @@
 For each candidate grid (voxel size and shape, RAS, centred on the label map's centre of
 mass), every whole-brain label map (DKT31 cortex + SynthSeg's aseg structures, the
 Mindboggle-101 ``aparcNMMjt+aseg`` maps relabelled as the v3 recipe does:
-:func:`whole_brain_relabel`) is taken to the model grid and back to its own 1 mm grid the
+:func:`dazoo.labels.whole_brain_relabel`) is taken to the model grid and back to its own 1 mm grid the
 way ``dazoo segment`` does it, and compared with itself:
 
 - ``soft``: the perfect segmenter's probabilities, the class fractions of each model voxel
@@ -35,23 +35,6 @@ import scipy.ndimage as ndi
 
 SMALL = {"accumbens": (26, 58), "amygdala": (18, 54), "pallidum": (13, 52),
          "inf-lat-vent": (5, 44), "hippocampus": (17, 53), "3rd-ventricle": (14,)}
-
-
-def whole_brain_relabel(ids) -> dict:
-    """The v3 protocol's relabelling of a FreeSurfer / Mindboggle map's ids: the table's ids
-    kept, choroid plexus into the lateral ventricle (31 -> 4, 63 -> 43), every other id
-    (unparcellated cortex 1000/2000, corpus callosum 251-255, WM hypointensities 77, vessels,
-    optic chiasm, stray cortical ids) the nearest kept structure's."""
-    from dazoo.labels import DKT31_CORTEX, WHOLE_BRAIN_ASEG
-    from dazoo.training.subjects import NEAREST
-
-    keep = set(DKT31_CORTEX) | set(WHOLE_BRAIN_ASEG)
-    table = {}
-    for i in (int(i) for i in ids):
-        if i == 0 or i in keep:
-            continue
-        table[i] = {31: 4, 63: 43}.get(i, NEAREST)
-    return table
 
 
 def ceiling(labels: np.ndarray, affine: np.ndarray, classes, voxel_size, shape) -> dict:
@@ -124,7 +107,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import nibabel as nib
 
-    from dazoo.labels import DKT31_CORTEX, WHOLE_BRAIN_ASEG
+    from dazoo.labels import DKT31_CORTEX, WHOLE_BRAIN_ASEG, whole_brain_relabel
     from dazoo.training.subjects import relabelled
 
     every = sorted(glob.glob(os.path.join(args.folder, "*.mgz"))

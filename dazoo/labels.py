@@ -17,7 +17,7 @@ from dazoo.io import Volume
 __all__ = ["LabelMap", "has_sides", "left_id", "merge_left_right", "mirror_id",
            "FREESURFER_LUT", "label_colours", "side_free_name", "BRAIN_GROUPS",
            "freesurfer_group", "label_groups", "table_groups", "group_members",
-           "WHOLE_BRAIN_ASEG", "DKT31_CORTEX"]
+           "WHOLE_BRAIN_ASEG", "DKT31_CORTEX", "NEAREST", "whole_brain_relabel"]
 
 #: FreeSurfer subcortical right -> left ids (FreeSurferColorLUT), plus Mindboggle's basal
 #: forebrain (92 -> 91). Cortical parcellations use 2xxx -> 1xxx (DK/DKT) and 12xxx -> 11xxx
@@ -92,6 +92,23 @@ DKT31_CORTEX = tuple(sorted({*range(1002, 1036), *range(2002, 2036)}
 #: amygdala, CSF, accumbens, ventral DC; left and right.
 WHOLE_BRAIN_ASEG = (2, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
                     41, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60)
+
+#: A relabelling target (``"nearest"`` in a recipe's ``relabel``): the voxels take the id of
+#: the nearest voxel that keeps a non-zero id (:func:`dazoo.training.subjects.relabelled`).
+NEAREST = -1
+
+
+def whole_brain_relabel(ids: Iterable[int]) -> dict[int, int]:
+    """The relabelling of a FreeSurfer / Mindboggle-101 label map's ``ids`` onto the
+    whole-brain table (:data:`DKT31_CORTEX` + :data:`WHOLE_BRAIN_ASEG`): the table's ids kept,
+    the choroid plexus into the lateral ventricle (31 -> 4, 63 -> 43), every other non-zero id
+    (unparcellated cortex 1000/2000, corpus callosum 251-255, white-matter hypointensities 77,
+    vessels 30/62, optic chiasm 85, DK parcels DKT31 merged away: 1001, 1032, 1033, ...) the
+    nearest kept structure's (:data:`NEAREST`)."""
+    keep = set(DKT31_CORTEX) | set(WHOLE_BRAIN_ASEG)
+    return {int(i): {31: 4, 63: 43}.get(int(i), NEAREST) for i in ids
+            if int(i) != 0 and int(i) not in keep}
+
 
 #: Structure groups of a whole-brain FreeSurfer table, in report order.
 BRAIN_GROUPS = ("cortex", "white matter", "subcortical grey matter", "ventricles and CSF",

@@ -527,6 +527,47 @@ def test_a_recipe_grows_the_parents_segmenter_without_changing_its_output(traine
         Recipe.from_dict(config, root=folder)
 
 
+def test_a_recipe_takes_the_parents_networks_onto_its_own_grid(trained, exported, tmp_path):
+    """init.preprocessing "recipe": the preset's weights on the recipe's grid (brain v3:
+    v2's networks from 2 mm to 1.5 mm) and a new head for a larger label table; the run's
+    preprocessing is the recipe's, not the preset's."""
+    from dazoo.models import DeepAtlas
+    from dazoo.training import train
+    from dazoo.training.engine import build_model
+
+    folder, _, _ = trained
+    config = json.loads(_recipe(folder, steps=2, validate_every=2).read_text())
+    config["preprocess"].update(voxel_size=[2.5, 2.5, 2.5], shape=[24, 24, 24])
+    config["labels"] = {"ids": [10, 20, 30, 40]}
+    config["init"] = {"preset": str(exported.path), "preprocessing": "recipe"}
+    recipe = Recipe.from_dict(config, root=folder)
+    assert not recipe.parent_preprocessing
+    parent = DeepAtlas.from_preset(exported.path)
+    model = build_model(recipe, 5, exported, log=lambda m: None)
+    assert tuple(model.registration_net.inshape) == tuple(model.segmentation_net.inshape) == (
+        24, 24, 24)
+    for new, old in zip(model.registration_net.get_weights(),
+                        parent.registration_net.get_weights()):
+        np.testing.assert_array_equal(new, old)
+    for layer in model.segmentation_net.layers:
+        if layer.weights and layer.name != "logits":
+            for new, old in zip(layer.get_weights(),
+                                parent.segmentation_net.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(new, old)
+    assert model.segmentation_net.get_layer("logits").get_weights()[0].shape[-1] == 5
+    path = folder / "regrid.json"
+    path.write_text(json.dumps(config))
+    run = train(path, tmp_path / "run", verbose=0, log=lambda m: None)
+    written = json.loads((run.folder / "preprocess.json").read_text())
+    assert written["shape"] == [24, 24, 24] and written["voxel_size"] == [2.5, 2.5, 2.5]
+    config["init"]["preprocessing"] = "template"
+    with pytest.raises(DazooInputError, match="init.preprocessing"):
+        Recipe.from_dict(config, root=folder)
+    config["init"] = {"preprocessing": "recipe"}
+    with pytest.raises(DazooInputError, match="init.preset"):
+        Recipe.from_dict(config, root=folder)
+
+
 def test_knee_v2_recipe_parses_and_keeps_validation_subjects_out_of_its_maps():
     """examples/knee/recipe_v2.json: a valid recipe (DESS priors, 6 OAI-ZIB ids, the grid
     measured in examples/knee/README), and no training map belongs to a subject that

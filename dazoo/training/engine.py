@@ -114,11 +114,15 @@ def build_model(recipe: Recipe, num_classes: int, parent=None, *, log=_stderr):
         return model
     trained = DeepAtlas.from_preset(parent)
     config = parent.read_json("config.json")["model"]
+    grid = {}  # init.preprocessing "recipe": the parent's networks on this recipe's grid
+    if not recipe.parent_preprocessing:
+        grid = {"inshape": list(recipe["preprocess"]["shape"])}
+        log(f"the parent's networks on the recipe's grid {recipe['preprocess']['shape']}")
     registration = RegistrationNet.from_config(dict(
-        config["registration_net"]["config"],
+        config["registration_net"]["config"], **grid,
         dtype=network_precisions(recipe["precision"])["registration"]))
-    seg_config = _segmentation_config(config["segmentation_net"]["config"], num_classes,
-                                      recipe["precision"])
+    seg_config = _segmentation_config(dict(config["segmentation_net"]["config"], **grid),
+                                      num_classes, recipe["precision"])
     registration.set_weights(trained.registration_net.get_weights())
     same_classes = num_classes == trained.num_classes
     grown = (recipe["init"] or {}).get("segmentation_features")
@@ -309,7 +313,8 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         parent = get_preset(c["init"]["preset"]) if (c["init"] or {}).get("preset") else None
         data = gather(recipe, _schedule(recipe), parent)
         write_json(folder / "labels.json", {"classes": data.labels.to_table()})
-        preprocessor = preprocessing(recipe, folder, data.train, parent, say)
+        preprocessor = preprocessing(recipe, folder, data.train,
+                                     parent if recipe.parent_preprocessing else None, say)
         cache = VolumeCache(preprocessor, folder=c["data"]["cache"] or folder / "cache")
 
         # The model: resumed from its checkpoint, or built (and compiled) from the recipe.

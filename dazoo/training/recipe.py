@@ -54,7 +54,12 @@ one takes the default shown by ``Recipe.defaults()``)::
                                                (+ "segmentation_features": [[enc], [dec]]:
                                                the preset's segmenter grown to these filters,
                                                computing the same function at step 0; see
-                                               dazoo.models.widen)
+                                               dazoo.models.widen;
+                                               + "preprocessing": "recipe": this recipe's
+                                               preprocess section (another grid, a new
+                                               template) instead of the preset's, the
+                                               preset's weights copied onto it: convolution
+                                               kernels do not depend on the grid)
                                                or {"registration_from": RUN, "segmentation_from": RUN}
       "inference": {"flip": false},            the exported preset's defaults: "flip" true
                                                averages each segmentation with that of the
@@ -129,7 +134,7 @@ DEFAULTS: dict[str, Any] = {
 # Sections whose content is free-form (checked by the classes they configure).
 _OPEN = {("model", "registration"), ("model", "segmentation"), ("labels", "names"), ("synth",)}
 _INIT_KEYS = {"preset", "labels_from_data", "registration_from", "segmentation_from",
-              "segmentation_features"}
+              "segmentation_features", "preprocessing"}
 MONITORS = ("native_dice", "native_seg_dice", "native_reg_dice", "seg_dice", "warped_dice")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DECAYS = ("constant", "cosine")
@@ -361,8 +366,20 @@ class Recipe:
             if "segmentation_features" in init and "preset" not in init:
                 self._fail("init.segmentation_features widens a preset's segmenter: "
                            "give init.preset")
-        if not (init or {}).get("preset"):  # with a parent preset, its preprocessing is used
+            if init.get("preprocessing", "parent") not in ("parent", "recipe"):
+                self._fail("init.preprocessing must be \"parent\" (the preset's grid and "
+                           "template) or \"recipe\" (this recipe's preprocess section)")
+            if init.get("preprocessing") == "recipe" and "preset" not in init:
+                self._fail("init.preprocessing applies to init.preset")
+        if not self.parent_preprocessing:  # with a parent preset, its preprocessing is used
             self.preprocess_config("template.nii.gz" if self.builds_template else None)
+
+    @property
+    def parent_preprocessing(self) -> bool:
+        """Whether the run uses its parent preset's preprocessing (grid, template): with
+        ``init.preset``, unless ``init.preprocessing`` is ``"recipe"``."""
+        init = self.config["init"] or {}
+        return bool(init.get("preset")) and init.get("preprocessing", "parent") == "parent"
 
     # ------------------------------------------------------------------ builders
     def preprocess_config(self, template: str | None = None):

@@ -35,6 +35,7 @@ import os
 
 from dazoo.errors import DazooInputError
 from dazoo.io import WRITABLE, stem
+from dazoo.labels import NEAREST  # relabel target "nearest": the nearest kept structure's id
 
 __all__ = ["Subject", "read_manifest", "find_subjects", "load_subjects", "find_label_maps",
            "relabelled", "NEAREST", "IMAGE", "LABELS", "BIDS_IMAGE", "BIDS_LABELS"]
@@ -254,11 +255,6 @@ def load_subjects(source: str | os.PathLike, **kwargs) -> list[Subject]:
         return read_manifest(source)
     return find_subjects(source, **kwargs)
 
-
-#: ``relabel`` value (``"nearest"`` in a recipe) that gives an id's voxels the id of the
-#: nearest voxel that keeps a non-zero id (e.g. FreeSurfer's unparcellated cortex 1000 -> the
-#: nearest parcel, the corpus callosum 251-255 -> the nearer hemisphere's white matter).
-NEAREST = -1
 
 
 def relabelled(array, relabel):
