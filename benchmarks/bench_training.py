@@ -94,9 +94,9 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
     if not inference_only and mode == "simultaneous":
         result["mode"] = mode
         model = DeepAtlas(reg, seg, mode="simultaneous")
-        model.objective.fast = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4), recompute=recompute)
+        model.objective.fast = fused  # the objective is made by compile
         timings = []
         for step in range(steps + 2):
             start = time.perf_counter()
@@ -111,9 +111,9 @@ def _measure(shape, classes, steps, precision, segmenter, inference_only, mode="
     elif not inference_only:
         result["mode"] = "joint"
         model = DeepAtlas(reg, seg, registration_steps=1, segmentation_steps=1)
-        model.objective.fast = fused
         model.compile(reg_optimizer=keras.optimizers.Adam(1e-4),
                       seg_optimizer=keras.optimizers.Adam(1e-4), recompute=recompute)
+        model.objective.fast = fused  # the objective is made by compile
         times = {True: [], False: []}
         peaks = {}
         for step in range(2 * (steps + 2)):
