@@ -154,7 +154,7 @@ def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None
 
 def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None = None,
                           pairs: Sequence[tuple[int, int]] | None = None,
-                          refine_options: dict | None = None,
+                          refine: int | None = None, refine_options: dict | None = None,
                           log: Callable[[str], None] | None = print) -> list[dict]:
     """Registers ordered pairs of labelled subjects and scores the carried labels.
 
@@ -164,6 +164,7 @@ def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None
         cases: :class:`Case` items instead of ``subjects`` (preprocessed when both images of
             a pair carry ``pre``).
         pairs: ``(moving index, fixed index)`` into the cases; default every ordered pair.
+        refine: refinement iterations (None: the preset's default, 0: the network alone).
         refine_options: passed to :meth:`~dazoo.pipeline.Pipeline.register` (e.g.
             ``{"guide": "segmenter"}``: the refinement does not see the moving labels).
         log: progress lines (None: quiet).
@@ -183,10 +184,10 @@ def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None
         if moving.pre is not None and fixed.pre is not None:
             result = pipeline.register_preprocessed(
                 moving.image, moving.pre, fixed.image.affine, fixed.pre, moving_labels=labels,
-                refine_options=refine_options)
+                refine=refine, refine_options=refine_options)
         else:
             result = pipeline.register(moving.image, fixed.image, moving_labels=labels,
-                                       refine_options=refine_options)
+                                       refine=refine, refine_options=refine_options)
         seconds = time.perf_counter() - start
         scores = score_labels(fixed.truth, result.moved_labels.array, _ids(pipeline),
                               _groups(pipeline))

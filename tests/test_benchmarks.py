@@ -52,3 +52,41 @@ def test_ratios_use_the_mean_of_the_reference_before_and_after():
     assert "| 2.50 (start 2.00, end 3.00) | 3.90 |" in table
     assert "| 80x96x80 | 63 | float32 | default | joint | - | - | 4.50 | 2.50 | 1.80 | 1.50 |" \
         in table
+
+
+def test_degraded_scans_are_thick_along_one_axis_and_keep_their_background():
+    import numpy as np
+
+    import registration_sites
+
+    rng = np.random.default_rng(0)
+    scan = rng.uniform(50, 150, (30, 31, 32)).astype(np.float32)
+    scan[:3] = 0
+    for index in range(3):
+        out = registration_sites.degrade(scan, index)
+        assert out.shape == scan.shape and (out[:3] == 0).all() and (out[3:] > 0).all()
+        # along the thick axis: linear between slice centres, only noise changes it fast
+        rough = [np.abs(np.diff(out[4:], n=2, axis=a)).mean() for a in range(3)]
+        thick = index % 3
+        assert all(rough[thick] < 0.5 * rough[a] for a in range(3) if a != thick)
+    np.testing.assert_array_equal(registration_sites.degrade(scan, 1),
+                                  registration_sites.degrade(scan, 1))  # seeded
+
+
+def test_registration_sites_summary_by_hand():
+    import registration_sites
+
+    def row(moving, fixed, dice, folding=0.0, seconds=1.0):
+        return {"moving": moving, "fixed": fixed, "mean_dice": dice,
+                "folding_fraction": folding, "seconds": seconds}
+
+    results = {"cohort": {
+        "network": [row("a", "b", 0.40), row("b", "a", 0.50)],
+        "refined": [row("a", "b", 0.60, 0.001, 10.0), row("b", "a", 0.50, 0.0, 20.0)],
+        "syn": [row("a", "b", 0.55, 0.0, 70.0), row("b", "a", 0.58, 0.0, 80.0)]}}
+    table = registration_sites.summary_table(results)
+    assert "| cohort | network | 2 | 0.450 (0.050) | 0.0000 (0.0000) | 1.0 |" in table
+    assert "| cohort | refined | 2 | 0.550 (0.050) | 0.0500 (0.1000) | 15.0 |" in table
+    assert "| cohort | syn | 2 | 0.565 (0.015) | 0.0000 (0.0000) | 75.0 |" in table
+    assert "cohort: dazoo (refined) - SyN = -0.015 Dice over 2 pairs (1 pairs better)" in table
+    assert "validation" not in table

@@ -1,0 +1,214 @@
+"""Brain registration across sites: dazoo (network alone, refined) beside ANTs SyN.
+
+Three sets of ordered pairs, every pair scored on the fixed scan's native grid over the
+preset's label ids (Dice per id, mean), folding fraction and seconds per pair:
+
+- ``validation``: the preset's validation subjects (Mindboggle OASIS-TRT-20, manual labels);
+- ``cohort``: the FreeSurfer cohort's labelled subjects (another site; FreeSurfer's automatic
+  ``aparc.DKTatlas+aseg``);
+- ``degraded``: the validation subjects degraded on their own grid (:func:`degrade`): each
+  gets 5 mm thick slices along another axis (subject k: axis k mod 3), a smooth bias field,
+  noise and a contrast change (gamma 0.6), so robustness shows without other data.
+
+Methods: ``network`` (``refine=0``: what training made), ``refined`` (the preset's default
+refinement, guided by the segmenter's labels: the moving labels are never shown to it), and
+``syn`` (ANTs ``ants.registration(type_of_transform="SyN")``: affine + SyN, antspyx's
+defaults, labels carried with genericLabel; antspyx is a benchmark dependency only).
+
+    python benchmarks/registration_sites.py --data ../shared/data --preset brain \\
+        --out work_cache/registration_sites.json [--sets validation cohort degraded] \\
+        [--methods network refined syn] [--pairs N]
+
+Results (JSON) keep every pair; the summary table (Markdown) is printed. Rerunning with the
+same ``--out`` reuses the pairs already measured (delete the file to measure again).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import scipy.ndimage as ndi
+
+SETS = ("validation", "cohort", "degraded")
+METHODS = ("network", "refined", "syn")
+
+
+# --------------------------------------------------------------------------- degraded scans
+def degrade(array: np.ndarray, index: int, *, thickness: int = 5, seed: int = 0) -> np.ndarray:
+    """A scan degraded on its own grid: slices ``thickness`` voxels thick along axis
+    ``index % 3`` (block means, linearly interpolated back between slice centres), a smooth
+    multiplicative bias field (+-20 %), Gaussian noise (3 % of the 99th percentile, in the
+    foreground) and a contrast change (intensities to the power 0.6). Zero stays zero."""
+    rng = np.random.default_rng([seed, index])
+    array = np.asarray(array, np.float32)
+    foreground = array > 0
+    axis = index % 3
+    n = array.shape[axis]
+    blocks = -(-n // thickness)
+    padded = np.concatenate([array, np.repeat(np.take(array, [-1], axis=axis),
+                                              blocks * thickness - n, axis=axis)], axis=axis)
+    shape = list(array.shape)
+    shape[axis:axis + 1] = [blocks, thickness]
+    means = padded.reshape(shape).mean(axis=axis + 1)              # one value per slice
+    centres = np.arange(blocks) * thickness + (thickness - 1) / 2
+    position = np.clip(np.interp(np.arange(n), centres, np.arange(blocks)), 0, blocks - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, blocks - 1)
+    weight = (position - low).reshape([-1 if a == axis else 1 for a in range(3)])
+    thick = np.take(means, low, axis=axis) * (1 - weight) + np.take(means, high, axis=axis) * weight
+    coarse = rng.normal(size=(4, 4, 4))
+    bias = ndi.zoom(coarse, np.array(array.shape) / 4, order=3)[tuple(slice(0, s) for s in array.shape)]
+    bias = 1.0 + 0.2 * bias / max(np.abs(bias).max(), 1e-6)
+    top = float(np.percentile(array[foreground], 99)) if foreground.any() else 1.0
+    noisy = thick * bias + rng.normal(0, 0.03 * top, array.shape)
+    out = top * np.clip(noisy / top, 0, None) ** 0.6
+    return np.where(foreground, out, 0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the pairs
+def _cases(args, which: str, ids):
+    """(name, image Volume, truth array) per subject of a set."""
+    from dazoo import io
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "brain"))
+    from evaluate import validation_subjects
+
+    if which in ("validation", "degraded"):
+        subjects = validation_subjects(os.path.join(args.data, "mindboggle-oasis-trt20"),
+                                       args.preset)
+        files = [(s.name, s.image, s.labels) for s in subjects]
+    else:
+        root = os.path.join(args.data, "freesurfer-cohort")
+        files = [(name, os.path.join(root, name, "brainmask.mgz"),
+                  os.path.join(root, name, "aparc.DKTatlas+aseg.mgz"))
+                 for name in sorted(os.listdir(root))
+                 if os.path.exists(os.path.join(root, name, "aparc.DKTatlas+aseg.mgz"))]
+    cases = []
+    for k, (name, image, labels) in enumerate(files):
+        volume = io.read_image(image)
+        truth = io.read_labels(labels, like=volume).array
+        if which == "degraded":
+            volume = io.Volume(degrade(volume.array, k), volume.affine, None)
+            name = f"{name}-degraded"
+        cases.append((name, volume, truth))
+    return cases
+
+
+def run_dazoo(pipeline, cases, pairs, method: str, ids) -> list[dict]:
+    from dazoo.evaluate import Case, evaluate_registration
+
+    items = [Case(name, image=volume, truth=truth) for name, volume, truth in cases]
+    refine = 0 if method == "network" else None
+    results = evaluate_registration(pipeline, cases=items, pairs=pairs, refine=refine,
+                                    refine_options={"guide": "segmenter"}, log=None)
+    for r in results:
+        for key in ("dice", "merged_dice"):
+            r.pop(key, None)
+    return results
+
+
+def run_syn(cases, pairs, ids) -> list[dict]:
+    import ants
+
+    from dazoo import io
+    from dazoo.evaluate import score_labels
+
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for k, (_, volume, truth) in enumerate(cases):
+            image, labels = os.path.join(folder, f"{k}.nii.gz"), os.path.join(folder, f"{k}_l.nii.gz")
+            io.write_image(volume, image)
+            io.write_labels((truth, volume.affine), labels)
+            paths.append((image, labels))
+        for i, j in pairs:
+            fixed, moving = ants.image_read(paths[j][0]), ants.image_read(paths[i][0])
+            start = time.perf_counter()
+            reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN")
+            seconds = time.perf_counter() - start
+            moved = ants.apply_transforms(fixed=fixed, moving=ants.image_read(paths[i][1]),
+                                          transformlist=reg["fwdtransforms"],
+                                          interpolator="genericLabel")
+            jacobian = ants.create_jacobian_determinant_image(fixed, reg["fwdtransforms"][0])
+            scores = score_labels(cases[j][2], np.rint(moved.numpy()).astype(np.int32), ids)
+            results.append({"moving": cases[i][0], "fixed": cases[j][0], "seconds": seconds,
+                            "folding_fraction": float((jacobian.numpy() <= 0).mean()),
+                            "mean_dice": scores["mean_dice"],
+                            "mean_merged_dice": scores["mean_merged_dice"]})
+    return results
+
+
+# --------------------------------------------------------------------------- the summary
+def summary_table(results: dict) -> str:
+    """Markdown: one row per set and method with the pairs measured, mean (std) Dice, folding
+    (mean and largest, % of voxels) and mean seconds per pair; then, per set, dazoo's default
+    (``refined``) minus SyN over the pairs both measured."""
+    lines = ["| pairs | method | n | mean Dice (std) | folding % (max) | s / pair |",
+             "|---|---|---|---|---|---|"]
+    for which in SETS:
+        for method in METHODS:
+            rows = results.get(which, {}).get(method)
+            if not rows:
+                continue
+            dice = np.array([r["mean_dice"] for r in rows])
+            folding = 100 * np.array([r["folding_fraction"] for r in rows])
+            seconds = np.mean([r["seconds"] for r in rows])
+            lines.append(f"| {which} | {method} | {len(rows)} | {dice.mean():.3f} "
+                         f"({dice.std():.3f}) | {folding.mean():.4f} ({folding.max():.4f}) | "
+                         f"{seconds:.1f} |")
+    for which in SETS:
+        ours = {(r["moving"], r["fixed"]): r["mean_dice"]
+                for r in results.get(which, {}).get("refined", [])}
+        syn = {(r["moving"], r["fixed"]): r["mean_dice"]
+               for r in results.get(which, {}).get("syn", [])}
+        both = sorted(set(ours) & set(syn))
+        if both:
+            gaps = np.array([ours[p] - syn[p] for p in both])
+            lines.append(f"\n{which}: dazoo (refined) - SyN = {gaps.mean():+.3f} Dice over "
+                         f"{len(both)} pairs ({(gaps > 0).sum()} pairs better)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--preset", default="brain")
+    parser.add_argument("--out", required=True, help="results JSON (reused when present)")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--pairs", type=int, default=0, help="at most N pairs per set (0: all)")
+    args = parser.parse_args(argv)
+    from dazoo.hub import load
+
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    pipeline = load(args.preset)
+    ids = [int(i) for i in pipeline.class_ids if i != 0]
+    for which in args.sets:
+        cases = _cases(args, which, ids)
+        pairs = list(itertools.permutations(range(len(cases)), 2))
+        pairs = pairs[: args.pairs] if args.pairs else pairs
+        for method in args.methods:
+            done = results.get(which, {}).get(method)
+            if done and len(done) >= len(pairs):
+                continue
+            start = time.perf_counter()
+            rows = (run_syn(cases, pairs, ids) if method == "syn"
+                    else run_dazoo(pipeline, cases, pairs, method, ids))
+            results.setdefault(which, {})[method] = rows
+            with open(args.out + ".tmp", "w") as fh:
+                json.dump(results, fh, indent=1)
+            os.replace(args.out + ".tmp", args.out)
+            print(f"{which} {method}: mean Dice {np.mean([r['mean_dice'] for r in rows]):.3f} "
+                  f"over {len(rows)} pairs ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(summary_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
