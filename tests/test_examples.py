@@ -102,3 +102,25 @@ def test_knee_cartilage_thickness_of_known_plates(spacing, tilt):
     assert got["tibial volume mL"] == pytest.approx(expected_ml)
     assert np.isnan(got["femoral thickness mm"])  # no femoral plate
     assert knee.dice(labels, labels, 4) == 1.0 and np.isnan(knee.dice(labels, labels, 6))
+
+
+def test_knee_v2_evaluation_helpers():
+    """How far a bone reaches towards the field of view's edges, on the scan's own S-I axis
+    (a sagittal grid: voxel axis 2 is S-I here, flipped in the second affine)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "knee" / "evaluate_v2.py"
+    spec = importlib.util.spec_from_file_location("knee_evaluate_v2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    labels = np.zeros((4, 5, 20), np.int16)
+    labels[:, :, 3:12] = 1   # femur: voxels 3..11 along S-I
+    labels[:, :, 14:] = 3
+    affine = np.diag([0.7, 0.4, 0.5, 1.0])
+    assert module.bone_reach_mm(labels, affine, 1, "top") == pytest.approx((19 - 11) * 0.5)
+    assert module.bone_reach_mm(labels, affine, 1, "bottom") == pytest.approx(3 * 0.5)
+    assert module.bone_reach_mm(labels, affine, 3, "top") == 0.0
+    flipped = affine.copy()
+    flipped[2, 2] = -0.5  # index increases inferiorly: the ends swap
+    assert module.bone_reach_mm(labels, flipped, 1, "top") == pytest.approx(3 * 0.5)
+    assert np.isnan(module.bone_reach_mm(labels, affine, 5, "top"))
+    assert module.subject_of("OAI_AKOA_9271853_96m") == "OAI_AKOA_9271853"
+    assert module.subject_of("OAI_ZIB-UQ_9001104") == "OAI_ZIB-UQ_9001104"
