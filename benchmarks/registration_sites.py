@@ -8,7 +8,11 @@ preset's label ids (Dice per id, mean), folding fraction and seconds per pair:
   ``aparc.DKTatlas+aseg``);
 - ``degraded``: the validation subjects degraded on their own grid (:func:`degrade`): each
   gets 5 mm thick slices along another axis (subject k: axis k mod 3), a smooth bias field,
-  noise and a contrast change (gamma 0.6), so robustness shows without other data.
+  noise and a contrast change (gamma 0.6), so robustness shows without other data;
+- ``resliced``: each validation subject resampled onto coronal slices of 0.86 x 0.86 mm,
+  1.5 mm apart, with the origin at the volume's corner (:func:`reslice`; the other site's
+  geometry of the issue), registered to the other validation subjects as they are: the
+  affine pre-alignment has to find a brain 100+ mm away from where the others lie.
 
 Methods: ``network`` (``refine=0``: what training made), ``refined`` (the preset's default
 refinement, guided by the segmenter's labels: the moving labels are never shown to it), and
@@ -35,7 +39,7 @@ import time
 import numpy as np
 import scipy.ndimage as ndi
 
-SETS = ("validation", "cohort", "degraded")
+SETS = ("validation", "cohort", "degraded", "resliced")
 METHODS = ("network", "refined", "syn")
 
 
@@ -71,6 +75,35 @@ def degrade(array: np.ndarray, index: int, *, thickness: int = 5, seed: int = 0)
     return np.where(foreground, out, 0).astype(np.float32)
 
 
+def reslice(volume, labels: np.ndarray, spacing=(0.86, 0.86, 1.5)):
+    """A scan and its labels resampled onto LIA voxel axes (coronal slices ``spacing[2]``
+    apart, in-plane ``spacing[:2]``) covering the same field, the origin (voxel 0) at world
+    (0, 0, 0): the anatomy moves in world space as a corner-origin export would put it.
+    Returns ``(Volume, labels)``: the image by linear, the labels by nearest interpolation."""
+    from dazoo import io
+
+    corners = np.array([[i, j, k, 1] for i in (0, volume.shape[0] - 1)
+                        for j in (0, volume.shape[1] - 1) for k in (0, volume.shape[2] - 1)],
+                       float) @ volume.affine.T
+    low, high = corners[:, :3].min(0), corners[:, :3].max(0)
+    # LIA: i -> left (x decreasing), j -> inferior (z decreasing), k -> anterior (y increasing)
+    directions = np.array([[-1, 0, 0], [0, 0, -1], [0, 1, 0]], float).T
+    extent = np.array([high[0] - low[0], high[2] - low[2], high[1] - low[1]])
+    shape = tuple(int(np.ceil(e / s)) + 1 for e, s in zip(extent, spacing))
+    start = np.array([high[0], low[1], high[2]])        # the corner at voxel 0
+    sampling = np.eye(4)
+    sampling[:3, :3] = directions * np.asarray(spacing)
+    sampling[:3, 3] = start
+    to_old = np.linalg.inv(volume.affine) @ sampling  # new voxel -> old voxel
+    image = ndi.affine_transform(np.asarray(volume.array, np.float32), to_old[:3, :3],
+                                 to_old[:3, 3], output_shape=shape, order=1)
+    resliced = ndi.affine_transform(labels, to_old[:3, :3], to_old[:3, 3], output_shape=shape,
+                                    order=0)
+    affine = sampling.copy()
+    affine[:3, 3] = 0.0                                  # the origin at the corner
+    return io.Volume(image, affine, None), resliced
+
+
 # --------------------------------------------------------------------------- the pairs
 def _cases(args, which: str, ids):
     """(name, image Volume, truth array) per subject of a set."""
@@ -89,15 +122,20 @@ def _cases(args, which: str, ids):
                   os.path.join(root, name, "aparc.DKTatlas+aseg.mgz"))
                  for name in sorted(os.listdir(root))
                  if os.path.exists(os.path.join(root, name, "aparc.DKTatlas+aseg.mgz"))]
-    cases = []
+    cases, moved = [], []
     for k, (name, image, labels) in enumerate(files):
         volume = io.read_image(image)
         truth = io.read_labels(labels, like=volume).array
         if which == "degraded":
             volume = io.Volume(degrade(volume.array, k), volume.affine, None)
             name = f"{name}-degraded"
+        if which == "resliced":
+            moved.append((f"{name}-resliced", *reslice(volume, truth)))
         cases.append((name, volume, truth))
-    return cases
+    if which == "resliced":  # resliced moving scans onto the other subjects as they are
+        n = len(cases)
+        return cases + moved, [(n + i, j) for i in range(n) for j in range(n) if i != j]
+    return cases, list(itertools.permutations(range(len(cases)), 2))
 
 
 def run_dazoo(pipeline, cases, pairs, method: str, ids) -> list[dict]:
@@ -190,8 +228,7 @@ def main(argv=None) -> int:
     pipeline = load(args.preset)
     ids = [int(i) for i in pipeline.class_ids if i != 0]
     for which in args.sets:
-        cases = _cases(args, which, ids)
-        pairs = list(itertools.permutations(range(len(cases)), 2))
+        cases, pairs = _cases(args, which, ids)
         pairs = pairs[: args.pairs] if args.pairs else pairs
         for method in args.methods:
             done = results.get(which, {}).get(method)

@@ -90,3 +90,23 @@ def test_registration_sites_summary_by_hand():
     assert "| cohort | syn | 2 | 0.565 (0.015) | 0.0000 (0.0000) | 75.0 |" in table
     assert "cohort: dazoo (refined) - SyN = -0.015 Dice over 2 pairs (1 pairs better)" in table
     assert "validation" not in table
+
+
+def test_resliced_scans_are_coronal_anisotropic_with_a_corner_origin():
+    import nibabel as nib
+    import numpy as np
+
+    import registration_sites
+    from dazoo.io import Volume
+
+    affine = np.array([[0, 0, -1.0, 80], [1.0, 0, 0, -128], [0, 1.0, 0, -128], [0, 0, 0, 1]])
+    labels = np.zeros((60, 50, 40), np.int16)
+    labels[20:40, 10:30, 5:25] = 17            # a 20 x 20 x 20 mm box
+    image = Volume(labels.astype(np.float32) * 5, affine, None)
+    volume, resliced = registration_sites.reslice(image, labels)
+    assert nib.aff2axcodes(volume.affine) == ("L", "I", "A")
+    np.testing.assert_allclose(volume.affine[:3, 3], 0.0)
+    np.testing.assert_allclose(np.sqrt((volume.affine[:3, :3] ** 2).sum(0)), [0.86, 0.86, 1.5])
+    voxel = 0.86 * 0.86 * 1.5
+    assert abs((resliced == 17).sum() * voxel - 8000) < 0.08 * 8000  # the box's 8 mL
+    assert volume.shape == resliced.shape and volume.array.max() > 0
