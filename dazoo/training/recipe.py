@@ -13,7 +13,11 @@ one takes the default shown by ``Recipe.defaults()``)::
                "labelled": "all",             "all", k (seeded choice), or names
                "cache": null,                  folder of preprocessed volumes (default RUN/cache)
                "label_maps": null},            label maps without images (folder, glob or list;
-                                               for "synth")
+                                               for "synth"; an entry {"path": ..., "relabel":
+                                               {id: new id or "nearest"}} maps another
+                                               protocol's ids: "nearest" gives an id's voxels
+                                               the nearest kept structure's id, e.g.
+                                               dazoo.labels.whole_brain_relabel)
       "labels": {"ids": [...], "names": {"1002": "..."}, "merge_left_right": false,
                  "unknown": "background"},    or {"from_data": true}: every id in the train labels
       "preprocess": {... dazoo.preprocess.PreprocessConfig ...,
