@@ -278,3 +278,57 @@ def test_separable_upsampling_equals_scipy_zoom(kernel, order):
     expected = ndi.zoom(coarse, [n / c for n, c in zip(shape, coarse.shape)], order=order,
                         mode="nearest", grid_mode=True, prefilter=False)[:23, :30, :17]
     np.testing.assert_allclose(upsample(coarse, shape, kernel=kernel), expected, atol=1e-5)
+
+
+def test_a_tissue_seed_gives_two_anatomies_one_contrast():
+    """pair_contrast: with one ``tissues`` seed, every id (group) gets the same Gaussian in
+    two different maps, even when one map lacks an id; other seeds, other contrasts; the
+    priors' coin and values follow the seed too."""
+    synth = LabelSynth(nonlinear=1.0, groups={7: 1, 42: 1},
+                       priors={3: (0.8, 0.9)}, prior_probability=0.5)
+    a = _label_map()
+    b = np.roll(a, 3, axis=1)
+    b[b == 42] = 3                       # b has no id 42
+    for seed in range(6):
+        x = synth.draw(a, np.random.default_rng(seed), tissues=100 + seed)
+        y = synth.draw(b, np.random.default_rng(50 + seed), tissues=100 + seed)
+        for i in (0, 3, 7):
+            kx, ky = int(np.searchsorted(x.ids, i)), int(np.searchsorted(y.ids, i))
+            assert x.means[kx] == y.means[ky] and x.stds[kx] == y.stds[ky]
+        assert x.means[list(x.ids).index(7)] == x.means[list(x.ids).index(42)]  # one group
+        assert not np.array_equal(x.labels, y.labels)  # their own anatomy and pose
+    other = synth.draw(b, np.random.default_rng(7), tissues=999)
+    assert other.means[int(np.searchsorted(other.ids, 7))] != y.means[int(np.searchsorted(
+        y.ids, 7))]
+    priors = [synth.draw(a, np.random.default_rng(s), tissues=s).means[1] for s in range(40)]
+    assert 5 < sum(0.8 <= m <= 0.9 for m in priors) < 35  # the coin still flips
+    with pytest.raises(DazooInputError, match="pair_contrast"):
+        LabelSynth(pair_contrast=1.5)
+
+
+def test_pair_dataset_shares_tissues_within_pairs_with_pair_contrast():
+    from dazoo.training import PairDataset
+
+    labels = _label_map()
+    maps = [labels, np.roll(labels, 2, axis=0), np.roll(labels, -2, axis=1)]
+    seen = []
+
+    class Recording(LabelSynth):
+        def draw(self, labels, rng=None, *, tissues=None):
+            seen.append(tissues)
+            return super().draw(labels, rng, tissues=tissues)
+
+    for probability, shared in ((1.0, True), (0.0, False)):
+        seen.clear()
+        synth = Recording(nonlinear=1.0, pair_contrast=probability)
+        real = np.random.default_rng(0).random(labels.shape, dtype=np.float32)
+        dataset = PairDataset([real, None, None, None], [None, *maps], synth=synth,
+                              steps_per_epoch=20, seed=2, map_fraction=1.0)
+        for index in range(20):
+            dataset[index]
+        moving, fixed = seen[0::2], seen[1::2]
+        assert len(moving) == 20
+        if shared:  # both images of every pair: one seed, a new one per pair
+            assert moving == fixed and None not in moving and len(set(moving)) == 20
+        else:
+            assert set(seen) == {None}

@@ -268,15 +268,20 @@ class PairDataset(keras.utils.PyDataset):
             # Both images of a pair are mirrored or neither: the registration network never
             # sees a pair that only a reflection would align.
             flip = bool(augment.flip) and rng.random() < augment.flip if augment else None
-            samples.append(self._sample(moving, rng, augment, flip)
-                           + self._sample(fixed, rng, augment, flip))
+            # Synthesised pairs may share their tissue intensities (LabelSynth.pair_contrast;
+            # nothing is drawn when it is 0, so older runs draw the same batches).
+            share = self.synth is not None and self.synth.pair_contrast
+            tissues = (int(rng.integers(2 ** 62))
+                       if share and rng.random() < self.synth.pair_contrast else None)
+            samples.append(self._sample(moving, rng, augment, flip, tissues)
+                           + self._sample(fixed, rng, augment, flip, tissues))
         return make_batch(samples)
 
-    def _sample(self, subject, rng, augment, flip=None):
+    def _sample(self, subject, rng, augment, flip=None, tissues=None):
         image, classes = self.images[subject], self.classes[subject]
         if self.raw_labels[subject] is not None and (
                 image is None or rng.random() < self.synth_probability):
-            image, raw = self.synth(self.raw_labels[subject], rng)
+            image, raw = self.synth(self.raw_labels[subject], rng, tissues=tissues)
             classes = self._classes(raw, self.names[subject])
         if augment is not None:
             image, classes = augment(image, classes, rng, flip=flip)

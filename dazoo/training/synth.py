@@ -29,6 +29,7 @@ and label maps without images).
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -113,6 +114,11 @@ class LabelSynth:
         bias_spacing: spacing of the bias field's control points, voxels.
         noise: maximum standard deviation of additive noise (relative to the mean range).
         gamma: standard deviation of ``log(gamma)`` of the final ``x -> x ** gamma``.
+        pair_contrast: probability that the two images of a training pair, when both are
+            synthesised, share their tissue intensities (one protocol, e.g. two DESS scans:
+            the image similarity term then compares like with like); their anatomy, pose,
+            background tissues, blur, slices, bias, noise and gamma stay independent.
+            Used by :class:`~dazoo.training.PairDataset` (``draw(..., tissues=seed)``).
     """
 
     rotation: float = 15.0
@@ -136,6 +142,7 @@ class LabelSynth:
     bias_spacing: float = 32.0
     noise: float = 0.04
     gamma: float = 0.25
+    pair_contrast: float = 0.0
 
     def __post_init__(self):
         scalars = ("rotation", "scale", "shear", "translation", "nonlinear", "blur", "bias",
@@ -156,6 +163,10 @@ class LabelSynth:
                     or not (np.isfinite(low) and np.isfinite(high) and 0 <= low <= high):
                 raise DazooInputError("synth", f"priors must map label ids to ranges "
                                                f"0 <= low <= high, got {key!r}: {span!r}")
+        if isinstance(self.pair_contrast, bool) or not isinstance(
+                self.pair_contrast, (int, float)) or not 0 <= self.pair_contrast <= 1:
+            raise DazooInputError("synth", f"pair_contrast must be in [0, 1], got "
+                                           f"{self.pair_contrast!r}")
         if self.scale >= 1 or self.zero_background > 1:
             raise DazooInputError("synth", "needs scale < 1 and zero_background <= 1")
         if self.nonlinear_spacing < 2 or self.bias_spacing < 2 or self.thickness < 1:
@@ -208,8 +219,11 @@ class LabelSynth:
 
     # ------------------------------------------------------------------ sample
     def draw(self, labels: np.ndarray, rng: np.random.Generator | int | None = None,
-             ) -> SynthSample:
-        """One random sample from ``labels`` ``(D, H, W)`` (integer ids)."""
+             *, tissues: int | None = None) -> SynthSample:
+        """One random sample from ``labels`` ``(D, H, W)`` (integer ids). ``tissues``: a
+        seed of the tissue intensities (and of the prior and zero-background draws): two
+        draws with one seed give every id (group) the same Gaussian, whatever their other
+        ids; None: drawn from ``rng``."""
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         labels = np.asarray(labels)
         if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
@@ -219,7 +233,7 @@ class LabelSynth:
         coords = self.coordinates(shape, rng)
         moved = spatial.sample(labels, coords, order=0)
         ids = np.union1d(np.unique(labels), [0])  # 0: also what lies outside the map
-        means, stds = self._gaussians(ids, rng)
+        means, stds = self._gaussians(ids, rng, tissues)
         index = np.searchsorted(ids, moved)
         mean, std = means[index], stds[index]
         regions, region_means, region_stds = self._background(moved, ids, means, stds, rng)
@@ -255,22 +269,33 @@ class LabelSynth:
                            region_means=region_means, region_stds=region_stds)
 
     def __call__(self, labels: np.ndarray, rng: np.random.Generator | int | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 *, tissues: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(image, deformed labels)`` of one random sample (see :meth:`draw`)."""
-        sample = self.draw(labels, rng)
+        sample = self.draw(labels, rng, tissues=tissues)
         return sample.image, sample.labels
 
-    def _gaussians(self, ids: np.ndarray, rng: np.random.Generator):
+    def _gaussians(self, ids: np.ndarray, rng: np.random.Generator, tissues: int | None = None):
         groups = {int(i): (self.groups or {}).get(int(i), ("id", int(i))) for i in ids}
         keys = sorted(set(groups.values()), key=repr)
-        drawn = {key: (rng.uniform(*self.mean), rng.uniform(*self.std)) for key in keys}
+        if tissues is None:
+            drawn = {key: (rng.uniform(*self.mean), rng.uniform(*self.std)) for key in keys}
+            coin, zero_coin = rng, rng
+            prior = lambda i: rng.uniform(*self.priors[i])  # noqa: E731
+        else:  # one generator per tissue: the same key draws the same Gaussian in any map
+            tissue = lambda *key: np.random.default_rng([int(tissues), *key])  # noqa: E731
+            drawn = {}
+            for key in keys:
+                g = tissue(0, zlib.crc32(repr(key).encode()))
+                drawn[key] = (g.uniform(*self.mean), g.uniform(*self.std))
+            coin, zero_coin = tissue(1), tissue(2)
+            prior = lambda i: tissue(3, int(i)).uniform(*self.priors[i])  # noqa: E731
         means = np.array([drawn[groups[int(i)]][0] for i in ids], np.float32)
         stds = np.array([drawn[groups[int(i)]][1] for i in ids], np.float32)
-        if self.priors and self.prior_probability and rng.random() < self.prior_probability:
+        if self.priors and self.prior_probability and coin.random() < self.prior_probability:
             for position, i in enumerate(ids.tolist()):
                 if i in self.priors:
-                    means[position] = rng.uniform(*self.priors[i])
-        if 0 in groups and rng.random() < self.zero_background:
+                    means[position] = prior(i)
+        if 0 in groups and zero_coin.random() < self.zero_background:
             position = int(np.searchsorted(ids, 0))
             means[position] = stds[position] = 0.0
         return means, stds
