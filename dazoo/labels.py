@@ -139,7 +139,8 @@ def _freesurfer_named(label: int, name: str | None) -> bool:
     if name is None:
         return False
     if label in FREESURFER_LUT:
-        ours, theirs = side_free_name(name).lower(), side_free_name(FREESURFER_LUT[label][0]).lower()
+        ours = side_free_name(name).lower()
+        theirs = side_free_name(FREESURFER_LUT[label][0]).lower()
         return ours.replace("_", "-") == theirs.replace("_", "-")
     return (1000 <= label < 3000 or 11000 <= label < 13000) and name.lower().startswith("ctx")
 

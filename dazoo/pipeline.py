@@ -260,9 +260,39 @@ class Pipeline:
         return f"Pipeline({self.name!r}, {where})"
 
     # ----------------------------------------------------------------- helpers
-    def preprocess(self, image: Source):
-        """The image on the model grid (:class:`dazoo.preprocess.Preprocessed`)."""
-        return self.preprocessor.apply(image)
+    def preprocess(self, image: Source, *, grow: bool = False):
+        """The image on the model grid (:class:`dazoo.preprocess.Preprocessed`); ``grow``:
+        the grid grown to hold the input's whole field of view
+        (:meth:`~dazoo.preprocess.Preprocessor.covering_shape`)."""
+        return self.preprocessor.apply(image, shape="cover" if grow else None)
+
+    @property
+    def grows(self) -> bool:
+        """Whether :meth:`segment` grows the model grid to an input's whole field of view
+        (the preset's ``metadata.json`` ``"grow": true``: a knee scan with a wider field of
+        view than the training grid keeps its whole bones); the segmenter's weights run on
+        the larger grid (convolutions do not depend on it). Registration keeps the grid."""
+        grow = self.preset.metadata.get("grow", False) if self.preset is not None else False
+        if not isinstance(grow, bool):
+            raise DazooInputError(self.name, "metadata.json: \"grow\" must be true or false")
+        return grow
+
+    def segmenter(self, shape):
+        """The segmentation network for a model-grid shape: the model's own, or (a grown
+        grid) the same weights built for ``shape``, kept for the next input of that shape."""
+        net = self.model.segmentation_net
+        shape = tuple(int(n) for n in shape)
+        if shape == tuple(net.inshape):
+            return net
+        cache = self.__dict__.setdefault("_segmenters", {})
+        if shape not in cache:
+            from dazoo.models import SegmentationNet
+
+            grown = SegmentationNet.from_config(dict(net.get_config(), inshape=list(shape)))
+            grown.set_weights(net.get_weights())
+            cache.clear()  # one grown network at a time (memory)
+            cache[shape] = grown
+        return cache[shape]
 
     def check(self, volume: Volume, pre=None) -> list[str]:
         """The failed sanity checks of an input (:mod:`dazoo.checks`; ``pre``: its
@@ -337,7 +367,7 @@ class Pipeline:
                 f"{extraction.seconds:.1f} s)")
 
     def _prepare(self, image: Source, strict: bool, role: str = "",
-                 skull_strip: str | None = None):
+                 skull_strip: str | None = None, grow: bool = False):
         """Reads an input, brain-extracts it (:meth:`skull_strip`), preprocesses it and
         runs the checks; ``strict``: a failed check is a :class:`DazooInputError`, the size
         check before the (then possibly slow or failing) alignment, the others right after
@@ -350,7 +380,7 @@ class Pipeline:
             size = self.check(volume)
             if size:
                 self._refuse(volume, size)
-        pre = self.preprocess(volume)
+        pre = self.preprocess(volume, grow=grow)
         measured = self.measure(volume, pre)
         warnings = check_input(measured, self.checks) if self.checks is not None else []
         if strict and warnings:
@@ -386,7 +416,7 @@ class Pipeline:
         from dazoo.checks import check_output, measure_output, region_confidence
 
         start = time.perf_counter()
-        given = self._prepare(image, strict, skull_strip=skull_strip)
+        given = self._prepare(image, strict, skull_strip=skull_strip, grow=self.grows)
         volume, pre, warnings = given.volume, given.pre, given.warnings
         details: dict = {}
         labels, scores = self._segment(pre, flip, details)
@@ -452,8 +482,8 @@ class Pipeline:
         ``details["flip_agreement"]`` (if ``details`` is given): the mean Dice over the
         labelled classes between the two passes' label maps."""
         flip = self.default_flip if flip is None else bool(flip)
-        net = self.model.segmentation_net
         array = np.asarray(array, np.float32)
+        net = self.segmenter(array.shape)
         scores = np.asarray(_infer(net, array[None, ..., None]), np.float32)[0]
         if flip:
             axis = self.flip_axis()

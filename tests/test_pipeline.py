@@ -4,6 +4,7 @@ The networks are untrained: these tests check geometry and plumbing (native grid
 orientation invariance, files, errors), not accuracy.
 """
 import dataclasses
+import json
 import os
 
 import keras
@@ -337,3 +338,60 @@ def test_segment_flip_option_and_preset_default(preset_dir, scans, tmp_path):
     assert main(["segment", scans[0][0], "-o", str(out), "--preset", str(preset_dir),
                  "--flip"]) == 0
     np.testing.assert_array_equal(nib.load(out).get_fdata().astype(int), flipped.labels.array)
+
+
+def test_covering_shape_grows_to_the_field_of_view_in_network_steps():
+    """A scan wider than the model grid: the grid grows (multiples of 2**levels) along the
+    model axes the field of view spans, whatever the scan's own axis order; one that fits
+    keeps config.shape."""
+    from dazoo.io import Volume
+    from dazoo.preprocess import PreprocessConfig, Preprocessor
+
+    pre = Preprocessor(PreprocessConfig(voxel_size=(2.0, 2.0, 2.0), shape=(16, 16, 32),
+                                        orientation="RAS", centre="fov", levels=3))
+    wide = Volume(np.zeros((50, 20, 20), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]), None)
+    assert pre.covering_shape(wide) == (32, 16, 32)         # 50 mm / 2 mm = 25 -> 32
+    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -2.0, 0, 0], [0, 0, 0, 1]])
+    noise = np.random.default_rng(0).random((20, 45, 70), np.float32)
+    tall = Volume(noise, lia, None)  # S-I 90 mm, A-P 70 mm
+    assert pre.covering_shape(tall) == (16, 40, 48)
+    small = Volume(np.zeros((10, 10, 10), np.float32), np.eye(4), None)
+    assert pre.covering_shape(small) == (16, 16, 32)
+    out = pre.apply(tall, shape="cover")
+    assert out.array.shape == (16, 40, 48)
+    # every native voxel centre lies inside the grown grid (nothing of the scan is cut)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in tall.shape], indexing="ij"), -1)
+    points = grid.reshape(-1, 3) @ out.native_to_model[:3, :3].T + out.native_to_model[:3, 3]
+    assert (points >= -0.5).all() and (points <= np.array(out.array.shape) - 0.5).all()
+    with pytest.raises(DazooInputError, match="cover"):
+        pre.apply(tall, shape="grow")
+
+
+def test_segment_grows_the_grid_when_the_preset_says_so(preset_dir, tmp_path):
+    """metadata "grow": a scan wider than the 64 mm grid is labelled to its edges by the
+    same weights on a larger grid; without it the labels stop at the grid's edge."""
+    import shutil
+
+    grown_dir = tmp_path / "grown"
+    shutil.copytree(preset_dir, grown_dir)
+    meta = json.loads((grown_dir / "metadata.json").read_text())
+    (grown_dir / "metadata.json").write_text(json.dumps({**meta, "grow": True}))
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    image = ndi.gaussian_filter(rng.random((60, 30, 30)), 2).astype(np.float32)  # 120x60x60 mm
+    volume = (image, np.diag([2.0, 2.0, 2.0, 1.0]))
+    plain, grown = load(str(preset_dir)), load(str(grown_dir))
+    assert not plain.grows and grown.grows
+    fixed = plain.segment(volume, probabilities=True)
+    wide = grown.segment(volume, probabilities=True)
+    assert fixed.labels.shape == wide.labels.shape == (60, 30, 30)
+    # the 32-voxel (64 mm) grid, centred on the scan: its ends are outside, background
+    for ends in (slice(0, 10), slice(50, 60)):
+        assert (fixed.labels.array[ends] == 0).all()
+        assert np.all(fixed.probabilities.array[ends][..., 0] == 1.0)
+        assert np.all(wide.probabilities.array[ends][..., 0] < 1.0)  # the network saw them
+    assert set(grown.__dict__["_segmenters"]) == {(64, 32, 32)}
+    for a, b in zip(grown.segmenter((64, 32, 32)).get_weights(),
+                    plain.model.segmentation_net.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -146,7 +146,31 @@ class Preprocessor:
             parts.append(self._template_digest[1])
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
-    def model_grid(self, volume: Volume) -> np.ndarray:
+    def covering_shape(self, volume: Volume, alignment: np.ndarray | None = None
+                       ) -> tuple[int, ...]:
+        """The model grid's shape grown (never shrunk) to hold the input's whole field of
+        view, each size a multiple of ``2**config.levels`` (the networks' divisibility):
+        ``config.shape`` for an input that fits. The field of view is measured along the
+        model axes (``config.orientation``), in ``config.voxel_size`` voxels, through the
+        alignment to the template when there is one (``alignment``: :meth:`align`'s, when
+        already computed)."""
+        cfg = self.config
+        frame = grid_affine(orientation=cfg.orientation, voxel_size=cfg.voxel_size,
+                            shape=cfg.shape, centre=np.zeros(3))[:3, :3]
+        n = np.asarray(volume.shape[:3], float)
+        corners = np.array([[i, j, k, 1.0] for i in (-0.5, n[0] - 0.5)
+                            for j in (-0.5, n[1] - 0.5) for k in (-0.5, n[2] - 0.5)])
+        world = corners @ volume.affine.T
+        if self.template is not None and cfg.alignment != "none":
+            alignment = self.align(volume) if alignment is None else alignment
+            world = world @ np.linalg.inv(alignment).T  # native -> template world
+        voxels = world[:, :3] @ np.linalg.inv(frame).T
+        extent = voxels.max(0) - voxels.min(0)
+        step = 2 ** int(cfg.levels)
+        needed = (np.ceil(extent / step - 1e-6) * step).astype(int)
+        return tuple(int(max(a, b)) for a, b in zip(cfg.shape, needed))
+
+    def model_grid(self, volume: Volume, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """``(4, 4)`` voxel -> world affine of the model grid for this input.
 
         With a template: centred on the template (its own affine when the template already
@@ -155,15 +179,16 @@ class Preprocessor:
         and voxel sizes allow it (then the round trip of a label map is exact).
         """
         cfg = self.config
+        shape = tuple(cfg.shape if shape is None else shape)
         template = self.template
         if template is not None:
             affine = grid_affine(orientation=cfg.orientation, voxel_size=cfg.voxel_size,
-                                 shape=cfg.shape, centre=image_centre(template, method="fov"))
-            if template.shape == cfg.shape and np.allclose(template.affine, affine, atol=1e-4):
+                                 shape=shape, centre=image_centre(template, method="fov"))
+            if template.shape == shape and np.allclose(template.affine, affine, atol=1e-4):
                 return template.affine.copy()
             return affine
         affine = grid_affine(orientation=cfg.orientation, voxel_size=cfg.voxel_size,
-                             shape=cfg.shape, centre=image_centre(volume, method=cfg.centre))
+                             shape=shape, centre=image_centre(volume, method=cfg.centre))
         lattice = np.round(np.linalg.solve(volume.affine, affine[:, 3]))
         affine[:3, 3] = (volume.affine @ lattice)[:3]
         return affine
@@ -185,11 +210,14 @@ class Preprocessor:
         scores = [alignment_score(volume, self.template, m) for m in (matrix, candidate)]
         return candidate if scores[1] > scores[0] else matrix
 
-    def apply(self, source: Source) -> Preprocessed:
+    def apply(self, source: Source, *, shape: tuple[int, ...] | str | None = None
+              ) -> Preprocessed:
         """Read, align, resample (once) and normalise an image.
 
         Args:
             source: a path, nibabel image, Volume or ``(array, affine)``.
+            shape: the model grid's shape (default ``config.shape``), or ``"cover"``: grown
+                to the input's field of view (:meth:`covering_shape`); centred as usual.
 
         Returns:
             A :class:`Preprocessed` with the ``config.shape`` float32 array and the chain.
@@ -198,10 +226,15 @@ class Preprocessor:
         offset, scale = intensity_parameters(volume.array, self.config.intensity,
                                              name=volume.name)
         alignment = self.align(volume)
-        affine = self.model_grid(volume)
+        if isinstance(shape, str):
+            if shape != "cover":
+                raise DazooInputError(volume.name, f"shape must be a shape or 'cover', "
+                                                   f"got {shape!r}")
+            shape = self.covering_shape(volume, alignment)
+        shape = tuple(self.config.shape if shape is None else shape)
+        affine = self.model_grid(volume, shape)
         fill = float(volume.array.min())
-        array = resample(volume, affine, self.config.shape, transform=alignment, order=1,
-                         cval=fill)
+        array = resample(volume, affine, shape, transform=alignment, order=1, cval=fill)
         array = normalise_intensity(array, offset, scale,
                                     clip=self.config.intensity["method"] == "percentile")
         return Preprocessed(array=array, affine=affine, native_shape=volume.shape,

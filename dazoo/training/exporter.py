@@ -123,6 +123,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
                        "history": history},
         "summary": summary,
         **({"flip": True} if c["inference"]["flip"] else {}),
+        **({"grow": True} if c["inference"].get("grow") else {}),
         **({"refine": dict(c["inference"]["refine"])} if c["inference"].get("refine") else {}),
         "notes": list(card["notes"]),
         "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]

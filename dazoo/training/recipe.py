@@ -70,7 +70,9 @@ one takes the default shown by ``Recipe.defaults()``)::
                                                mirrored scan (dazoo segment --flip);
                                                "refine": {"iterations": N, "learning_rate":
                                                .., "smoothness": .., "anatomy": ..} makes
-                                               register refine N steps by default
+                                               register refine N steps by default; "grow"
+                                               true: segment grows the model grid to an
+                                               input's whole field of view (Pipeline.grows)
       "card": {"license": ..., "license_note": ..., "citations": [...], "notes": [...],
                "data_name": ..., "version": 2}  model-card prose, copied into the exported
                                                 preset; "version": the model's own version
@@ -131,7 +133,7 @@ DEFAULTS: dict[str, Any] = {
     "synth": None,
     "precision": "float32",
     "init": None,
-    "inference": {"flip": False, "refine": None},
+    "inference": {"flip": False, "refine": None, "grow": False},
     "card": {"license": None, "license_note": None, "citations": [], "notes": [],
              "data_name": None, "version": None, "data_terms": None},
 }
@@ -315,6 +317,8 @@ class Recipe:
         t = c["training"]
         if not isinstance(c["inference"]["flip"], bool):
             self._fail("inference.flip must be true or false")
+        if not isinstance(c["inference"]["grow"], bool):
+            self._fail("inference.grow must be true or false")
         refine = c["inference"]["refine"]
         if refine is not None:
             known = {"iterations", "learning_rate", "smoothness", "anatomy"}
