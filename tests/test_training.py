@@ -596,3 +596,26 @@ def test_knee_v2_recipe_parses_and_keeps_validation_subjects_out_of_its_maps():
         train, held = make_validation.split(files, 3, 3, 0)
         assert sorted(os.path.basename(f) for f in train) == sorted(maps)
         assert not {make_validation.subject_of(f) for f in held} & set(subjects)
+
+
+def test_a_given_template_is_the_runs_own_copy_and_exports(trained, tmp_path):
+    """preprocess.template given as a path (the paper experiment shares one fold's template
+    between runs): the run records its own copy, and the export carries it (the recorded path
+    used to be the shared file's, which the export then copied onto itself)."""
+    from dazoo.training import train
+    from dazoo.training.exporter import export
+
+    folder, _, run = trained
+    shared = tmp_path / "shared_template.nii.gz"
+    io.write_image(io.read_image(folder / "s0.nii.gz"), shared)
+    config = json.loads(_recipe(folder, steps=2, validate_every=2).read_text())
+    config["preprocess"].update(template=str(shared), alignment="affine")
+    path = folder / "given_template.json"
+    path.write_text(json.dumps(config))
+    result = train(path, tmp_path / "run", verbose=0, log=lambda m: None)
+    written = json.loads((result.folder / "preprocess.json").read_text())
+    assert written["template"] == "template.nii.gz"
+    assert (result.folder / "template.nii.gz").is_file()
+    preset = export(result.folder, tmp_path / "preset", checkpoint="last", log=lambda m: None)
+    assert preset.read_json("preprocess.json")["template"] == "template.nii.gz"
+    assert (preset.path / "template.nii.gz").is_file() and shared.is_file()

@@ -401,6 +401,8 @@ class Recipe:
                     config["template"]["build"], dict):
                 self._fail("preprocess.template must be a path, null or {\"build\": {...}}")
             config["template"] = template
+        elif template is not None:  # the run's own copy of a given template
+            config["template"] = template
         try:
             return PreprocessConfig.from_dict(config, source=self.source)
         except DazooInputError as err:
