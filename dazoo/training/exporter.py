@@ -90,6 +90,10 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
             parent_meta = {}
     tasks = [task for task in (SEGMENTATION, REGISTRATION) if task in model.schedule.networks]
     preprocess = json.loads((folder / "preprocess.json").read_text())
+    template_source = None  # the preset gets its own copy (a run's record may name another)
+    if preprocess.get("template"):
+        template_source = folder / preprocess["template"]
+        preprocess["template"] = "template.nii.gz"
     labels = json.loads((folder / "labels.json").read_text())["classes"]
     summary = {}
     if scores:
@@ -130,8 +134,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
                                              if x != DEEPATLAS_CITATION],
     }
     files = {"recipe.json": folder / "recipe.json"}
-    if preprocess.get("template"):
-        files[preprocess["template"]] = folder / preprocess["template"]
+    if template_source is not None:
+        files["template.nii.gz"] = template_source
     name = pathlib.Path(out).name
     metadata_for_card = {"name": name, **metadata}
     preset = save_preset(out, model=_float32(model), preprocess=preprocess, labels=labels,
