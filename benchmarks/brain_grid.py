@@ -109,15 +109,13 @@ def main(argv=None) -> int:
 
     from dazoo.labels import DKT31_CORTEX, WHOLE_BRAIN_ASEG, whole_brain_relabel
     from dazoo.training.subjects import relabelled
+    from knee_grid import parse_grids  # same folder
 
     every = sorted(glob.glob(os.path.join(args.folder, "*.mgz"))
                    + glob.glob(os.path.join(args.folder, "*.nii*")))
     files = every[:: max(1, len(every) // args.maps)][: args.maps]
     classes = [0] + sorted(DKT31_CORTEX + WHOLE_BRAIN_ASEG)
-    grids = []
-    for g in args.grids:
-        v, s = g.split(":")
-        grids.append(([float(x) for x in v.split("x")], [int(x) for x in s.split("x")]))
+    grids = parse_grids(args.grids)
     results = {g: [] for g in args.grids}
     for f in files:
         image = nib.load(f)

@@ -91,6 +91,15 @@ def outside(labels: np.ndarray, native_to_model: np.ndarray, shape) -> int:
     return int((~inside).sum())
 
 
+def parse_grids(specs) -> list[tuple[list[float], list[int]]]:
+    """``"VXxVYxVZ:SXxSYxSZ"`` (mm : voxels) -> ``(voxel size, shape)`` per grid."""
+    grids = []
+    for spec in specs:
+        voxels, shape = spec.split(":")
+        grids.append(([float(x) for x in voxels.split("x")], [int(x) for x in shape.split("x")]))
+    return grids
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder")
@@ -102,10 +111,7 @@ def main(argv=None) -> int:
     import nibabel as nib
 
     files = sorted(glob.glob(os.path.join(args.folder, "*.nii*")))[:args.maps]
-    grids = []
-    for g in args.grids:
-        v, s = g.split(":")
-        grids.append(([float(x) for x in v.split("x")], [int(x) for x in s.split("x")]))
+    grids = parse_grids(args.grids)
     results = {g: [] for g in args.grids}
     for f in files:
         image = nib.load(f)

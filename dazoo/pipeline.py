@@ -250,6 +250,7 @@ class Pipeline:
         from dazoo.labels import table_groups
 
         self.label_groups = table_groups(classes)  # {id: structure group}, may be empty
+        self._segmenters: dict = {}  # grown grids' segmenters (see segmenter())
 
     @property
     def name(self) -> str:
@@ -284,7 +285,7 @@ class Pipeline:
         shape = tuple(int(n) for n in shape)
         if shape == tuple(net.inshape):
             return net
-        cache = self.__dict__.setdefault("_segmenters", {})
+        cache = self._segmenters
         if shape not in cache:
             from dazoo.models import SegmentationNet
 

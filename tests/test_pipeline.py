@@ -391,7 +391,7 @@ def test_segment_grows_the_grid_when_the_preset_says_so(preset_dir, tmp_path):
         assert (fixed.labels.array[ends] == 0).all()
         assert np.all(fixed.probabilities.array[ends][..., 0] == 1.0)
         assert np.all(wide.probabilities.array[ends][..., 0] < 1.0)  # the network saw them
-    assert set(grown.__dict__["_segmenters"]) == {(64, 32, 32)}
+    assert set(grown._segmenters) == {(64, 32, 32)}
     for a, b in zip(grown.segmenter((64, 32, 32)).get_weights(),
                     plain.model.segmentation_net.get_weights()):
         np.testing.assert_array_equal(a, b)
