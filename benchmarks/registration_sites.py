@@ -151,13 +151,20 @@ def run_dazoo(pipeline, cases, pairs, method: str, ids) -> list[dict]:
     return results
 
 
-def run_syn(cases, pairs, ids) -> list[dict]:
+def run_syn(cases, pairs, ids, done=(), save=None) -> list[dict]:
+    """SyN on each ordered pair; ``done``: rows already measured (their pairs are skipped and
+    the rows kept), ``save(rows)`` is called after every pair, so an interrupted run loses at
+    most the pair it was on (SyN takes minutes per pair)."""
     import ants
 
     from dazoo import io
     from dazoo.evaluate import score_labels
 
-    results = []
+    results = list(done)
+    finished = {(r["moving"], r["fixed"]) for r in results}
+    pairs = [(i, j) for i, j in pairs if (cases[i][0], cases[j][0]) not in finished]
+    if not pairs:
+        return results
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for k, (_, volume, truth) in enumerate(cases):
@@ -179,6 +186,8 @@ def run_syn(cases, pairs, ids) -> list[dict]:
                             "folding_fraction": float((jacobian.numpy() <= 0).mean()),
                             "mean_dice": scores["mean_dice"],
                             "mean_merged_dice": scores["mean_merged_dice"]})
+            if save is not None:
+                save(results)
     return results
 
 
@@ -225,6 +234,13 @@ def main(argv=None) -> int:
     from dazoo.hub import load
 
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as fh:
+            json.dump(results, fh, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
     pipeline = load(args.preset)
     ids = [int(i) for i in pipeline.class_ids if i != 0]
     for which in args.sets:
@@ -235,12 +251,14 @@ def main(argv=None) -> int:
             if done and len(done) >= len(pairs):
                 continue
             start = time.perf_counter()
-            rows = (run_syn(cases, pairs, ids) if method == "syn"
-                    else run_dazoo(pipeline, cases, pairs, method, ids))
+            if method == "syn":
+                rows = run_syn(cases, pairs, ids, done=done or (),
+                               save=lambda rows: (results.setdefault(which, {}).update(syn=rows),
+                                                  save()))
+            else:
+                rows = run_dazoo(pipeline, cases, pairs, method, ids)
             results.setdefault(which, {})[method] = rows
-            with open(args.out + ".tmp", "w") as fh:
-                json.dump(results, fh, indent=1)
-            os.replace(args.out + ".tmp", args.out)
+            save()
             print(f"{which} {method}: mean Dice {np.mean([r['mean_dice'] for r in rows]):.3f} "
                   f"over {len(rows)} pairs ({time.perf_counter() - start:.0f} s)", flush=True)
     print(summary_table(results))

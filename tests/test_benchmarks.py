@@ -110,3 +110,51 @@ def test_resliced_scans_are_coronal_anisotropic_with_a_corner_origin():
     voxel = 0.86 * 0.86 * 1.5
     assert abs((resliced == 17).sum() * voxel - 8000) < 0.08 * 8000  # the box's 8 mL
     assert volume.shape == resliced.shape and volume.array.max() > 0
+
+
+def test_syn_runs_resume_per_pair(monkeypatch):
+    """``run_syn`` skips the pairs already measured, keeps their rows and saves after every
+    new pair (a stand-in ``ants`` module that leaves the moving labels where they are, so
+    Dice is the plain overlap of the two label maps, computed here by hand)."""
+    import types
+
+    import nibabel as nib
+    import numpy as np
+
+    import registration_sites
+    from dazoo.io import Volume
+
+    class Image:
+        def __init__(self, path):
+            self.array = np.asarray(nib.load(path).dataobj)
+
+        def numpy(self):
+            return self.array
+
+    calls = []
+    fake = types.ModuleType("ants")
+    fake.image_read = Image
+    fake.registration = lambda fixed, moving, type_of_transform: (
+        calls.append(type_of_transform) or {"fwdtransforms": ["warp"]})
+    fake.apply_transforms = lambda fixed, moving, transformlist, interpolator: moving
+    fake.create_jacobian_determinant_image = lambda fixed, transform: types.SimpleNamespace(
+        numpy=lambda: np.ones(fixed.array.shape))
+    monkeypatch.setitem(sys.modules, "ants", fake)
+
+    a = np.zeros((12, 12, 12), np.int16)
+    a[2:8, 2:8, 2:8] = 1                          # 216 voxels
+    b = np.zeros_like(a)
+    b[4:10, 2:8, 2:8] = 1                         # 216 voxels, 144 shared
+    cases = [(name, Volume(labels.astype(np.float32), np.eye(4), None), labels)
+             for name, labels in (("a", a), ("b", b))]
+    done = [{"moving": "a", "fixed": "b", "mean_dice": 0.123, "folding_fraction": 0.0,
+             "seconds": 1.0, "mean_merged_dice": 0.123}]
+    saved = []
+    rows = registration_sites.run_syn(cases, [(0, 1), (1, 0)], [1], done=done,
+                                      save=lambda rows: saved.append(len(rows)))
+    assert calls == ["SyN"] and saved == [2]          # only the missing pair (b onto a) ran
+    assert rows[0] == done[0]
+    assert (rows[1]["moving"], rows[1]["fixed"]) == ("b", "a")
+    assert rows[1]["mean_dice"] == pytest.approx(2 * 144 / (216 + 216))
+    assert rows[1]["folding_fraction"] == 0.0
+    assert registration_sites.run_syn(cases, [(0, 1)], [1], done=done) == done
