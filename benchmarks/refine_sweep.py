@@ -6,8 +6,13 @@ is resampled onto the fixed scan's native 1 mm grid and scored against its manua
 (62 DKT regions, as examples/brain/evaluate.py). Two guides: the moving scan's manual labels
 (--moving-labels, atlas-style use) and the segmenter's probabilities of both scans.
 
+``--cohort DIR`` sweeps the labelled scans of a FreeSurfer cohort instead (``sub-*/
+brainmask.mgz`` scored against FreeSurfer's ``aparc.DKTatlas+aseg.mgz``): another site, where
+the defaults chosen on the validation pairs have to hold.
+
     python benchmarks/refine_sweep.py --preset brain --data ../shared/data/mindboggle-oasis-trt20 \
-        --steps 0,10,20,40 [--learning-rate 0.05 --smoothness 1 --anatomy 1]
+        --steps 0,10,20,40 [--learning-rate 0.05 --smoothness 1 --anatomy 1] \
+        [--cohort ../shared/data/freesurfer-cohort]
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ def main(argv=None):
     parser.add_argument("--anatomy", type=float, default=1.0)
     parser.add_argument("--guides", default="labels,segmenter")
     parser.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
+    parser.add_argument("--cohort", metavar="DIR",
+                        help="sweep a FreeSurfer cohort's labelled scans instead of the "
+                             "validation subjects")
     parser.add_argument("--out", default="work_cache/refine_sweep.json")
     args = parser.parse_args(argv)
 
@@ -42,7 +50,14 @@ def main(argv=None):
 
     steps = sorted(int(s) for s in args.steps.split(","))
     pipeline = dazoo.load(args.preset)
-    subjects = validation_subjects(args.data, args.preset)
+    if args.cohort:
+        from dazoo.training import load_subjects
+
+        subjects = [s for s in load_subjects(args.cohort, image="brainmask.mgz",
+                                             labels="aparc.DKTatlas+aseg.mgz")
+                    if s.labels is not None]
+    else:
+        subjects = validation_subjects(args.data, args.preset)
     ids = label_ids(args.preset)
     pairs = list(itertools.permutations(range(len(subjects)), 2))
     pairs = pairs[: args.pairs] if args.pairs else pairs
@@ -96,7 +111,7 @@ def main(argv=None):
                   f"({len(sel)} pairs)")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"options": options, "steps": steps, "summary": summary,
+    out.write_text(json.dumps({"subjects": args.cohort or "validation", "options": options, "steps": steps, "summary": summary,
                                "rows": rows}, indent=1))
 
 
