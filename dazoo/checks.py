@@ -39,7 +39,8 @@ from dazoo.errors import DazooInputError
 from dazoo.io import Volume
 
 __all__ = ["InputChecks", "measure_input", "check_input", "foreground_extent",
-           "measure_output", "check_output", "region_confidence", "label_agreement"]
+           "measure_output", "check_output", "region_confidence", "label_agreement",
+           "top_class"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -204,27 +205,39 @@ def check_input(measured: Mapping[str, Any], checks: InputChecks) -> list[str]:
     return problems
 
 
-def measure_output(volumes_mm3: Mapping[int, float], scores: np.ndarray) -> dict[str, Any]:
-    """What the segmentation says about its input: ``volumes_ml`` (``{"id": mL}``, from
-    the label map on the input's grid) and ``confidence`` (the mean highest class
-    probability over the model-grid voxels not labelled background; 0 if none)."""
+def top_class(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(best, top)``: the winning class and its probability per voxel of ``(..., K)``
+    scores (computed once for :func:`measure_output` and :func:`region_confidence`: each
+    is a pass over all K channels)."""
     scores = np.asarray(scores)
     best = scores.argmax(axis=-1)
+    return best, np.take_along_axis(scores, best[..., None], axis=-1)[..., 0]
+
+
+def measure_output(volumes_mm3: Mapping[int, float], scores: np.ndarray, *,
+                   top: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """What the segmentation says about its input: ``volumes_ml`` (``{"id": mL}``, from
+    the label map on the input's grid) and ``confidence`` (the mean highest class
+    probability over the model-grid voxels not labelled background; 0 if none).
+    ``top``: :func:`top_class` of ``scores`` if already computed."""
+    best, highest = top if top is not None else top_class(scores)
     labelled = best != 0
-    confidence = float(scores.max(axis=-1)[labelled].mean()) if labelled.any() else 0.0
+    confidence = float(highest[labelled].mean()) if labelled.any() else 0.0
     return {"volumes_ml": {str(int(i)): float(v) / 1000.0 for i, v in volumes_mm3.items()
                            if int(i) != 0},
             "confidence": confidence}
 
 
-def region_confidence(scores: np.ndarray, class_ids) -> dict[str, float]:
+def region_confidence(scores: np.ndarray, class_ids, *,
+                      top: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """``{"id": mean highest class probability over the model-grid voxels labelled id}``
-    for the labelled classes present (a per-structure QC score, SynthSeg-like)."""
-    scores = np.asarray(scores)
-    best = scores.argmax(axis=-1).ravel()
-    top = scores.max(axis=-1).ravel().astype(np.float64)
-    count = np.bincount(best, minlength=scores.shape[-1])
-    total = np.bincount(best, weights=top, minlength=scores.shape[-1])
+    for the labelled classes present (a per-structure QC score, SynthSeg-like). ``top``:
+    :func:`top_class` of ``scores`` if already computed."""
+    best, highest = top if top is not None else top_class(scores)
+    best, highest = best.ravel(), highest.ravel().astype(np.float64)
+    k = np.shape(scores)[-1]
+    count = np.bincount(best, minlength=k)
+    total = np.bincount(best, weights=highest, minlength=k)
     return {str(int(class_ids[k])): float(total[k] / count[k])
             for k in range(1, scores.shape[-1]) if count[k] > 0}
 

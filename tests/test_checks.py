@@ -155,6 +155,16 @@ def test_measure_output_volumes_and_confidence_by_hand():
     assert measured["volumes_ml"] == {"1": 1.5, "2": 0.25}
     assert measured["confidence"] == pytest.approx((0.7 + 0.5) / 2)
     assert measure_output({}, np.eye(3)[np.zeros((2, 2, 2), int)])["confidence"] == 0.0
+    # The winners computed once (top_class) give the same measures.
+    from dazoo.checks import region_confidence, top_class
+
+    best, top = top_class(scores)
+    np.testing.assert_array_equal(best, scores.argmax(-1))
+    np.testing.assert_array_equal(top, scores.max(-1))
+    assert measure_output({1: 1500.0}, scores, top=(best, top)) == measure_output(
+        {1: 1500.0}, scores)
+    assert region_confidence(scores, np.array([0, 17, 53]), top=(best, top)) == {
+        "17": pytest.approx(0.7), "53": pytest.approx(0.5)}
 
 
 def test_check_output_flags_volumes_and_confidence():

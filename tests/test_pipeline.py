@@ -325,6 +325,28 @@ def test_flip_augmentation_is_mirror_equivariant_with_sides_swapped():
     # The mean of the two passes, as documented.
     other = pipeline.segment_scores(mirrored, flip=False)[::-1][..., swap]
     np.testing.assert_allclose(tta, 0.5 * (plain + other), atol=1e-6)
+    # The flip agreement: Dice of the two passes' label maps, computed here by hand.
+    details = {}
+    pipeline.segment_scores(image, flip=True, details=details)
+    a, b = plain.argmax(-1), other.argmax(-1)
+    present = [k for k in range(1, len(ids)) if (a == k).any() or (b == k).any()]
+    expected = np.mean([2 * ((a == k) & (b == k)).sum() / ((a == k).sum() + (b == k).sum())
+                        for k in present])
+    assert details["flip_agreement"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mirror_mean_is_the_permuted_mean(seed):
+    """The run-wise mean of the two passes equals the plain fancy-indexed one for any
+    permutation (random ones: runs of every length, and none), on a mirrored view."""
+    from dazoo.pipeline import _mirror_mean
+
+    rng = np.random.default_rng(seed)
+    scores, other = rng.random((2, 5, 4, 3, 9), dtype=np.float32)
+    permutation = [rng.permutation(9), np.arange(9), np.r_[0, 5:9, 1:5]][seed]
+    view = other[::-1]
+    np.testing.assert_array_equal(_mirror_mean(scores, view, permutation),
+                                  0.5 * (scores + view[..., permutation]))
 
 
 def test_segment_flip_option_and_preset_default(preset_dir, scans, tmp_path):
