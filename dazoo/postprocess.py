@@ -82,13 +82,21 @@ def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarra
     Equal to resampling each channel with ``scipy.ndimage.affine_transform(order=1,
     mode="constant")`` (outside the model grid: background) and taking the argmax, but only
     output voxels whose 8 neighbouring model voxels disagree on their winning class are
-    interpolated in full: where all 8 corners have the same winner, it also wins their convex
-    combination. On a brain (63 classes, 10 M native voxels) this is several times faster.
+    interpolated: where all 8 corners have the same winner, it also wins their convex
+    combination. Where they disagree, only the corners' winners are interpolated when that is
+    provably enough: a class that wins no corner scores at most each corner's runner-up there,
+    so at most the interpolated runner-up ``R``; a corner winner interpolated above ``R`` is
+    the argmax over all classes (ties among the winners: the lowest class, as ``argmax``).
+    The other voxels (spread-out scores) are interpolated over all classes. On a brain (63
+    classes, 10 M native voxels) this is several times faster than every channel.
     """
     scores = np.asarray(scores, dtype=np.float32)
     channels = scores.shape[-1]
     winners = np.argmax(scores, axis=-1).astype(np.int32)
     table = scores.reshape(-1, channels)
+    flat = table.ravel()
+    # Each model voxel's runner-up score (the largest but its winner's).
+    runner_up = np.where(np.arange(channels) == winners.reshape(-1, 1), -np.inf, table).max(1)
     dims = np.array(scores.shape[:3])
     strides = np.array([dims[1] * dims[2], dims[2], 1])
     offsets = np.array([a * strides[0] + b * strides[1] + c for a in (0, 1) for b in (0, 1)
@@ -114,8 +122,19 @@ def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarra
             weights = np.stack([(fa if a else 1 - fa) * (fb if b else 1 - fb) * (fc if c else 1 - fc)
                                 for a in (0, 1) for b in (0, 1) for c in (0, 1)
                                 for fa, fb, fc in [frac]], axis=1)             # (m, 8)
-            values = table[base[chunk, None] + offsets]                        # (m, 8, K)
-            result[chunk] = np.argmax(np.einsum("mc,mck->mk", weights, values), axis=1)
+            corners = base[chunk, None] + offsets                              # (m, 8)
+            candidates = corner_winners[chunk]                                 # (m, 8)
+            values = flat[corners[:, :, None] * channels + candidates[:, None, :]]
+            interpolated = np.einsum("mc,mck->mk", weights, values)            # (m, 8)
+            best = interpolated.max(axis=1)
+            pick = np.where(interpolated == best[:, None], candidates, channels).min(axis=1)
+            unsure = np.flatnonzero(~(best > np.einsum("mc,mc->m", weights,
+                                                       runner_up[corners])))
+            if len(unsure):
+                values = table[corners[unsure]]                                # (u, 8, K)
+                pick[unsure] = np.argmax(np.einsum("mc,mck->mk", weights[unsure], values),
+                                         axis=1)
+            result[chunk] = pick
         out[start:start + len(i)] = result.reshape(len(i), shape[1], shape[2])
     return out
 

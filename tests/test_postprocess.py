@@ -117,6 +117,32 @@ def test_probabilities_match_independent_reference(make_affine, rotation):
     np.testing.assert_array_equal(result, expected)
 
 
+@pytest.mark.parametrize("sharpness", [1.0, 30.0])
+def test_probabilities_of_many_classes_match_independent_reference(make_affine, rotation,
+                                                                   sharpness):
+    """Softmax probabilities of 12 classes, spread out (most resampled voxels interpolated
+    over every class) and sharp (most decided by the corners' winners alone, see
+    ``_argmax_resample``): the argmax of scipy's per-channel linear resampling, voxel for
+    voxel."""
+    rng = np.random.default_rng(2)
+    logits = ndi.gaussian_filter(rng.normal(size=(16, 16, 16, 12)), (1.5, 1.5, 1.5, 0))
+    scores = np.exp(sharpness * logits / logits.std())
+    scores = (scores / scores.sum(-1, keepdims=True)).astype(np.float32)
+    affine = make_affine("LIA", (0.9, 1.1, 1.3), (30, 28, 26), rotation(20, (0, 1, 1)))
+    pre = _preprocessor((2, 2, 2), (16, 16, 16))
+    out = pre.apply((np.random.default_rng(3).random((30, 28, 26)) + 1, affine))
+    result = post.labels_to_native(scores, out)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in (30, 28, 26)], indexing="ij"), -1)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    model = (world - out.affine[:3, 3]) @ np.linalg.inv(out.affine[:3, :3]).T
+    channels = [ndi.map_coordinates(scores[..., k], model.reshape(-1, 3).T, order=1,
+                                    cval=1.0 if k == 0 else 0.0).reshape(world.shape[:3])
+                for k in range(12)]
+    expected = np.argmax(np.stack(channels, -1), -1)
+    assert len(np.unique(expected)) == 12
+    np.testing.assert_array_equal(result, expected)
+
+
 def test_denormalise_and_shape_errors(make_affine, phantom):
     affine = make_affine("RAS", (2, 2, 2), (24, 24, 24))
     image = phantom(affine, (24, 24, 24))
