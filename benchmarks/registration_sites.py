@@ -23,6 +23,10 @@ defaults, labels carried with genericLabel; antspyx is a benchmark dependency on
         --out work_cache/registration_sites.json [--sets validation cohort degraded] \\
         [--methods network refined syn] [--pairs N]
 
+``--alignment`` instead compares the affine pre-alignment of every validation and cohort scan
+with that of its resliced copy (:func:`alignment_travel`), the check of the issue's corner
+origin and anisotropic voxels without the deformable step.
+
 Results (JSON) keep every pair; the summary table (Markdown) is printed. Rerunning with the
 same ``--out`` reuses the pairs already measured (delete the file to measure again).
 """
@@ -82,6 +86,27 @@ def reslice(volume, labels: np.ndarray, spacing=(0.86, 0.86, 1.5)):
     Returns ``(Volume, labels)``: the image by linear, the labels by nearest interpolation."""
     from dazoo import io
 
+    shape, sampling = _reslice_grid(volume, spacing)
+    to_old = np.linalg.inv(volume.affine) @ sampling  # new voxel -> old voxel
+    image = ndi.affine_transform(np.asarray(volume.array, np.float32), to_old[:3, :3],
+                                 to_old[:3, 3], output_shape=shape, order=1)
+    resliced = ndi.affine_transform(labels, to_old[:3, :3], to_old[:3, 3], output_shape=shape,
+                                    order=0)
+    affine = sampling.copy()
+    affine[:3, 3] = 0.0                                  # the origin at the corner
+    return io.Volume(image, affine, None), resliced
+
+
+def reslice_motion(volume, spacing=(0.86, 0.86, 1.5)) -> np.ndarray:
+    """The world -> world matrix :func:`reslice` applies to the anatomy (a translation: the
+    field's corner moved to the origin)."""
+    _, sampling = _reslice_grid(volume, spacing)
+    motion = np.eye(4)
+    motion[:3, 3] = -sampling[:3, 3]
+    return motion
+
+
+def _reslice_grid(volume, spacing):
     corners = np.array([[i, j, k, 1] for i in (0, volume.shape[0] - 1)
                         for j in (0, volume.shape[1] - 1) for k in (0, volume.shape[2] - 1)],
                        float) @ volume.affine.T
@@ -94,14 +119,33 @@ def reslice(volume, labels: np.ndarray, spacing=(0.86, 0.86, 1.5)):
     sampling = np.eye(4)
     sampling[:3, :3] = directions * np.asarray(spacing)
     sampling[:3, 3] = start
-    to_old = np.linalg.inv(volume.affine) @ sampling  # new voxel -> old voxel
-    image = ndi.affine_transform(np.asarray(volume.array, np.float32), to_old[:3, :3],
-                                 to_old[:3, 3], output_shape=shape, order=1)
-    resliced = ndi.affine_transform(labels, to_old[:3, :3], to_old[:3, 3], output_shape=shape,
-                                    order=0)
-    affine = sampling.copy()
-    affine[:3, 3] = 0.0                                  # the origin at the corner
-    return io.Volume(image, affine, None), resliced
+    return shape, sampling
+
+
+def alignment_travel(pipeline, cases) -> list[dict]:
+    """The affine pre-alignment of each scan and of its resliced copy (:func:`reslice`:
+    coronal anisotropic voxels, corner origin), compared where it matters: the distance
+    (mm) between where the two put each bright template voxel, once the reslice's known
+    motion is undone (mean, largest), and each alignment's correlation score on the original
+    scan (equal scores with different matrices: a flat optimum, not a failure)."""
+    from dazoo.preprocess.alignment import alignment_score
+
+    template = pipeline.preprocessor.template
+    bright = np.argwhere(template.array > np.percentile(template.array, 60))
+    points = np.c_[bright @ template.affine[:3, :3].T + template.affine[:3, 3],
+                   np.ones(len(bright))]
+    rows = []
+    for name, volume, _ in cases:
+        copy, _ = reslice(volume, np.zeros(volume.shape, np.int8))
+        back = np.linalg.inv(reslice_motion(volume))
+        original = pipeline.preprocess(volume).alignment
+        resliced = back @ pipeline.preprocess(copy).alignment
+        distance = np.linalg.norm(points @ (resliced - original).T, axis=1)
+        rows.append({"scan": name, "mean_mm": float(distance.mean()),
+                     "max_mm": float(distance.max()),
+                     "score_original": float(alignment_score(volume, template, original)),
+                     "score_resliced": float(alignment_score(volume, template, resliced))})
+    return rows
 
 
 # --------------------------------------------------------------------------- the pairs
@@ -230,6 +274,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--pairs", type=int, default=0, help="at most N pairs per set (0: all)")
+    parser.add_argument("--alignment", action="store_true",
+                        help="only compare the affine pre-alignment of the validation and "
+                             "cohort scans with that of their resliced copies "
+                             "(alignment_travel)")
     args = parser.parse_args(argv)
     from dazoo.hub import load
 
@@ -243,6 +291,16 @@ def main(argv=None) -> int:
 
     pipeline = load(args.preset)
     ids = [int(i) for i in pipeline.class_ids if i != 0]
+    if args.alignment:
+        for which in ("validation", "cohort"):
+            rows = alignment_travel(pipeline, _cases(args, which, ids)[0])
+            results.setdefault("alignment", {})[which] = rows
+            save()
+            for r in rows:
+                print(f"{which} {r['scan']}: original vs resliced alignment {r['mean_mm']:.2f} "
+                      f"mm (max {r['max_mm']:.2f}); correlation {r['score_original']:.3f} / "
+                      f"{r['score_resliced']:.3f}", flush=True)
+        return 0
     for which in args.sets:
         cases, pairs = _cases(args, which, ids)
         pairs = pairs[: args.pairs] if args.pairs else pairs

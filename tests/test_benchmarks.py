@@ -158,3 +158,25 @@ def test_syn_runs_resume_per_pair(monkeypatch):
     assert rows[1]["mean_dice"] == pytest.approx(2 * 144 / (216 + 216))
     assert rows[1]["folding_fraction"] == 0.0
     assert registration_sites.run_syn(cases, [(0, 1)], [1], done=done) == done
+
+
+def test_reslice_motion_is_where_the_anatomy_went():
+    """The world motion of a resliced scan, checked on a labelled box: its centre in the
+    copy's world is the motion applied to its centre in the original's world."""
+    import numpy as np
+
+    import registration_sites
+    from dazoo.io import Volume
+
+    affine = np.array([[1.0, 0, 0, -40], [0, 1.0, 0, -60], [0, 0, 1.0, -30], [0, 0, 0, 1]])
+    labels = np.zeros((50, 60, 40), np.int16)
+    labels[10:20, 30:40, 5:15] = 1
+    volume, resliced = registration_sites.reslice(Volume(labels * 1.0, affine, None), labels)
+    motion = registration_sites.reslice_motion(Volume(labels * 1.0, affine, None))
+
+    def centre(array, affine):
+        return affine[:3, :3] @ np.argwhere(array == 1).mean(0) + affine[:3, 3]
+
+    expected = motion[:3, :3] @ centre(labels, affine) + motion[:3, 3]
+    np.testing.assert_allclose(centre(resliced, volume.affine), expected, atol=0.5)
+    assert np.linalg.norm(motion[:3, 3]) > 50            # the anatomy moved far
