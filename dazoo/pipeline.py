@@ -295,6 +295,20 @@ class Pipeline:
             raise DazooInputError(self.name, "metadata.json: \"grow\" must be true or false")
         return grow
 
+    @property
+    def largest_component(self) -> list[int]:
+        """Label ids of which :meth:`segment` keeps only the largest connected piece (the
+        preset's ``metadata.json`` ``"largest_component"``, e.g. a knee's bones: stray
+        pieces in muscle of a wider field of view than the training maps' become
+        background; :func:`dazoo.postprocess.keep_largest_component`). Empty: none."""
+        ids = self.preset.metadata.get("largest_component", []) if self.preset else []
+        known = {int(i) for i in self.class_ids}
+        if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i in known for i in ids):
+            raise DazooInputError(self.name, "metadata.json: \"largest_component\" must list "
+                                             "label ids of the preset's table")
+        return ids
+
     def segmenter(self, shape):
         """The segmentation network for a model-grid shape: the model's own, or (a grown
         grid) the same weights built for ``shape``, kept for the next input of that shape."""
@@ -469,8 +483,12 @@ class Pipeline:
         from dazoo.postprocess import labels_to_native
 
         scores = self.segment_scores(pre.array, flip=flip, details=details)
-        classes = labels_to_native(scores, pre)
-        return Volume(self.class_ids[classes], pre.native_affine, None), scores
+        labels = self.class_ids[labels_to_native(scores, pre)]
+        if self.largest_component:
+            from dazoo.postprocess import keep_largest_component
+
+            labels = keep_largest_component(labels, self.largest_component)
+        return Volume(labels, pre.native_affine, None), scores
 
     @property
     def default_flip(self) -> bool:

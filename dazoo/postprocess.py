@@ -32,7 +32,8 @@ from dazoo.errors import DazooInputError
 from dazoo.io import Source, Volume, read_image, read_labels
 from dazoo.preprocess import Preprocessed, snap
 
-__all__ = ["labels_to_native", "image_to_native", "displacement_to_world", "warp_native"]
+__all__ = ["labels_to_native", "image_to_native", "displacement_to_world", "warp_native",
+           "keep_largest_component"]
 
 #: Number of native voxels processed at once by the point-wise functions.
 _CHUNK = 2_000_000
@@ -74,6 +75,29 @@ def labels_to_native(output: np.ndarray, preprocessed: Preprocessed) -> np.ndarr
         sub = _argmax_resample(output, matrix, sub_shape)
     result[tuple(slice(a, b) for a, b in box)] = sub
     return result
+
+
+def keep_largest_component(labels: np.ndarray, ids) -> np.ndarray:
+    """A label map with only the largest connected piece (26-connected: pieces that touch at
+    an edge or a corner are one) of each id in ``ids``; the other pieces become background
+    (0). Other ids are untouched; the input is not modified."""
+    labels = np.asarray(labels)
+    out = labels.copy()
+    structure = np.ones((3, 3, 3), bool)
+    for label in ids:
+        mask = labels == label
+        if not mask.any():
+            continue
+        # Only the bounding box of the structure is labelled (a bone is a small part of a scan).
+        box = ndi.find_objects(mask.astype(np.int8))[0]
+        pieces, count = ndi.label(mask[box], structure=structure)
+        if count < 2:
+            continue
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        stray = (pieces != 0) & (pieces != int(sizes.argmax()))
+        out[box][stray] = 0
+    return out
 
 
 def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarray:

@@ -389,6 +389,41 @@ def test_covering_shape_grows_to_the_field_of_view_in_network_steps():
         pre.apply(tall, shape="grow")
 
 
+def test_segment_keeps_the_largest_piece_when_the_preset_says_so(preset_dir, tmp_path):
+    """metadata "largest_component": every listed id of the label map is one piece (the
+    preset's other output unchanged); an id outside the table is refused."""
+    import shutil
+
+    import scipy.ndimage as ndi
+
+    plain = load(str(preset_dir))
+    rng = np.random.default_rng(3)
+    image = ndi.gaussian_filter(rng.random((40, 40, 40)), 1.5).astype(np.float32)
+    volume = (image, np.diag([2.0, 2.0, 2.0, 1.0]))
+    labels = plain.segment(volume).labels.array
+    pieces = {int(i): ndi.label(labels == i, np.ones((3, 3, 3)))[1]
+              for i in np.unique(labels) if i}
+    many = [i for i, n in pieces.items() if n > 1]
+    assert many, pieces                        # a random net's labels come in pieces
+    cleaned_dir = tmp_path / "cleaned"
+    shutil.copytree(preset_dir, cleaned_dir)
+    meta = json.loads((cleaned_dir / "metadata.json").read_text())
+    (cleaned_dir / "metadata.json").write_text(json.dumps({**meta, "largest_component": many}))
+    cleaned = load(str(cleaned_dir))
+    assert plain.largest_component == [] and cleaned.largest_component == many
+    out = cleaned.segment(volume).labels.array
+    for i in many:
+        assert ndi.label(out == i, np.ones((3, 3, 3)))[1] == 1
+    assert np.all((out == labels) | (out == 0))
+    keep = ~np.isin(labels, many)
+    np.testing.assert_array_equal(out[keep], labels[keep])
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(preset_dir, bad_dir)
+    (bad_dir / "metadata.json").write_text(json.dumps({**meta, "largest_component": [999]}))
+    with pytest.raises(DazooInputError, match="largest_component"):
+        load(str(bad_dir)).segment(volume)
+
+
 def test_segment_grows_the_grid_when_the_preset_says_so(preset_dir, tmp_path):
     """metadata "grow": a scan wider than the 64 mm grid is labelled to its edges by the
     same weights on a larger grid; without it the labels stop at the grid's edge."""

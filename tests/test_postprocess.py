@@ -290,3 +290,23 @@ def test_real_round_trip_is_exact_at_native_resolution(data_root):
     image_back = post.image_to_native(out.array, out, denormalise=True)
     inside = (back > 0) & (image.array < out.intensity[0] + out.intensity[1])  # not clipped
     np.testing.assert_allclose(image_back[inside], image.array[inside], rtol=1e-5, atol=1e-2)
+
+
+def test_keep_largest_component_by_hand():
+    """Of id 1's three pieces only the largest is kept (a corner-touching cube joins it: 26
+    connectivity), id 2's two pieces stay when not asked for, and the input is untouched."""
+    labels = np.zeros((20, 20, 20), np.int16)
+    labels[2:8, 2:8, 2:8] = 1          # 216 voxels
+    labels[8:10, 8:10, 8:10] = 1       # 8 voxels touching its corner: the same piece
+    labels[14:17, 14:17, 14:17] = 1    # 27 voxels, apart: removed
+    labels[2:4, 14:16, 2:4] = 2
+    labels[16:18, 2:4, 14:16] = 2
+    before = labels.copy()
+    out = post.keep_largest_component(labels, [1])
+    np.testing.assert_array_equal(labels, before)
+    expected = before.copy()
+    expected[14:17, 14:17, 14:17] = 0
+    np.testing.assert_array_equal(out, expected)
+    assert (out == 2).sum() == 16
+    both = post.keep_largest_component(labels, [1, 2, 7])    # 7: absent, ignored
+    assert (both == 2).sum() == 8 and (both == 1).sum() == 224

@@ -129,6 +129,8 @@ def test_recipe_defaults_paths_and_strict_keys(tmp_path):
           "inference": {"refine": {"iterations": 5, "lr": 0.2}}}, "inference.refine must be"),
         ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
           "training": {"recompute": -1}}, "training.recompute must be an integer >= 0"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+          "inference": {"largest_component": [1, "2"]}}, "inference.largest_component must"),
     ]:
         with pytest.raises(DazooInputError, match=None) as info:
             Recipe.from_dict(bad, root=tmp_path, source="r.json")
@@ -339,7 +341,7 @@ def test_export_writes_a_verified_preset_from_the_run_record(trained, exported):
     assert "flip" not in meta  # inference.flip false (the default): no flip by default
 
 
-def test_export_carries_the_recipe_inference_defaults(trained, tmp_path):
+def test_export_carries_the_recipe_inference_defaults(trained, exported, tmp_path):
     """inference.flip / .refine in the run's recipe become the preset's defaults (metadata
     "flip", "refine")."""
     from dazoo.hub import load
@@ -349,12 +351,15 @@ def test_export_carries_the_recipe_inference_defaults(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run.folder, copy)
     recipe = json.loads((copy / "recipe.json").read_text())
-    recipe["inference"] = {"flip": True, "refine": {"iterations": 4, "learning_rate": 0.2}}
+    recipe["inference"] = {"flip": True, "refine": {"iterations": 4, "learning_rate": 0.2},
+                           "largest_component": [IDS[0]]}
     (copy / "recipe.json").write_text(json.dumps(recipe))
     preset = export(copy, tmp_path / "flipping", log=lambda m: None)
     assert preset.metadata["flip"] is True
     assert load(preset.path).default_flip is True
     assert load(preset.path).default_refine == {"iterations": 4, "learning_rate": 0.2}
+    assert load(preset.path).largest_component == [IDS[0]]
+    assert load(exported.path).largest_component == []
 
 
 def test_segment_with_the_exported_preset(trained, exported, tmp_path):

@@ -128,6 +128,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
         "summary": summary,
         **({"flip": True} if c["inference"]["flip"] else {}),
         **({"grow": True} if c["inference"].get("grow") else {}),
+        **({"largest_component": list(c["inference"]["largest_component"])}
+           if c["inference"].get("largest_component") else {}),
         **({"refine": dict(c["inference"]["refine"])} if c["inference"].get("refine") else {}),
         "notes": list(card["notes"]),
         "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]

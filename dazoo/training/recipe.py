@@ -72,7 +72,10 @@ one takes the default shown by ``Recipe.defaults()``)::
                                                .., "smoothness": .., "anatomy": ..} makes
                                                register refine N steps by default; "grow"
                                                true: segment grows the model grid to an
-                                               input's whole field of view (Pipeline.grows)
+                                               input's whole field of view (Pipeline.grows);
+                                               "largest_component": [ids]: segment keeps only
+                                               the largest connected piece of each of these
+                                               structures (one-piece anatomy, e.g. bones)
       "card": {"license": ..., "license_note": ..., "citations": [...], "notes": [...],
                "data_name": ..., "version": 2}  model-card prose, copied into the exported
                                                 preset; "version": the model's own version
@@ -133,7 +136,7 @@ DEFAULTS: dict[str, Any] = {
     "synth": None,
     "precision": "float32",
     "init": None,
-    "inference": {"flip": False, "refine": None, "grow": False},
+    "inference": {"flip": False, "refine": None, "grow": False, "largest_component": []},
     "card": {"license": None, "license_note": None, "citations": [], "notes": [],
              "data_name": None, "version": None, "data_terms": None},
 }
@@ -319,6 +322,10 @@ class Recipe:
             self._fail("inference.flip must be true or false")
         if not isinstance(c["inference"]["grow"], bool):
             self._fail("inference.grow must be true or false")
+        pieces = c["inference"]["largest_component"]
+        if not isinstance(pieces, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in pieces):
+            self._fail("inference.largest_component must be a list of label ids > 0")
         refine = c["inference"]["refine"]
         if refine is not None:
             known = {"iterations", "learning_rate", "smoothness", "anatomy"}
