@@ -21,9 +21,7 @@ import argparse
 import json
 import pathlib
 import shutil
-import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -33,9 +31,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples" 
 def regrid_template(template, shape, voxel_size):
     """The template resampled (trilinear) onto a grid of ``shape`` x ``voxel_size`` with the
     same centre and axes (a Volume)."""
-    import scipy.ndimage as ndi
-
     from dazoo import io
+    from dazoo.preprocess.geometry import resample
 
     old = np.asarray(template.affine, float)
     axes = old[:3, :3] / np.linalg.norm(old[:3, :3], axis=0)
@@ -43,10 +40,7 @@ def regrid_template(template, shape, voxel_size):
     new = np.eye(4)
     new[:3, :3] = axes * np.asarray(voxel_size, float)
     new[:3, 3] = centre - new[:3, :3] @ ((np.asarray(shape) - 1) / 2)
-    to_old = np.linalg.inv(old) @ new
-    array = ndi.affine_transform(np.asarray(template.array, np.float32), to_old[:3, :3],
-                                 to_old[:3, 3], output_shape=tuple(shape), order=1)
-    return io.Volume(array, new, None)
+    return io.Volume(resample(template, new, shape), new, None)
 
 
 def whole_brain_table() -> list[dict]:
@@ -83,12 +77,6 @@ def regridded_preset(preset: str, recipe_path: str, table: list[dict] | None, ou
                        metadata=metadata, files={"template.nii.gz": str(template)})
 
 
-def timed(command) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - start
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="brain")
@@ -100,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="work_cache/inference_grid")
     args = parser.parse_args(argv)
 
-    from evaluate import validation_subjects  # examples/brain/evaluate.py
+    from evaluate import timed, validation_subjects  # examples/brain/evaluate.py
 
     table = whole_brain_table() if args.labels == "whole-brain" else None
     regridded = str(regridded_preset(args.preset, args.recipe, table, args.out).path)

@@ -235,11 +235,11 @@ def region_confidence(scores: np.ndarray, class_ids, *,
     :func:`top_class` of ``scores`` if already computed."""
     best, highest = top if top is not None else top_class(scores)
     best, highest = best.ravel(), highest.ravel().astype(np.float64)
-    k = np.shape(scores)[-1]
-    count = np.bincount(best, minlength=k)
-    total = np.bincount(best, weights=highest, minlength=k)
+    classes = np.shape(scores)[-1]
+    count = np.bincount(best, minlength=classes)
+    total = np.bincount(best, weights=highest, minlength=classes)
     return {str(int(class_ids[k])): float(total[k] / count[k])
-            for k in range(1, scores.shape[-1]) if count[k] > 0}
+            for k in range(1, classes) if count[k] > 0}
 
 
 def label_agreement(a: np.ndarray, b: np.ndarray) -> float:

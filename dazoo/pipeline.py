@@ -484,10 +484,11 @@ class Pipeline:
 
         scores = self.segment_scores(pre.array, flip=flip, details=details)
         labels = self.class_ids[labels_to_native(scores, pre)]
-        if self.largest_component:
+        one_piece = self.largest_component
+        if one_piece:
             from dazoo.postprocess import keep_largest_component
 
-            labels = keep_largest_component(labels, self.largest_component)
+            labels = keep_largest_component(labels, one_piece)
         return Volume(labels, pre.native_affine, None), scores
 
     @property
