@@ -9,9 +9,9 @@ preset's label ids (Dice per id, mean), folding fraction and seconds per pair:
 - ``degraded``: the validation subjects degraded on their own grid (:func:`degrade`): each
   gets 5 mm thick slices along another axis (subject k: axis k mod 3), a smooth bias field,
   noise and a contrast change (gamma 0.6), so robustness shows without other data;
-- ``resliced``: each validation subject resampled onto coronal slices of 0.86 x 0.86 mm,
+- ``resliced``: each cohort subject resampled onto coronal slices of 0.86 x 0.86 mm,
   1.5 mm apart, with the origin at the volume's corner (:func:`reslice`; the other site's
-  geometry of the issue), registered to the other validation subjects as they are: the
+  geometry of the issue), registered to the other cohort subjects as they are: the
   affine pre-alignment has to find a brain 100+ mm away from where the others lie.
 
 Methods: ``network`` (``refine=0``: what training made), ``refined`` (the preset's default

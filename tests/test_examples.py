@@ -124,3 +124,41 @@ def test_knee_v2_evaluation_helpers():
     assert np.isnan(module.bone_reach_mm(labels, affine, 5, "top"))
     assert module.subject_of("OAI_AKOA_9271853_96m") == "OAI_AKOA_9271853"
     assert module.subject_of("OAI_ZIB-UQ_9001104") == "OAI_ZIB-UQ_9001104"
+
+
+def test_knee_v2_card_sections_carry_the_measured_numbers():
+    """The card's sections hold the results' numbers, the targets' verdicts, refinement rows
+    only when refinement changed something, and no section for a part that was not run."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "knee" / "evaluate_v2.py"
+    spec = importlib.util.spec_from_file_location("knee_evaluate_v2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = list(module.NAMES.values())
+    mean = {name: 0.5 + 0.05 * k for k, name in enumerate(names)}
+    mean["femur"] = 0.975  # above its 0.97 target
+    seg = {"per_subject": {"a": {}, "b": {}}, "mean": mean,
+           "min": {name: v - 0.1 for name, v in mean.items()}, "seconds": 3.0,
+           "targets": {name: {"target": module.TARGETS[i], "reached": mean[name] >= module.TARGETS[i]}
+                       for i, name in module.NAMES.items()}}
+    (title, text), = module.card_sections({"segmentation": seg}, "CMD")
+    assert title == "Held-out OAI label maps" and "2 held-out" in text and text.endswith("`CMD`")
+    assert "| femur | 0.975 | 0.875 | 0.97 | yes |" in text
+    assert "| tibia | 0.600 | 0.500 | 0.97 | no |" in text
+    stage = {name: 0.25 for name in names} | {"mean": 0.25}
+    moved = {name: 0.5 for name in names} | {"mean": 0.5}
+    summary = {"two subjects": {"pairs": 2, "before": stage, "network": moved, "refined": moved,
+                                "folding_max_percent": 0.01}}
+    (_, text), = module.card_sections({"registration": {"summary": summary}}, "CMD")
+    assert "| two subjects | 2 | deformable | " + " | ".join(["0.500"] * 7) + " |" in text
+    assert "refinement" not in text and "two subjects 0.0100 %" in text
+    summary["two subjects"]["refined"] = {name: 0.6 for name in names} | {"mean": 0.6}
+    (_, text), = module.card_sections({"registration": {"summary": summary}}, "CMD")
+    assert "| two subjects | 2 | deformable, default refinement | " + " | ".join(["0.600"] * 7) in text
+    assert module.card_sections({}, "CMD") == []
+    dess = {"segment_seconds": 2.0, "volumes_ml": {name: 10.0 + k for k, name in enumerate(names)},
+            "left_knee_agreement": {name: 0.9 for name in names}, "femur_to_top_edge_mm": 2.5,
+            "tibia_to_bottom_edge_mm": 0.0, "confidence": 0.95, "warnings": [],
+            "cartilage": {f"{p} {m}": 2.0 for p in ("femoral", "tibial", "patellar")
+                          for m in ("volume mL", "thickness mm")}}
+    (title, text), = module.card_sections({"dess": dess}, "CMD")
+    assert "| tibia | 12.00 | 0.900 |" in text and "2.5 mm from the field of view's top" in text
