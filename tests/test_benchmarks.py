@@ -90,6 +90,12 @@ def test_registration_sites_summary_by_hand():
     assert "| cohort | syn | 2 | 0.565 (0.015) | 0.0000 (0.0000) | 75.0 |" in table
     assert "cohort: dazoo (refined) - SyN = -0.015 Dice over 2 pairs (1 pairs better)" in table
     assert "validation" not in table
+    bare = registration_sites.summary_table(results, seconds=False)
+    assert "| cohort | syn | 2 | 0.565 (0.015) | 0.0000 (0.0000) |\n" in bare
+    assert "s / pair" not in bare and "75.0" not in bare
+    card = registration_sites.card_text(results, "CMD")
+    assert "| cohort | refined | 2 | 0.550 (0.050) | 0.0500 (0.1000) |" in card
+    assert card.endswith("`CMD`")
 
 
 def test_resliced_scans_are_coronal_anisotropic_with_a_corner_origin():
