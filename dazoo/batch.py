@@ -1,12 +1,20 @@
 """The batch contract between the data code and :class:`dazoo.DeepAtlas`, and the phase schedule.
 
-One DeepAtlas training batch is a dict with exactly the keys :data:`BATCH_KEYS`:
+One DeepAtlas training batch is a dict with the keys :data:`BATCH_KEYS`:
 
 * ``"moving"``, ``"fixed"``: images ``(batch, D, H, W, 1)``, float32;
 * ``"moving_labels"``, ``"fixed_labels"``: label maps ``(batch, D, H, W)`` of contiguous class
   indices ``0..K-1``, int32 (zeros where unlabelled);
 * ``"moving_labelled"``, ``"fixed_labelled"``: per-sample flags ``(batch,)``, float32, 1 where
   the label map is a manual one, 0 where it must not be used.
+
+and may hold the optional keys of :data:`BATCH_DEFAULTS` (the model reads a missing one as
+its default for every sample):
+
+* ``"shared_contrast"``: per-sample flags ``(batch,)``, float32, 1 where the two images share
+  their contrast (both real scans of one protocol, or synthesised with shared tissue
+  intensities), 0 where one of them was synthesised with its own (SynthMorph-style pairs,
+  whose image similarity the recipe's ``losses.synth_similarity_weight`` may weigh down).
 
 :func:`make_batch` is the only place that builds such a dict; the model, the datasets
 (:mod:`dazoo.training.pairs`) and :mod:`dazoo.synthetic` import it from here. It sits below
@@ -24,11 +32,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BATCH_KEYS", "MODES", "NETWORKS", "REGISTRATION", "SEGMENTATION", "Schedule",
+__all__ = ["BATCH_KEYS", "BATCH_DEFAULTS", "MODES", "NETWORKS", "REGISTRATION", "SEGMENTATION", "Schedule",
            "make_batch"]
 
 BATCH_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_labelled",
               "fixed_labelled")
+#: Optional per-sample keys and the value a batch without them means.
+BATCH_DEFAULTS = {"shared_contrast": 1.0}
 MODES = ("joint", "simultaneous", "registration_only", "segmentation_only")
 
 
@@ -109,11 +119,18 @@ class Schedule:
 
 
 def make_batch(samples: Sequence[tuple[np.ndarray, np.ndarray | None,
-                                       np.ndarray, np.ndarray | None]]) -> dict[str, np.ndarray]:
+                                       np.ndarray, np.ndarray | None]],
+               shared_contrast: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
     """A batch (see the module docstring) from ``(moving, moving_classes, fixed, fixed_classes)``
-    samples: images ``(D, H, W)``, class maps ``(D, H, W)`` or None where unlabelled."""
+    samples: images ``(D, H, W)``, class maps ``(D, H, W)`` or None where unlabelled;
+    ``shared_contrast``: one flag per sample (default: every pair shares its contrast)."""
     if not samples:
         raise ValueError("a batch needs at least one sample")
+    if shared_contrast is None:
+        shared_contrast = [BATCH_DEFAULTS["shared_contrast"]] * len(samples)
+    if len(shared_contrast) != len(samples):
+        raise ValueError(f"shared_contrast has {len(shared_contrast)} flags for "
+                         f"{len(samples)} samples")
     batch = {key: [] for key in BATCH_KEYS}
     for moving, moving_classes, fixed, fixed_classes in samples:
         for side, image, classes in (("moving", moving, moving_classes),
@@ -123,5 +140,6 @@ def make_batch(samples: Sequence[tuple[np.ndarray, np.ndarray | None,
             batch[f"{side}_labels"].append(np.zeros(image.shape, np.int32) if classes is None
                                            else np.asarray(classes, np.int32))
             batch[f"{side}_labelled"].append(np.float32(classes is not None))
+    batch["shared_contrast"] = [float(bool(flag)) for flag in shared_contrast]
     return {key: np.stack(values) if key.endswith(("moving", "fixed", "labels"))
             else np.array(values, np.float32) for key, values in batch.items()}

@@ -239,7 +239,10 @@ def test_batches_have_the_contract_keys_shapes_and_types():
     images, labels = _arrays()
     dataset = data.PairDataset(images, labels, batch_size=3, steps_per_epoch=4, seed=1)
     batch = dataset[0]
-    assert isinstance(batch, dict) and set(batch) == set(data.BATCH_KEYS)
+    from dazoo.batch import BATCH_DEFAULTS
+
+    assert isinstance(batch, dict) and set(batch) == set(data.BATCH_KEYS) | set(BATCH_DEFAULTS)
+    np.testing.assert_array_equal(batch["shared_contrast"], np.ones(3, np.float32))  # real scans
     assert batch["moving"].shape == (3, 16, 16, 16, 1) and batch["moving"].dtype == np.float32
     assert batch["fixed"].shape == (3, 16, 16, 16, 1) and batch["fixed"].dtype == np.float32
     assert batch["moving_labels"].shape == (3, 16, 16, 16)

@@ -447,3 +447,38 @@ def test_recompute_trains_exactly_as_without(batch, mode):
 def test_recompute_must_not_be_negative():
     with pytest.raises(ValueError, match="recompute"):
         _model(recompute=-1)
+
+
+def test_synth_similarity_weight_weighs_pairs_that_do_not_share_a_contrast(batch):
+    """The image similarity of a pair flagged ``shared_contrast`` 0 is weighed by
+    ``synth_similarity_weight``; the other terms and flagged-1 pairs are untouched, a batch
+    without the key counts every pair as shared, and the weight survives the compile config."""
+    def terms(weight, shared=None):
+        keras.utils.set_random_seed(3)
+        model = _model(synth_similarity_weight=weight)
+        data = dict(batch) if shared is None else dict(batch, shared_contrast=np.float32(shared))
+        unpacked = model.objective.unpack(data)
+        targets = model.objective.registration_targets(unpacked)
+        _, values = model.objective.registration_loss(unpacked, targets, training=False)
+        return model, {k: float(v) for k, v in values.items()}
+
+    model, plain = terms(1.0)
+    _, first = terms(0.0, [1, 0])   # only sample 0's similarity: s0 / 2
+    _, second = terms(0.0, [0, 1])  # s1 / 2
+    _, quarter = terms(0.25, [1, 0])
+    _, flagged_all = terms(0.0, [1, 1])
+    assert abs(first["reg_similarity"]) > 1e-3 and abs(second["reg_similarity"]) > 1e-3
+    assert first["reg_similarity"] + second["reg_similarity"] == pytest.approx(
+        plain["reg_similarity"], rel=1e-5)
+    assert quarter["reg_similarity"] == pytest.approx(
+        first["reg_similarity"] + 0.25 * second["reg_similarity"], rel=1e-5)
+    assert flagged_all["reg_similarity"] == plain["reg_similarity"]
+    for key in ("reg_smoothness", "reg_anatomy"):
+        assert first[key] == plain[key] == quarter[key]
+    assert model.get_compile_config()["synth_similarity_weight"] == 1.0
+    config = _model(synth_similarity_weight=0.25).get_compile_config()
+    restored = _model()
+    restored.compile_from_config(config)
+    assert restored.objective.synth_similarity_weight == 0.25
+    with pytest.raises(ValueError, match="synth_similarity_weight"):
+        _model(synth_similarity_weight=-1.0)

@@ -332,3 +332,33 @@ def test_pair_dataset_shares_tissues_within_pairs_with_pair_contrast():
             assert moving == fixed and None not in moving and len(set(moving)) == 20
         else:
             assert set(seen) == {None}
+
+
+def test_pair_dataset_flags_pairs_that_share_their_contrast():
+    """``shared_contrast`` is 1 for two real scans and for two images synthesised with one
+    ``tissues`` seed, 0 when one image was synthesised with its own intensities (checked
+    against the synthesiser's own record of each pair's draws; every case occurs)."""
+    from dazoo.training import PairDataset
+
+    labels = _label_map()
+    maps = [labels, np.roll(labels, 2, axis=0), np.roll(labels, -2, axis=1)]
+    seen = []
+
+    class Recording(LabelSynth):
+        def draw(self, labels, rng=None, *, tissues=None):
+            seen.append(tissues)
+            return super().draw(labels, rng, tissues=tissues)
+
+    rng = np.random.default_rng(0)
+    real = [rng.random(labels.shape, dtype=np.float32) for _ in range(2)]
+    dataset = PairDataset([*real, None, None], [maps[0], None, maps[1], maps[2]],
+                          synth=Recording(nonlinear=1.0, pair_contrast=0.5),
+                          synth_probability=0.5, steps_per_epoch=60, seed=4)
+    cases = set()
+    for index in range(60):
+        seen.clear()
+        flag = dataset[index]["shared_contrast"]
+        expected = {0: 1.0, 1: 0.0, 2: float(bool(seen) and seen[0] is not None)}[len(seen)]
+        np.testing.assert_array_equal(flag, [expected])
+        cases.add((len(seen), expected))
+    assert cases == {(0, 1.0), (1, 0.0), (2, 1.0), (2, 0.0)}

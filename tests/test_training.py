@@ -131,6 +131,8 @@ def test_recipe_defaults_paths_and_strict_keys(tmp_path):
           "training": {"recompute": -1}}, "training.recompute must be an integer >= 0"),
         ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
           "inference": {"largest_component": [1, "2"]}}, "inference.largest_component must"),
+        ({"data": {"train": "d.csv"}, "labels": {"ids": [1]},
+          "losses": {"synth_similarity_weight": -0.5}}, "losses.synth_similarity_weight must"),
     ]:
         with pytest.raises(DazooInputError, match=None) as info:
             Recipe.from_dict(bad, root=tmp_path, source="r.json")
@@ -204,6 +206,10 @@ def test_recipe_recompute_reaches_the_compiled_model(tmp_path):
     model = build_model(recipe, num_classes=2)
     compile_model(model, recipe)
     assert model.recompute == 1 and model.get_compile_config()["recompute"] == 1
+    assert model.objective.synth_similarity_weight == 1.0  # the default: every pair alike
+    recipe = recipe.with_overrides(["losses.synth_similarity_weight=0"])
+    compile_model(model, recipe)
+    assert model.objective.synth_similarity_weight == 0.0
 
 
 def test_recipe_overrides(tmp_path):

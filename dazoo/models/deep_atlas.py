@@ -198,6 +198,7 @@ class DeepAtlas(keras.Model):
         anatomy_weight: float = 1.0,
         supervised_weight: float = 1.0,
         segmentation_anatomy_weight: float = 1.0,
+        synth_similarity_weight: float = 1.0,
         jit_compile: bool | str = False,
         steps_per_execution: int = 1,
         recompute: int = 0,
@@ -220,6 +221,10 @@ class DeepAtlas(keras.Model):
             anatomy_weight: weight of ``L_a`` in the registration phase.
             supervised_weight: weight of the supervised loss (segmentation phase).
             segmentation_anatomy_weight: weight of ``L_a`` in the segmentation phase.
+            synth_similarity_weight: weight of the image similarity on pairs whose images do
+                not share a contrast (batch key ``"shared_contrast"`` 0, see
+                :mod:`dazoo.batch`): SynthMorph trains such pairs on the anatomy term alone
+                (0); 1 (default) weighs every pair alike.
             jit_compile: XLA compilation of the train step (TensorFlow).
             steps_per_execution: training steps per compiled call.
             recompute: gradient checkpointing in the training steps: the activations of both
@@ -260,12 +265,13 @@ class DeepAtlas(keras.Model):
             smoothness_weight=self.smoothness_weight, anatomy_weight=self.anatomy_weight,
             supervised_weight=self.supervised_weight,
             segmentation_anatomy_weight=self.segmentation_anatomy_weight,
-            recompute=self.recompute)
+            recompute=self.recompute, synth_similarity_weight=synth_similarity_weight)
         self._dazoo_compile_config = {
             "smoothness_weight": self.smoothness_weight,
             "anatomy_weight": self.anatomy_weight,
             "supervised_weight": self.supervised_weight,
             "segmentation_anatomy_weight": self.segmentation_anatomy_weight,
+            "synth_similarity_weight": self.objective.synth_similarity_weight,
             "jit_compile": jit_compile,
             "steps_per_execution": steps_per_execution,
             "recompute": self.recompute,

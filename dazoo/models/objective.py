@@ -39,7 +39,7 @@ from keras import ops
 
 from dazoo import ops as spatial_ops
 from dazoo.backend import distribute, no_grad
-from dazoo.batch import BATCH_KEYS, REGISTRATION, SEGMENTATION
+from dazoo.batch import BATCH_DEFAULTS, BATCH_KEYS, REGISTRATION, SEGMENTATION
 from dazoo.losses import class_sums, soft_dice_scores
 
 __all__ = ["Objective", "REGISTRATION_METRICS", "SEGMENTATION_METRICS", "VALIDATION_METRICS",
@@ -149,6 +149,10 @@ class Objective:
             phase uses manual labels only (pairs with both labelled).
         similarity, smoothness, anatomy, segmentation: the Keras losses.
         smoothness_weight, anatomy_weight: weights in the registration loss.
+        synth_similarity_weight: weight of the image similarity on pairs that do not share
+            their contrast (batch key ``"shared_contrast"`` 0: an image synthesised with its
+            own intensities, SynthMorph-style, where the anatomy term is the reliable
+            signal); 1 (default) weighs every pair alike.
         supervised_weight, segmentation_anatomy_weight: weights in the segmentation loss.
         recompute: U-Net levels recomputed in the backward pass (networks that support it).
         fast: use the losses' fast paths (see the module docstring); False: the plain
@@ -158,7 +162,7 @@ class Objective:
     def __init__(self, registration_net, segmentation_net, *, networks, similarity, smoothness,
                  anatomy, segmentation, smoothness_weight=1.0, anatomy_weight=1.0,
                  supervised_weight=1.0, segmentation_anatomy_weight=1.0, recompute=0,
-                 fast=True):
+                 fast=True, synth_similarity_weight=1.0):
         self.registration_net = registration_net
         self.segmentation_net = segmentation_net
         self.networks = frozenset(networks)
@@ -166,6 +170,9 @@ class Objective:
         self.anatomy, self.segmentation = anatomy, segmentation
         self.smoothness_weight = float(smoothness_weight)
         self.anatomy_weight = float(anatomy_weight)
+        self.synth_similarity_weight = float(synth_similarity_weight)
+        if not self.synth_similarity_weight >= 0:
+            raise ValueError(f"synth_similarity_weight must be >= 0, got {synth_similarity_weight}")
         self.supervised_weight = float(supervised_weight)
         self.segmentation_anatomy_weight = float(segmentation_anatomy_weight)
         self.recompute = int(recompute)
@@ -183,7 +190,10 @@ class Objective:
         if missing:
             raise ValueError(f"DeepAtlas batches need the keys {BATCH_KEYS}; missing {missing}")
         batch = dict(data)
-        for key in ("moving", "fixed", "moving_labelled", "fixed_labelled"):
+        for key, default in BATCH_DEFAULTS.items():
+            if key not in batch:
+                batch[key] = ops.full(ops.shape(batch["moving_labelled"]), default)
+        for key in ("moving", "fixed", "moving_labelled", "fixed_labelled", *BATCH_DEFAULTS):
             batch[key] = ops.cast(batch[key], "float32")
         for side in SIDES:
             batch[f"{side}_classes"] = ops.cast(batch[f"{side}_labels"], "int32")
@@ -302,6 +312,9 @@ class Objective:
         every = ops.ones_like(batch["moving_labelled"])
         similarity, smoothness = image_terms(self.similarity, self.smoothness, batch["fixed"],
                                              out["moved"], out["flow"])
+        if self.synth_similarity_weight != 1.0:
+            shared = batch["shared_contrast"]
+            similarity = similarity * (shared + (1.0 - shared) * self.synth_similarity_weight)
         similarity, smoothness = masked_mean(similarity, every), masked_mean(smoothness, every)
         if self.anatomy_weight:
             def per_sample_anatomy():

@@ -211,6 +211,7 @@ def compile_model(model, recipe: Recipe) -> None:
         smoothness_weight=losses["smoothness_weight"], anatomy_weight=losses["anatomy_weight"],
         supervised_weight=losses["supervised_weight"],
         segmentation_anatomy_weight=losses["segmentation_anatomy_weight"],
+        synth_similarity_weight=losses["synth_similarity_weight"],
         recompute=recipe["training"]["recompute"])
 
 

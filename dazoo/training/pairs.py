@@ -263,7 +263,7 @@ class PairDataset(keras.utils.PyDataset):
         updates = self.updates(index, epoch)
         augmented = updates is None or bool(updates & set(self.augment_phases))
         augment = self.augment if augmented else None
-        samples = []
+        samples, shared = [], []
         for moving, fixed in [self._pair(rng, updates) for _ in range(self.batch_size)]:
             # Both images of a pair are mirrored or neither: the registration network never
             # sees a pair that only a reflection would align.
@@ -273,19 +273,24 @@ class PairDataset(keras.utils.PyDataset):
             share = self.synth is not None and self.synth.pair_contrast
             tissues = (int(rng.integers(2 ** 62))
                        if share and rng.random() < self.synth.pair_contrast else None)
-            samples.append(self._sample(moving, rng, augment, flip, tissues)
-                           + self._sample(fixed, rng, augment, flip, tissues))
-        return make_batch(samples)
+            *first, synth_moving = self._sample(moving, rng, augment, flip, tissues)
+            *second, synth_fixed = self._sample(fixed, rng, augment, flip, tissues)
+            samples.append((*first, *second))
+            # One contrast: two real scans, or two images synthesised with shared intensities.
+            shared.append(synth_moving == synth_fixed and (not synth_moving or tissues is not None))
+        return make_batch(samples, shared_contrast=shared)
 
     def _sample(self, subject, rng, augment, flip=None, tissues=None):
+        """``(image, classes, synthesised)`` of ``subject`` for one pair."""
         image, classes = self.images[subject], self.classes[subject]
-        if self.raw_labels[subject] is not None and (
-                image is None or rng.random() < self.synth_probability):
+        synthesised = self.raw_labels[subject] is not None and (
+            image is None or rng.random() < self.synth_probability)
+        if synthesised:
             image, raw = self.synth(self.raw_labels[subject], rng, tissues=tissues)
             classes = self._classes(raw, self.names[subject])
         if augment is not None:
             image, classes = augment(image, classes, rng, flip=flip)
-        return image, classes
+        return image, classes, synthesised
 
 
 class _Steps(keras.utils.PyDataset):

@@ -29,7 +29,11 @@ one takes the default shown by ``Recipe.defaults()``)::
                                                passes), "registration_only", "segmentation_only"
       "losses": {"similarity": "ncc", "ncc_window": 9, "smoothness_weight": 1.0,
                  "anatomy_weight": 1.0, "supervised_weight": 1.0,
-                 "segmentation_anatomy_weight": 1.0},
+                 "segmentation_anatomy_weight": 1.0, "synth_similarity_weight": 1.0},
+                                               synth_similarity_weight: the image similarity's
+                                               weight on pairs that do not share a contrast
+                                               (a synthesised image with its own intensities;
+                                               SynthMorph: 0)
       "optimizers": {"registration": {"name": "adam", "learning_rate": 3e-4, "decay": "constant"},
                      "segmentation": {"name": "adam", "learning_rate": 1e-3, "decay": "constant"}},
       "training": {"steps": 6000, "batch_size": 1, "checkpoint_every": 100,
@@ -122,7 +126,7 @@ DEFAULTS: dict[str, Any] = {
               "registration": {}, "segmentation": {}},
     "losses": {"similarity": "ncc", "ncc_window": 9, "smoothness_weight": 1.0,
                "anatomy_weight": 1.0, "supervised_weight": 1.0,
-               "segmentation_anatomy_weight": 1.0},
+               "segmentation_anatomy_weight": 1.0, "synth_similarity_weight": 1.0},
     "optimizers": {
         "registration": {"name": "adam", "learning_rate": 3e-4, "decay": "constant"},
         "segmentation": {"name": "adam", "learning_rate": 1e-3, "decay": "constant"},
@@ -305,6 +309,9 @@ class Recipe:
                 self._fail(f"model.{key} must be an integer >= 1")
         if c["losses"]["similarity"] not in ("ncc", "mse"):
             self._fail("losses.similarity must be \"ncc\" or \"mse\"")
+        weight = c["losses"]["synth_similarity_weight"]
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
+            self._fail("losses.synth_similarity_weight must be a number >= 0")
         for network in ("registration", "segmentation"):
             opt = c["optimizers"][network]
             if set(opt) - {"name", "learning_rate", "decay"}:
