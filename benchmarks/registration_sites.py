@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import os
 import sys
 import tempfile
@@ -277,11 +278,13 @@ def summary_table(results: dict, *, seconds: bool = True) -> str:
 CARD_TITLE = "Registration across sites, beside ANTs SyN"
 
 
-def card_text(results: dict, command: str) -> str:
+def card_text(results: dict, command: str, regions: int) -> str:
     """The model card's section: what the sets and methods are, the summary table without
-    seconds (a benchmark run's timings depend on what else the machine ran), the command."""
+    seconds (a benchmark run's timings depend on what else the machine ran), the command;
+    ``regions``: how many label ids the scores average."""
     return (
-        "Registration Dice (mean over the 62 DKT regions, on the fixed scan's native grid) and "
+        f"Registration Dice (mean over the preset's {regions} labelled structures, on the fixed "
+        "scan's native grid) and "
         "folding (% of non-positive Jacobians) on ordered pairs of: the validation subjects "
         "(Mindboggle OASIS-TRT-20, manual labels); the FreeSurfer cohort (another site, "
         "FreeSurfer's automatic labels); the validation subjects degraded on their own grid "
@@ -289,7 +292,9 @@ def card_text(results: dict, command: str) -> str:
         "resliced onto coronal 0.86 x 0.86 x 1.5 mm voxels with the origin at the volume's "
         "corner, registered to the others as they are. Methods: `network` is `dazoo register "
         "--refine 0` (the network alone), `refined` is `dazoo register` with its defaults "
-        "and no moving labels (the refinement guided by the segmenter), `syn` is ANTs SyN "
+        "and no moving labels (the refinement guided by the segmenter), `refined_labels` "
+        "(where measured) the refinement guided by the moving scan's own labels (`--moving-"
+        "labels`: an atlas with labels, no fair match for SyN), `syn` is ANTs SyN "
         "(`ants.registration(type_of_transform=\"SyN\")`, affine + SyN, antspyx defaults).\n\n"
         + summary_table(results, seconds=False) + f"\n\n`{command}`")
 
@@ -353,9 +358,9 @@ def main(argv=None) -> int:
     if args.card:
         from dazoo.presets import add_evaluation
 
-        command = "python benchmarks/registration_sites.py " + " ".join(
+        command = "python benchmarks/registration_sites.py " + shlex.join(
             sys.argv[1:] if argv is None else argv)
-        add_evaluation(pipeline.preset, CARD_TITLE, card_text(results, command))
+        add_evaluation(pipeline.preset, CARD_TITLE, card_text(results, command, len(ids)))
     return 0
 
 

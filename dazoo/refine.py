@@ -144,7 +144,9 @@ def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=No
     def function(x, m, f, mc, fp, present):
         return _loss_terms(x, m, f, mc, fp, ncc=ncc, present=present, **options)
 
-    step = _value_and_grad(function, compiled, key=tuple(sorted(static.items())))
+    # The key holds the shapes too: a traced step serves one grid (and class count) only.
+    key = (tuple(sorted(static.items())), tuple(v.shape), tuple(m.shape), tuple(fp.shape))
+    step = _value_and_grad(function, compiled, key=key)
     data = (m, f, mc, fp, present)
     history = []
     first, second = ops.zeros_like(v), ops.zeros_like(v)

@@ -93,7 +93,8 @@ def test_registration_sites_summary_by_hand():
     bare = registration_sites.summary_table(results, seconds=False)
     assert "| cohort | syn | 2 | 0.565 (0.015) | 0.0000 (0.0000) |\n" in bare
     assert "s / pair" not in bare and "75.0" not in bare
-    card = registration_sites.card_text(results, "CMD")
+    card = registration_sites.card_text(results, "CMD", 62)
+    assert "mean over the preset's 62 labelled structures" in card
     assert "| cohort | refined | 2 | 0.550 (0.050) | 0.0500 (0.1000) |" in card
     assert card.endswith("`CMD`")
 

@@ -162,3 +162,6 @@ def test_knee_v2_card_sections_carry_the_measured_numbers():
                           for m in ("volume mL", "thickness mm")}}
     (title, text), = module.card_sections({"dess": dess}, "CMD")
     assert "| tibia | 12.00 | 0.900 |" in text and "2.5 mm from the field of view's top" in text
+    assert "![" not in text  # no picture in the preset: no link
+    (title, text), = module.card_sections({"dess": dess}, "CMD", picture="qc.png")
+    assert "![DESS segmentation](qc.png)" in text

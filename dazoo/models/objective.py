@@ -34,6 +34,8 @@ tests). Batches follow :mod:`dazoo.batch`, as :meth:`Objective.unpack` returns t
 """
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -152,7 +154,8 @@ class Objective:
         synth_similarity_weight: weight of the image similarity on pairs that do not share
             their contrast (batch key ``"shared_contrast"`` 0: an image synthesised with its
             own intensities, SynthMorph-style, where the anatomy term is the reliable
-            signal); 1 (default) weighs every pair alike.
+            signal); 1 (default) weighs every pair alike. The logged ``reg_similarity`` is
+            then the weighted mean: compare it only between runs of one weight.
         supervised_weight, segmentation_anatomy_weight: weights in the segmentation loss.
         recompute: U-Net levels recomputed in the backward pass (networks that support it).
         fast: use the losses' fast paths (see the module docstring); False: the plain
@@ -171,7 +174,7 @@ class Objective:
         self.smoothness_weight = float(smoothness_weight)
         self.anatomy_weight = float(anatomy_weight)
         self.synth_similarity_weight = float(synth_similarity_weight)
-        if not self.synth_similarity_weight >= 0:
+        if not (math.isfinite(self.synth_similarity_weight) and self.synth_similarity_weight >= 0):
             raise ValueError(f"synth_similarity_weight must be >= 0, got {synth_similarity_weight}")
         self.supervised_weight = float(supervised_weight)
         self.segmentation_anatomy_weight = float(segmentation_anatomy_weight)

@@ -93,6 +93,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -310,8 +311,9 @@ class Recipe:
         if c["losses"]["similarity"] not in ("ncc", "mse"):
             self._fail("losses.similarity must be \"ncc\" or \"mse\"")
         weight = c["losses"]["synth_similarity_weight"]
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
-            self._fail("losses.synth_similarity_weight must be a number >= 0")
+        if (not isinstance(weight, (int, float)) or isinstance(weight, bool)
+                or not math.isfinite(weight) or weight < 0):
+            self._fail("losses.synth_similarity_weight must be a finite number >= 0")
         for network in ("registration", "segmentation"):
             opt = c["optimizers"][network]
             if set(opt) - {"name", "learning_rate", "decay"}:

@@ -30,6 +30,7 @@ import argparse
 import itertools
 import json
 import pathlib
+import shlex
 import sys
 import time
 
@@ -65,11 +66,13 @@ def per_structure(dice: dict) -> dict:
     return {NAMES[i]: round(float(dice[i]), 4) for i in NAMES if i in dice}
 
 
-def card_sections(results: dict, command: str) -> list[tuple[str, str]]:
+def card_sections(results: dict, command: str, picture: str | None = None
+                  ) -> list[tuple[str, str]]:
     """The model card's measured sections (title, markdown) from :func:`main`'s results: the
     held-out maps per structure against the issue's targets, the registration of held-out
-    pairs before and after the deformable step, and the real DESS scan's checks; a part that
-    was not run gives no section."""
+    pairs before and after the deformable step, and the real DESS scan's checks (with the QC
+    ``picture``, a file name in the preset folder, when there is one); a part that was not
+    run gives no section."""
     sections = []
     seg = results.get("segmentation")
     if seg:
@@ -127,7 +130,8 @@ def card_sections(results: dict, command: str) -> list[tuple[str, str]]:
             f"edge, the tibia's {d['tibia_to_bottom_edge_mm']} mm from its bottom edge. Mean "
             f"confidence {d['confidence']:.3f}; warnings: {', '.join(d['warnings']) or 'none'}. "
             "Only echo 1 of the scan is available here: echo consistency is not measured."
-            "\n\n![DESS segmentation](qc_dess_segmentation.png)\n\n" f"`{command}`")))
+            + (f"\n\n![DESS segmentation]({picture})" if picture else "")
+            + f"\n\n`{command}`")))
     return sections
 
 
@@ -255,9 +259,11 @@ def main(argv=None) -> int:
     if args.card:
         from dazoo.presets import add_evaluation
 
-        command = "python examples/knee/evaluate_v2.py " + " ".join(
+        command = "python examples/knee/evaluate_v2.py " + shlex.join(
             sys.argv[1:] if argv is None else argv)
-        for title, text in card_sections(results, command):
+        qc = pathlib.Path(args.qc).resolve() if args.qc else None
+        inside = qc is not None and qc.parent == pathlib.Path(pipeline.preset.path).resolve()
+        for title, text in card_sections(results, command, qc.name if inside else None):
             add_evaluation(pipeline.preset, title, text)
     print(json.dumps({k: results[k] for k in ("segmentation",) if k in results}, indent=1))
     return 0
