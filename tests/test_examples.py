@@ -153,7 +153,7 @@ def test_knee_v2_card_sections_carry_the_measured_numbers():
     assert "refinement" not in text and "two subjects 0.0100 %" in text
     summary["two subjects"]["refined"] = {name: 0.6 for name in names} | {"mean": 0.6}
     (_, text), = module.card_sections({"registration": {"summary": summary}}, "CMD")
-    assert "| two subjects | 2 | deformable, default refinement | " + " | ".join(["0.600"] * 7) in text
+    assert "| two subjects | 2 | deformable, refined (segmenter-guided) | " + " | ".join(["0.600"] * 7) in text
     assert module.card_sections({}, "CMD") == []
     dess = {"segment_seconds": 2.0, "volumes_ml": {name: 10.0 + k for k, name in enumerate(names)},
             "left_knee_agreement": {name: 0.9 for name in names}, "femur_to_top_edge_mm": 2.5,
