@@ -150,6 +150,9 @@ def main(argv=None) -> int:
                              "segmenter-guided refinement (default: the preset's own default)")
     parser.add_argument("--refine-lr", type=float, default=0.2,
                         help="its learning rate with --refine (default 0.2, the brain preset's)")
+    parser.add_argument("--flip", choices=("on", "off"), default=None,
+                        help="left-right test-time augmentation of the held-out maps' "
+                             "segmentation (default: the preset's)")
     parser.add_argument("--card", action="store_true",
                         help="write the measured sections into the preset's model card")
     args = parser.parse_args(argv)
@@ -175,7 +178,8 @@ def main(argv=None) -> int:
 
     if args.dess_only:
         subjects, args.pairs = [], 0
-    per = evaluate_segmentation(pipeline, subjects, log=print) if subjects else []
+    flip = None if args.flip is None else args.flip == "on"
+    per = evaluate_segmentation(pipeline, subjects, flip=flip, log=print) if subjects else []
     if per:
         results["segmentation"] = {
             "per_subject": {r["name"]: per_structure(r["dice"]) for r in per},
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
                      for i in ids},
             "min": {NAMES[i]: round(float(np.nanmin([r["dice"][i] for r in per])), 4)
                     for i in ids},
-            "seconds": round(float(np.mean([r["seconds"] for r in per])), 1)}
+            "seconds": round(float(np.mean([r["seconds"] for r in per])), 1),
+            "flip": pipeline.default_flip if flip is None else flip}
         results["segmentation"]["targets"] = {
             NAMES[i]: {"target": TARGETS[i], "reached": results["segmentation"]["mean"][
                 NAMES[i]] >= TARGETS[i]} for i in ids}
