@@ -38,8 +38,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import os
+import shlex
 import sys
 import tempfile
 import time

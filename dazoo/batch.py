@@ -32,8 +32,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["BATCH_KEYS", "BATCH_DEFAULTS", "MODES", "NETWORKS", "REGISTRATION", "SEGMENTATION", "Schedule",
-           "make_batch"]
+__all__ = ["BATCH_KEYS", "BATCH_DEFAULTS", "MODES", "NETWORKS", "REGISTRATION", "SEGMENTATION",
+           "Schedule", "make_batch"]
 
 BATCH_KEYS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_labelled",
               "fixed_labelled")

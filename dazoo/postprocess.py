@@ -292,7 +292,6 @@ def displacement_to_world(
     # separable terms in float64 on each axis first): a 256^3 grid took seconds in float64
     # temporaries.
     axes = [np.arange(n, dtype=np.float64) for n in shape]
-    sign = np.array([-1.0, -1.0, 1.0]) if frame == "LPS" else np.ones(3)
     field = np.empty(shape + (3,), dtype=np.float32)
     value = np.empty(shape, dtype=np.float32)
     term = np.empty(shape, dtype=np.float32)
@@ -305,7 +304,7 @@ def displacement_to_world(
             if linear[row, c]:
                 np.multiply(sampled[c], np.float32(linear[row, c]), out=term)
                 value += term
-        if sign[row] < 0:
+        if frame == "LPS" and row < 2:  # R -> L, A -> P
             np.negative(value, out=value)
         field[..., row] = value
     return field

@@ -306,6 +306,16 @@ def test_a_tissue_seed_gives_two_anatomies_one_contrast():
         LabelSynth(pair_contrast=1.5)
 
 
+def _recording_synth(seen: list, **options) -> LabelSynth:
+    """A LabelSynth that appends each draw's ``tissues`` seed to ``seen``."""
+    class Recording(LabelSynth):
+        def draw(self, labels, rng=None, *, tissues=None):
+            seen.append(tissues)
+            return super().draw(labels, rng, tissues=tissues)
+
+    return Recording(**options)
+
+
 def test_pair_dataset_shares_tissues_within_pairs_with_pair_contrast():
     from dazoo.training import PairDataset
 
@@ -313,14 +323,9 @@ def test_pair_dataset_shares_tissues_within_pairs_with_pair_contrast():
     maps = [labels, np.roll(labels, 2, axis=0), np.roll(labels, -2, axis=1)]
     seen = []
 
-    class Recording(LabelSynth):
-        def draw(self, labels, rng=None, *, tissues=None):
-            seen.append(tissues)
-            return super().draw(labels, rng, tissues=tissues)
-
     for probability, shared in ((1.0, True), (0.0, False)):
         seen.clear()
-        synth = Recording(nonlinear=1.0, pair_contrast=probability)
+        synth = _recording_synth(seen, nonlinear=1.0, pair_contrast=probability)
         real = np.random.default_rng(0).random(labels.shape, dtype=np.float32)
         dataset = PairDataset([real, None, None, None], [None, *maps], synth=synth,
                               steps_per_epoch=20, seed=2, map_fraction=1.0)
@@ -344,15 +349,10 @@ def test_pair_dataset_flags_pairs_that_share_their_contrast():
     maps = [labels, np.roll(labels, 2, axis=0), np.roll(labels, -2, axis=1)]
     seen = []
 
-    class Recording(LabelSynth):
-        def draw(self, labels, rng=None, *, tissues=None):
-            seen.append(tissues)
-            return super().draw(labels, rng, tissues=tissues)
-
     rng = np.random.default_rng(0)
     real = [rng.random(labels.shape, dtype=np.float32) for _ in range(2)]
     dataset = PairDataset([*real, None, None], [maps[0], None, maps[1], maps[2]],
-                          synth=Recording(nonlinear=1.0, pair_contrast=0.5),
+                          synth=_recording_synth(seen, nonlinear=1.0, pair_contrast=0.5),
                           synth_probability=0.5, steps_per_epoch=60, seed=4)
     cases = set()
     for index in range(60):

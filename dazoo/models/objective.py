@@ -175,7 +175,8 @@ class Objective:
         self.anatomy_weight = float(anatomy_weight)
         self.synth_similarity_weight = float(synth_similarity_weight)
         if not (math.isfinite(self.synth_similarity_weight) and self.synth_similarity_weight >= 0):
-            raise ValueError(f"synth_similarity_weight must be >= 0, got {synth_similarity_weight}")
+            raise ValueError("synth_similarity_weight must be a finite number >= 0, got "
+                             f"{synth_similarity_weight}")
         self.supervised_weight = float(supervised_weight)
         self.segmentation_anatomy_weight = float(segmentation_anatomy_weight)
         self.recompute = int(recompute)

@@ -9,8 +9,8 @@
    map carried onto the fixed grid before the deformable step (the two scans' model grids
    overlaid as the preprocessing places them: field-of-view centres, no alignment) and after
    it (the network alone, ``refine=0``; and the preset's default refinement, or ``--refine N``
-   iterations, guided by the segmenter's labels), Dice per structure and folding. Pairs of one knee at two time points
-   are reported apart from pairs of two subjects.
+   iterations, guided by the segmenter's labels), Dice per structure and folding. Pairs of
+   one knee at two time points are reported apart from pairs of two subjects.
 3. **The real DESS scan** (``knee-dess/dess_echo1.nii.gz``, unlabelled: plausibility, not a
    score): structure volumes (mL), cartilage volume and mean thickness per plate
    (``evaluate_folder.measures``), how far the femur and tibia labels reach
