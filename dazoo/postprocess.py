@@ -21,6 +21,9 @@ Displacement convention (registration):
 * :func:`warp_native` resamples the moving NATIVE image (or labels, ``order=0``) at
   ``x + d(n)``: the moved image on the fixed native grid, in one interpolation.
 
+The resampling runs in threads over slabs of the output (:mod:`dazoo.parallel`,
+``DAZOO_THREADS``): SciPy's interpolation releases the GIL.
+
 This module imports numpy, scipy and nibabel only.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from dazoo.errors import DazooInputError
+from dazoo.parallel import map_ordered, slabs
 from dazoo.io import Source, Volume, read_image, read_labels
 from dazoo.preprocess import Preprocessed, snap
 
@@ -37,6 +41,28 @@ __all__ = ["labels_to_native", "image_to_native", "displacement_to_world", "warp
 
 #: Number of native voxels processed at once by the point-wise functions.
 _CHUNK = 2_000_000
+
+
+def _affine_transform(array: np.ndarray, matrix: np.ndarray, output_shape, *, dtype,
+                      **options) -> np.ndarray:
+    """``scipy.ndimage.affine_transform(array, matrix, output_shape, output=dtype,
+    **options)`` (``matrix``: ``(4, 4)`` output voxel -> input voxel), computed in slabs along
+    the first output axis by :func:`dazoo.parallel.map_ordered`'s threads; one thread: one
+    call, exactly SciPy's."""
+    output_shape = tuple(int(n) for n in output_shape)
+    out = np.empty(output_shape, dtype=dtype)
+    matrix = np.asarray(matrix, dtype=np.float64)
+
+    def part(bounds):
+        start, stop = bounds
+        shifted = matrix.copy()
+        if start:  # voxel i of the slab is voxel start + i of the output
+            shifted[:3, 3] = matrix[:3, 3] + matrix[:3, 0] * start
+        ndi.affine_transform(array, shifted, output_shape=(stop - start,) + output_shape[1:],
+                             output=out[start:stop], **options)
+
+    map_ordered(part, slabs(output_shape[0]))
+    return out
 
 
 def labels_to_native(output: np.ndarray, preprocessed: Preprocessed) -> np.ndarray:
@@ -69,8 +95,8 @@ def labels_to_native(output: np.ndarray, preprocessed: Preprocessed) -> np.ndarr
             if np.any(output != np.round(output)):
                 raise DazooInputError("segmentation", "3D labels must be integers")
             output = output.astype(np.int32)
-        sub = ndi.affine_transform(output.astype(np.int32, copy=False), matrix,
-                                   output_shape=sub_shape, order=0, cval=0)
+        sub = _affine_transform(output.astype(np.int32, copy=False), matrix, sub_shape,
+                                dtype=np.int32, order=0, cval=0)
     else:
         sub = _argmax_resample(output, matrix, sub_shape)
     result[tuple(slice(a, b) for a, b in box)] = sub
@@ -127,9 +153,10 @@ def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarra
                         for c in (0, 1)])
     out = np.empty(tuple(shape), dtype=np.int32)
     j, k = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
-    step = max(1, _CHUNK // (shape[1] * shape[2]))
-    for start in range(0, shape[0], step):
-        i = np.arange(start, min(start + step, shape[0]))[:, None, None]
+
+    def part(bounds):
+        start, stop = bounds
+        i = np.arange(start, stop)[:, None, None]
         coords = [(matrix[r, 0] * i + matrix[r, 1] * j + matrix[r, 2] * k + matrix[r, 3])
                   .ravel() for r in range(3)]
         inside = np.ones(coords[0].shape, bool)
@@ -159,7 +186,9 @@ def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarra
                 pick[unsure] = np.argmax(np.einsum("mc,mck->mk", weights[unsure], values),
                                          axis=1)
             result[chunk] = pick
-        out[start:start + len(i)] = result.reshape(len(i), shape[1], shape[2])
+        out[start:stop] = result.reshape(stop - start, shape[1], shape[2])
+
+    map_ordered(part, slabs(shape[0], at_most=max(1, _CHUNK // (shape[1] * shape[2]))))
     return out
 
 
@@ -194,9 +223,13 @@ def image_to_native(
     box, matrix = _native_box(preprocessed)
     if box is not None:
         sub_shape = tuple(int(b - a) for a, b in box)
-        result[tuple(slice(a, b) for a, b in box)] = ndi.affine_transform(
-            array, matrix, output_shape=sub_shape, order=order, cval=cval,
-            prefilter=order > 1, output=np.float32)
+        where = tuple(slice(a, b) for a, b in box)
+        if order > 1:  # SciPy's padded spline prefilter: one call
+            result[where] = ndi.affine_transform(array, matrix, output_shape=sub_shape,
+                                                 order=order, cval=cval, output=np.float32)
+        else:
+            result[where] = _affine_transform(array, matrix, sub_shape, dtype=np.float32,
+                                              order=order, cval=cval, prefilter=False)
     if denormalise:
         offset, scale = preprocessed.intensity
         result = result * np.float32(scale) + np.float32(offset)
@@ -218,13 +251,16 @@ def probabilities_to_native(probabilities: np.ndarray, preprocessed: Preprocesse
     if box is not None:
         sub_shape = tuple(int(b - a) for a, b in box)
         where = tuple(slice(a, b) for a, b in box)
-        for k in range(channels):
+
+        def resample(k):
             channel = ndi.affine_transform(
                 probabilities[..., k], matrix, output_shape=sub_shape, order=1,
                 cval=1.0 if k == 0 else 0.0, output=np.float32)
             if dtype == "uint8":
                 channel = np.rint(np.clip(channel, 0, 1, out=channel) * 255, out=channel)
             out[where + (k,)] = channel
+
+        map_ordered(resample, range(channels))  # a channel per thread at a time
     return out
 
 
@@ -284,8 +320,8 @@ def displacement_to_world(
     linear = moving_world[:3, :3]
     shape = fixed_pre.native_shape
     sampled = [
-        ndi.affine_transform(np.ascontiguousarray(u[..., c]), native_to_model, output_shape=shape,
-                             order=1, mode="nearest", prefilter=False, output=np.float32)
+        _affine_transform(np.ascontiguousarray(u[..., c]), native_to_model, shape,
+                          dtype=np.float32, order=1, mode="nearest", prefilter=False)
         for c in range(3)
     ]
     # float32 arithmetic in place on one contiguous component at a time (the affine part's
@@ -351,10 +387,10 @@ def warp_native(
         source = ndi.spline_filter(source, order=order, output=np.float32)
     shape = field.shape[:3]
     out = np.empty(shape, dtype=source.dtype)
-    step = max(1, _CHUNK // (shape[1] * shape[2]))
     grid = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"))
-    for start in range(0, shape[0], step):
-        stop = min(start + step, shape[0])
+
+    def part(bounds):
+        start, stop = bounds
         i = np.arange(start, stop, dtype=np.float64)[:, None, None]
         coords = np.empty((3, stop - start) + shape[1:], dtype=np.float32)
         for row in range(3):
@@ -364,6 +400,8 @@ def warp_native(
             coords[row] = base + shift
         out[start:stop] = ndi.map_coordinates(source, coords, order=order, cval=cval,
                                               prefilter=False)
+
+    map_ordered(part, slabs(shape[0], at_most=max(1, _CHUNK // (shape[1] * shape[2]))))
     return out
 
 

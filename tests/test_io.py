@@ -210,7 +210,24 @@ def test_failed_write_leaves_nothing(tmp_path, image, monkeypatch):
             handle.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.nib, "save", broken_save)
+    monkeypatch.setattr(io, "save_image", broken_save)
+    message = _error(io.write_image, (array, affine), target)
+    assert message.startswith(str(target)) and "No space left" in message
+    assert _listing(tmp_path) == []
+
+
+def test_failed_threaded_gzip_write_leaves_nothing(tmp_path, image, monkeypatch):
+    """The threaded gzip writer failing half-way (a disk full while nibabel writes the data):
+    no file, no temporary, no folder left behind."""
+    array, affine = image
+    target = tmp_path / "new" / "out.nii.gz"
+
+    def broken(self, file_map, *args, **kwargs):
+        handle = file_map["image"].fileobj
+        handle.write(b"\0" * 400)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", broken)
     message = _error(io.write_image, (array, affine), target)
     assert message.startswith(str(target)) and "No space left" in message
     assert _listing(tmp_path) == []
@@ -220,7 +237,7 @@ def test_failed_write_keeps_existing_file(tmp_path, image, monkeypatch):
     array, affine = image
     target = io.write_image((array, affine), tmp_path / "out.nii.gz")
     before = (tmp_path / "out.nii.gz").read_bytes()
-    monkeypatch.setattr(io.nib, "save", lambda img, f: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(io, "save_image", lambda img, f: (_ for _ in ()).throw(OSError("boom")))
     _error(io.write_image, (array * 2, affine), target)
     assert (tmp_path / "out.nii.gz").read_bytes() == before
     assert _listing(tmp_path) == ["out.nii.gz"]
@@ -343,3 +360,57 @@ def test_qc_picture_failure_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(DazooInputError, match="cannot be written"):
         qc.label_overlay((array, np.eye(4)), None, tmp_path / "qc.png")
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- threaded gzip
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_gzip_writer_is_one_standard_gzip_member(tmp_path, monkeypatch, threads):
+    """Blocks deflated in threads (pigz's layout) decompress to the bytes written, as ONE
+    gzip member (zlib stops at its end with nothing left over), also through gzip(1)'s
+    reader; tell counts the bytes; seek goes forward only, writing zeros."""
+    import zlib
+
+    from dazoo.parallel import GzipWriter
+
+    monkeypatch.setenv("DAZOO_THREADS", threads)
+    rng = np.random.default_rng(0)
+    data = [rng.normal(size=n).astype(np.float32).tobytes() for n in (10, 30_000, 7, 50_001)]
+    path = tmp_path / "x.gz"
+    with GzipWriter(path, block=10_007) as handle:
+        handle.write(data[0])
+        handle.seek(handle.tell() + 13)
+        for piece in data[1:]:
+            handle.write(piece)
+        assert handle.tell() == sum(map(len, data)) + 13
+        with pytest.raises(OSError):
+            handle.seek(5)
+    expected = data[0] + bytes(13) + b"".join(data[1:])
+    raw = path.read_bytes()
+    stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert stream.decompress(raw) == expected
+    assert stream.eof and stream.unused_data == b""
+    assert gzip.decompress(raw) == expected
+    empty = tmp_path / "empty.gz"
+    GzipWriter(empty).close()
+    assert gzip.decompress(empty.read_bytes()) == b""
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".mgz"])
+def test_threaded_gzip_images_hold_nibabels_bytes(tmp_path, monkeypatch, ending):
+    """dazoo's writer (threaded deflate) stores exactly the bytes nibabel.save stores, once
+    decompressed, for a 5D displacement-like field and an MGH volume."""
+    import gzip
+
+    monkeypatch.setenv("DAZOO_THREADS", "2")
+    rng = np.random.default_rng(1)
+    if ending == ".nii.gz":
+        image = nib.Nifti1Image(rng.normal(size=(20, 18, 16, 1, 3)).astype(np.float32),
+                                np.diag([1.5, 2.0, 1.0, 1.0]))
+    else:
+        image = nib.MGHImage(rng.normal(size=(20, 18, 16)).astype(np.float32), np.eye(4))
+    nib.save(image, tmp_path / f"reference{ending}")
+    io.save_image(image, tmp_path / f"dazoo{ending}")
+    assert (gzip.decompress((tmp_path / f"dazoo{ending}").read_bytes())
+            == gzip.decompress((tmp_path / f"reference{ending}").read_bytes()))
+    back = nib.load(tmp_path / f"dazoo{ending}")
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(image.dataobj))
