@@ -204,8 +204,11 @@ class LabelSynth:
         velocity = np.stack([
             spatial.upsample(rng.normal(0.0, sigma / 2, coarse), half) for _ in range(3)])
         half_displacement = integrate_svf(velocity, int(self.integration_steps))
-        return np.stack([spatial.upsample(c, shape, kernel="linear") * np.float32(n / h)
-                         for c, n, h in zip(half_displacement, shape, half)]).astype(np.float32)
+        out = np.empty((3,) + shape, np.float32)
+        for c, (component, n, h) in enumerate(zip(half_displacement, shape, half)):
+            np.multiply(spatial.upsample(component, shape, kernel="linear"), np.float32(n / h),
+                        out=out[c])
+        return out
 
     def coordinates(self, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         """Where each output voxel samples the input, ``(3, D, H, W)``: the grid centre +
@@ -319,8 +322,16 @@ class LabelSynth:
             regions[background] = 0
             return regions, region_means, region_stds
         coarse = tuple(int(np.ceil(n / self.background_spacing)) + 1 for n in shape)
-        fields = np.stack([spatial.upsample(rng.standard_normal(coarse), shape) for _ in range(count)])
-        regions[background] = np.argmax(fields[:, background], axis=0).astype(np.int8)
+        # The argmax over ``count`` smooth random fields, one field at a time (a strictly
+        # larger value takes over: ties keep the first, as np.argmax).
+        best = spatial.upsample(rng.standard_normal(coarse), shape)
+        winner = np.zeros(shape, np.int8)
+        for region in range(1, count):
+            field = spatial.upsample(rng.standard_normal(coarse), shape)
+            larger = field > best
+            np.copyto(winner, np.int8(region), where=larger)
+            np.copyto(best, field, where=larger)
+        regions[background] = winner[background]
         return regions, region_means, region_stds
 
 
