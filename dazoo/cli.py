@@ -537,48 +537,180 @@ def _add_strip(sub) -> None:
 
 # --------------------------------------------------------------------------- register
 def _register(args: argparse.Namespace) -> int:
-
-    if args.moved_labels and not args.moving_labels:
-        raise DazooInputError("--moved-labels", "needs --moving-labels")
-    if not (args.moved or args.warp or args.moved_labels or args.jacobian or args.qc):
+    outputs = {"moved": args.moved, "warp": args.warp, "moved_labels": args.moved_labels,
+               "jacobian": args.jacobian}
+    if not (any(outputs.values()) or args.qc):
         raise DazooInputError("register", "nothing to write: give --moved, --warp, "
                                           "--moved-labels, --jacobian and/or --qc")
-    inputs = [p for p in (args.moving, args.fixed, args.moving_labels) if p]
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise DazooInputError(path, "no such file")
-    for path in (args.moved, args.moved_labels, args.jacobian):
-        if path:
-            _file_or_folder(path, 1, "output")
     if args.warp and not args.warp.endswith((".nii", ".nii.gz")):
         raise DazooInputError(args.warp, "displacement fields are written as .nii or .nii.gz")
-    _check_outputs([args.moved, args.warp, args.moved_labels, args.jacobian], inputs)
+    if args.pairs:
+        if args.moving or args.fixed or args.moving_labels:
+            raise DazooInputError("--pairs", "takes the images from the pairs file: give no "
+                                             "MOVING FIXED or --moving-labels with it")
+        jobs = _pair_jobs(args.pairs, outputs, args.qc, args.name_from)
+    else:
+        if not (args.moving and args.fixed):
+            raise DazooInputError("register", "needs MOVING and FIXED images (or --pairs CSV)")
+        if args.moved_labels and not args.moving_labels:
+            raise DazooInputError("--moved-labels", "needs --moving-labels")
+        for path in (args.moved, args.moved_labels, args.jacobian):
+            if path:
+                _file_or_folder(path, 1, "output")
+        picture = None
+        if args.qc:
+            from dazoo.io import stem
+
+            picture = os.path.join(args.qc, f"{stem(args.moving)}_to_{stem(args.fixed)}.png")
+        jobs = [{"moving": args.moving, "fixed": args.fixed,
+                 "moving_labels": args.moving_labels, "outputs": outputs, "qc": picture}]
+    inputs = sorted({p for job in jobs for p in (job["moving"], job["fixed"],
+                                                 job["moving_labels"]) if p})
+    keep_going = args.continue_on_error
+    failed, ready = [], []
+    for job in jobs:
+        absent = [p for p in (job["moving"], job["fixed"], job["moving_labels"])
+                  if p and not os.path.isfile(p)]
+        if absent and not keep_going:
+            raise DazooInputError(absent[0], "no such file")
+        if absent:
+            err = DazooInputError(absent[0], "no such file")
+            print(f"dazoo: error: {err}", file=sys.stderr)
+            failed.append((job["moving"], err))
+        else:
+            ready.append(job)
+    written_paths = [p for job in jobs for p in list(job["outputs"].values()) + [job["qc"]] if p]
+    _check_outputs(written_paths, inputs)
+    if not ready:
+        raise failed[0][1]
     pipeline = _load(args.preset)
-    _log(f"registering {args.moving} -> {args.fixed}")
-    result = pipeline.register(args.moving, args.fixed, moving_labels=args.moving_labels,
+    done = 0
+    for number, job in enumerate(ready, 1):
+        try:
+            _register_pair(pipeline, args, job, inputs,
+                           f"[{number}/{len(ready)}] " if args.pairs else "")
+        except DazooInputError as err:
+            if not keep_going:
+                raise
+            print(f"dazoo: error: {err}", file=sys.stderr)
+            failed.append((job["moving"], err))
+            continue
+        done += 1
+    if args.pairs:
+        return _finish(done, "registered", failed, keep_going)
+    return 0
+
+
+def _register_pair(pipeline, args, job: dict, inputs: Sequence[str], prefix: str) -> None:
+    """Registers one pair of :func:`_register`'s jobs and writes its outputs."""
+    moving, fixed, out = job["moving"], job["fixed"], job["outputs"]
+    _log(f"{prefix}registering {moving} -> {fixed}")
+    result = pipeline.register(moving, fixed, moving_labels=job["moving_labels"],
                                strict=args.strict, refine=args.refine,
                                skull_strip=args.skull_strip)
     for line in result.notes:
         role, _, text = line.partition(": ")
-        _note(args.moving if role == "moving" else args.fixed, [text])
+        _note(moving if role == "moving" else fixed, [text])
     for line in result.warnings:
         role, _, text = line.partition(": ")
-        _warn(args.moving if role == "moving" else args.fixed, [text])
-    written = result.save(moved=args.moved, warp=args.warp, moved_labels=args.moved_labels,
+        _warn(moving if role == "moving" else fixed, [text])
+    written = result.save(moved=out["moved"], warp=out["warp"], moved_labels=out["moved_labels"],
                           warp_convention=args.warp_convention, warp_dtype=args.warp_dtype,
-                          jacobian=args.jacobian, protect=inputs)
-    if args.qc:
-        from dazoo.io import stem
+                          jacobian=out["jacobian"], protect=inputs)
+    if job["qc"]:
         from dazoo.qc import registration_overlay
 
-        os.makedirs(args.qc, exist_ok=True)
+        os.makedirs(os.path.dirname(job["qc"]) or ".", exist_ok=True)
         written.append(registration_overlay(
-            args.fixed, result.moved, result.displacement,
-            os.path.join(args.qc, f"{stem(args.moving)}_to_{stem(args.fixed)}.png"),
-            title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}"))
-    _log(f"done in {result.seconds:.1f} s ({pipeline.name}, {_device()}); "
-         f"{_folding_line(result, args.jacobian)}; wrote {', '.join(written)}")
-    return 0
+            fixed, result.moved, result.displacement, job["qc"],
+            title=f"{os.path.basename(moving)} -> {os.path.basename(fixed)}"))
+    _log(f"{prefix}done in {result.seconds:.1f} s ({pipeline.name}, {_device()}); "
+         f"{_folding_line(result, out['jacobian'])}; wrote {', '.join(written)}")
+
+
+#: Columns of ``dazoo register --pairs``'s CSV (``moving_labels`` optional).
+PAIR_COLUMNS = ("moving", "fixed", "moving_labels")
+
+
+def _read_pairs(path: str) -> list[dict]:
+    """The pairs of a CSV with the columns ``moving``, ``fixed`` and optionally
+    ``moving_labels`` (other columns are ignored); relative paths are relative to the CSV's
+    folder."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise DazooInputError(path, "no such pairs file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                    for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DazooInputError(path, f"cannot be read as CSV ({err})") from None
+    if not {"moving", "fixed"} <= set(columns):
+        raise DazooInputError(path, "needs a header line with the columns moving and fixed "
+                                    "(and optionally moving_labels); found "
+                                    + (", ".join(columns) or "none"))
+    base = os.path.dirname(os.path.abspath(path))
+    pairs = []
+    for line, row in enumerate(rows, 2):
+        if not any(row.get(c) for c in PAIR_COLUMNS):
+            continue  # a blank line
+        if not (row.get("moving") and row.get("fixed")):
+            raise DazooInputError(path, f"line {line}: needs both a moving and a fixed image")
+        pairs.append({c: os.path.normpath(os.path.join(base, row[c])) if row.get(c) else None
+                      for c in PAIR_COLUMNS})
+    if not pairs:
+        raise DazooInputError(path, "holds no pairs")
+    return pairs
+
+
+def _pair_jobs(path: str, outputs: dict, qc: str | None, name_from: str) -> list[dict]:
+    """:func:`_read_pairs` with each output pattern filled in per pair: ``{moving}`` and
+    ``{fixed}`` are the images' names (``name_from``: file name, parent folder, subject
+    folder or path, see :func:`_name_fields`); every pair must get its own outputs."""
+    from dazoo.io import WRITABLE
+
+    pairs = _read_pairs(path)
+    if outputs["moved_labels"] and not all(p["moving_labels"] for p in pairs):
+        raise DazooInputError(path, "--moved-labels needs a moving_labels for every pair")
+    names = {role: [f[name_from] for f in _name_fields([p[role] for p in pairs])]
+             for role in ("moving", "fixed")}
+    jobs = []
+    for n, pair in enumerate(pairs):
+        fields = {"moving": names["moving"][n], "fixed": names["fixed"][n]}
+        filled = {}
+        for key, pattern in outputs.items():
+            if not pattern:
+                filled[key] = None
+                continue
+            if not pattern.endswith(WRITABLE):
+                raise DazooInputError(pattern, "with --pairs, outputs are patterns ending in "
+                                               ".nii, .nii.gz or .mgz, e.g. "
+                                               "'out/{moving}_to_{fixed}.nii.gz'")
+            try:
+                filled[key] = pattern.format(**fields)
+            except (KeyError, IndexError, ValueError) as err:
+                raise DazooInputError(pattern, f"bad output pattern ({err}); its fields are "
+                                               "{moving} and {fixed}") from None
+        picture = (os.path.join(qc, f"{fields['moving']}_to_{fields['fixed']}.png")
+                   if qc else None)
+        jobs.append({**pair, "outputs": filled, "qc": picture})
+    seen = {}
+    for job in jobs:
+        for target in [*job["outputs"].values(), job["qc"]]:
+            if target is None:
+                continue
+            real = os.path.realpath(target)
+            if real in seen:
+                raise DazooInputError(
+                    target, f"would be written for two pairs ({seen[real]} and "
+                            f"{job['moving']} -> {job['fixed']}): put {{moving}} and {{fixed}} "
+                            "in the output patterns, or name them by folder: --name-from "
+                            "subject (or parent, path)")
+            seen[real] = f"{job['moving']} -> {job['fixed']}"
+    return jobs
 
 
 def _folding_line(result, jacobian_path) -> str:
@@ -599,8 +731,19 @@ def _add_register(sub) -> None:
                        description="Affine pre-alignment and deformable registration with a "
                                    "pretrained preset. Outputs are on the FIXED image's own "
                                    "grid and affine.")
-    p.add_argument("moving", help="image to deform")
-    p.add_argument("fixed", help="reference image")
+    p.add_argument("moving", nargs="?", help="image to deform")
+    p.add_argument("fixed", nargs="?", help="reference image")
+    p.add_argument("--pairs", metavar="CSV",
+                   help="register many pairs in one run (the networks load and trace once): "
+                        "a CSV with the columns moving, fixed and optionally moving_labels "
+                        "(paths relative to the CSV's folder); the outputs are then patterns "
+                        "with {moving} and {fixed}, e.g. --moved 'out/{moving}_to_{fixed}.nii.gz'")
+    p.add_argument("--name-from", choices=NAME_FIELDS, default="name",
+                   help="with --pairs: what {moving} and {fixed} name: the file name "
+                        "(default), its parent folder, the subject folder or the whole path")
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="with --pairs: report a pair that fails and go on with the others "
+                        "(exit status 2 at the end)")
     p.add_argument("--moved", help="output: the moved image")
     p.add_argument("--warp", help="output: displacement field in mm (5D NIfTI vector image), "
                                   "fixed -> moving, on the fixed grid")
@@ -976,7 +1119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="show TensorFlow's own log messages (hidden by default)")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads TensorFlow may use (default: all)")
+                        help="CPU threads dazoo may use: TensorFlow's, and the resampling's "
+                             "and compression's (DAZOO_THREADS; default: all)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for add in _VERBS:
@@ -990,6 +1134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.threads is not None:  # dazoo.parallel's threads (NumPy / SciPy / zlib)
+        os.environ["DAZOO_THREADS"] = str(args.threads)
     if args.verb in _TENSORFLOW_VERBS:  # imported by the verb once its arguments are checked
         quiet_tensorflow(verbose=args.verbose, threads=args.threads, now=False)
     try:

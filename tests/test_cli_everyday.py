@@ -406,3 +406,88 @@ def test_bad_paths_and_preset_names_are_refused_before_tensorflow_starts(tmp_pat
                 "unwritable folder": "cannot be written",
                 "kernel folder": "/proc/seg.nii.gz: cannot be written"}[case]
     assert expected in lines[0]
+
+
+def test_threads_option_sets_the_resampling_threads(monkeypatch, capsys):
+    """``dazoo --threads N`` bounds dazoo.parallel's threads too (DAZOO_THREADS), not only
+    TensorFlow's; without it the cores available are used."""
+    from dazoo import cli
+    from dazoo.parallel import slabs, workers
+
+    monkeypatch.setenv("DAZOO_THREADS", "")  # restored (removed) after the test
+    assert workers() >= 1
+    assert cli.main(["--threads", "3", "list"]) == 0
+    assert workers() == 3 and len(slabs(100)) == 6
+    monkeypatch.setenv("DAZOO_THREADS", "1")
+    assert slabs(100) == [(0, 100)] and slabs(10, at_most=3) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+
+
+def test_register_pairs_from_a_csv(preset_dir, scans, tmp_path, capsys):  # noqa: F811
+    """``--pairs``: every pair of the CSV registered in one run (paths relative to the CSV),
+    outputs named by the patterns' {moving} and {fixed}; each pair's results are the ones
+    of a single-pair run."""
+    (s0, l0), (s1, l1) = scans
+    rel = lambda p: os.path.relpath(p, tmp_path)  # noqa: E731
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("moving,fixed,moving_labels,note\n"
+                     f"{rel(s0)},{rel(s1)},{rel(l0)},first\n\n"
+                     f"{rel(s1)},{rel(s0)},{rel(l1)},second\n")
+    out = tmp_path / "out"
+    assert main(["register", "--pairs", str(pairs), "--preset", str(preset_dir),
+                 "--moved", f"{out}/{{moving}}_to_{{fixed}}.nii.gz",
+                 "--moved-labels", f"{out}/{{moving}}_to_{{fixed}}_labels.nii.gz",
+                 "--qc", str(tmp_path / "qc")]) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] done in" in err and "[2/2] done in" in err
+    assert sorted(os.listdir(out)) == ["s0_to_s1.nii.gz", "s0_to_s1_labels.nii.gz",
+                                       "s1_to_s0.nii.gz", "s1_to_s0_labels.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "qc")) == ["s0_to_s1.png", "s1_to_s0.png"]
+    single = tmp_path / "single"
+    assert main(["register", s1, s0, "--preset", str(preset_dir), "--moving-labels", l1,
+                 "--moved", str(single / "moved.nii.gz"),
+                 "--moved-labels", str(single / "labels.nii.gz")]) == 0
+    np.testing.assert_allclose(nib.load(out / "s1_to_s0.nii.gz").get_fdata(),
+                               nib.load(single / "moved.nii.gz").get_fdata(),
+                               rtol=1e-4, atol=1e-3)
+    same = (np.asarray(nib.load(out / "s1_to_s0_labels.nii.gz").dataobj)
+            == np.asarray(nib.load(single / "labels.nii.gz").dataobj))
+    assert same.mean() > 0.999
+    assert nib.load(out / "s1_to_s0.nii.gz").shape == nib.load(s0).shape
+
+
+@pytest.mark.parametrize("case", ["columns", "clash", "positional", "no_labels", "pattern"])
+def test_register_pairs_errors_are_one_line_before_any_work(scans, tmp_path, capsys,  # noqa: F811
+                                                            case):
+    (s0, l0), (s1, _) = scans
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("moving,fixed\n" f"{s0},{s1}\n" f"{s1},{s0}\n")
+    moved = f"{tmp_path}/{{moving}}_to_{{fixed}}.nii.gz"
+    argv, expected = {
+        "columns": (["--moved", moved], "needs a header line with the columns moving and fixed"),
+        "clash": (["--moved", str(tmp_path / "moved.nii.gz")], "would be written for two pairs"),
+        "positional": ([s0, s1, "--moved", moved], "give no MOVING FIXED"),
+        "no_labels": (["--moved-labels", moved], "needs a moving_labels for every pair"),
+        "pattern": (["--moved", f"{tmp_path}/{{subject}}.nii.gz"], "its fields are {moving}"),
+    }[case]
+    if case == "columns":
+        pairs.write_text("source,target\n" f"{s0},{s1}\n")
+    assert main(["register", "--pairs", str(pairs), "--preset", "brain", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert sorted(os.listdir(tmp_path)) == ["pairs.csv"]
+
+
+def test_register_pairs_go_on_past_a_missing_image(preset_dir, scans, tmp_path,  # noqa: F811
+                                                   capsys):
+    (s0, _), (s1, _) = scans
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("moving,fixed\n" f"{tmp_path / 'absent.nii.gz'},{s1}\n" f"{s1},{s0}\n")
+    argv = ["register", "--pairs", str(pairs), "--preset", str(preset_dir),
+            "--warp", f"{tmp_path}/w/{{moving}}_to_{{fixed}}.nii.gz"]
+    assert main(argv) == 2
+    assert "absent.nii.gz: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert main(argv + ["--continue-on-error"]) == 2
+    err = capsys.readouterr().err
+    assert "1 registered, 1 failed" in err
+    assert os.listdir(tmp_path / "w") == ["s1_to_s0.nii.gz"]
