@@ -142,3 +142,24 @@ def test_traced_step_is_reused_across_pairs_with_the_same_results():
                                compiled=False, **kwargs)
     np.testing.assert_allclose(second, eager, atol=2e-4)  # graph vs eager round-off
     assert np.abs(first - second).max() > 1e-3  # a different pair, a different result
+
+
+def test_traced_refinement_is_deterministic_and_leaves_grappler_on():
+    """The same pair refined twice gives the same displacement bit for bit (the traced step
+    runs without TensorFlow's graph rewrites, whose gradient summation order changed from
+    call to call), with the anatomy term's class sums; the process-wide optimiser option is
+    as it was afterwards."""
+    import tensorflow as tf
+
+    fixed = _blobs(seed=3)
+    moving = _shifted(fixed, SHIFT)
+    classes_f, classes_m = np.digitize(fixed, [0.4, 0.6]), np.digitize(moving, [0.4, 0.6])
+    kwargs = dict(int_steps=5, int_resolution=2, learning_rate=0.2, smoothness=0.3,
+                  iterations=6, anatomy=1.0)
+    velocity = np.random.default_rng(0).normal(0, 0.2, (1, 12, 12, 12, 3)).astype(np.float32)
+    runs = [refine_velocity(velocity, moving[None, ..., None], fixed[None, ..., None],
+                            classes_m[None], _soft(classes_f, 3), **kwargs)[0]
+            for _ in range(3)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[1], runs[2])
+    assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer")

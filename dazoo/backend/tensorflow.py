@@ -30,11 +30,39 @@ def value_and_grad(function, *, compiled: bool = True):
             loss, aux = function(x, *data)
         return (loss, aux), tape.gradient(loss, x)
 
+    if not compiled:
+        return step
     # No AutoGraph: the refinement's Python branches and loops are on static values, so the
     # source-to-source conversion of every function it calls is pure cost (the brain preset's
     # first refinement of a process: trace + one step 12.0-14.0 s with it, 7.4-9.4 s without,
     # beside a training run; the same loss and displacement).
-    return tf.function(step, reduce_retracing=True, autograph=False) if compiled else step
+    traced = tf.function(step, reduce_retracing=True, autograph=False)
+
+    def run(x, *data):
+        with _without_grappler():
+            return traced(x, *data)
+
+    return run
+
+
+@contextlib.contextmanager
+def _without_grappler():
+    """TensorFlow's graph optimiser (Grappler) off while a refinement step is instantiated
+    and run. Its rewritten graph summed the gradient in an order that changed from call to
+    call (run with 2 inter-op threads: gradients differing by 1e-11 between identical calls,
+    which Adam's normalised steps grew to 0.2-0.3 voxel differences of the brain preset's
+    refined displacement from one run to the next); the graph as traced is deterministic,
+    as the eager step, and its first call is ~0.7 s cheaper (no optimisation) at the same
+    step time. The option is process-wide: it is restored after each step."""
+    options = tf.config.optimizer.get_experimental_options()
+    if options.get("disable_meta_optimizer"):
+        yield
+        return
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
 
 
 def no_grad():
