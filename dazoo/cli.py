@@ -585,17 +585,18 @@ def _register(args: argparse.Namespace) -> int:
         raise failed[0][1]
     pipeline = _load(args.preset)
     done = 0
-    for number, job in enumerate(ready, 1):
-        try:
-            _register_pair(pipeline, args, job, inputs,
-                           f"[{number}/{len(ready)}] " if args.pairs else "")
-        except DazooInputError as err:
-            if not keep_going:
-                raise
-            print(f"dazoo: error: {err}", file=sys.stderr)
-            failed.append((job["moving"], err))
-            continue
-        done += 1
+    with pipeline.reusing_inputs():  # a scan in several pairs is prepared once
+        for number, job in enumerate(ready, 1):
+            try:
+                _register_pair(pipeline, args, job, inputs,
+                               f"[{number}/{len(ready)}] " if args.pairs else "")
+            except DazooInputError as err:
+                if not keep_going:
+                    raise
+                print(f"dazoo: error: {err}", file=sys.stderr)
+                failed.append((job["moving"], err))
+                continue
+            done += 1
     if args.pairs:
         return _finish(done, "registered", failed, keep_going)
     return 0

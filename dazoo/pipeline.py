@@ -8,6 +8,7 @@ same shape, same affine.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -268,6 +269,7 @@ class Pipeline:
 
         self.label_groups = table_groups(classes)  # {id: structure group}, may be empty
         self._segmenters: dict = {}  # grown grids' segmenters (see segmenter())
+        self._kept = None  # prepared inputs kept by reusing_inputs(), or None
 
     @property
     def name(self) -> str:
@@ -398,12 +400,50 @@ class Pipeline:
                 f"skull-strip {mode}: {why}: brain extracted ({extraction.volume_ml:.0f} mL, "
                 f"{extraction.seconds:.1f} s)")
 
+    @contextlib.contextmanager
+    def reusing_inputs(self, keep: int = 8):
+        """Within the block, an image file given again (same path, unchanged on disk) is not
+        read, brain-extracted, aligned and checked again: the last ``keep`` prepared files
+        are kept (an atlas registered to a cohort, or every pair of a set, prepares each scan
+        once). ``dazoo register --pairs`` runs in it."""
+        from collections import OrderedDict
+
+        previous, self._kept = self._kept, (OrderedDict(), int(keep))
+        try:
+            yield self
+        finally:
+            self._kept = previous
+
     def _prepare(self, image: Source, strict: bool, role: str = "",
                  skull_strip: str | None = None, grow: bool = False):
         """Reads an input, brain-extracts it (:meth:`skull_strip`), preprocesses it and
         runs the checks; ``strict``: a failed check is a :class:`DazooInputError`, the size
         check before the (then possibly slow or failing) alignment, the others right after
-        it, before the networks run."""
+        it, before the networks run. Inside :meth:`reusing_inputs`, a file prepared before
+        is taken from there."""
+        key = None
+        if self._kept is not None and isinstance(image, (str, os.PathLike)):
+            try:
+                stat = os.stat(image)
+                key = (os.path.realpath(image), stat.st_mtime_ns, stat.st_size, bool(strict),
+                       skull_strip, bool(grow))
+            except OSError:
+                key = None
+        if key is not None and key in self._kept[0]:
+            kept, _ = self._kept
+            kept.move_to_end(key)
+            prepared = kept[key]
+        else:
+            prepared = self._prepare_new(image, strict, skull_strip, grow)
+            if key is not None:
+                kept, size = self._kept
+                kept[key] = prepared
+                while len(kept) > size:
+                    kept.popitem(last=False)
+        return dataclasses.replace(prepared, warnings=[role + w for w in prepared.warnings])
+
+    def _prepare_new(self, image: Source, strict: bool, skull_strip: str | None,
+                     grow: bool) -> _Input:
         from dazoo.checks import check_input
 
         original = io.read_image(image)
@@ -417,8 +457,7 @@ class Pipeline:
         warnings = check_input(measured, self.checks) if self.checks is not None else []
         if strict and warnings:
             self._refuse(volume, warnings)
-        return _Input(original, volume, pre, [role + w for w in warnings], mask, note,
-                      measured)
+        return _Input(original, volume, pre, list(warnings), mask, note, measured)
 
     @staticmethod
     def _refuse(volume, warnings):

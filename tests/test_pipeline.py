@@ -452,3 +452,38 @@ def test_segment_grows_the_grid_when_the_preset_says_so(preset_dir, tmp_path):
     for a, b in zip(grown.segmenter((64, 32, 32)).get_weights(),
                     plain.model.segmentation_net.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_reusing_inputs_prepares_each_file_once(preset_dir, scans, tmp_path, monkeypatch):
+    """Inside ``reusing_inputs`` a file registered again is not prepared again (until it
+    changes on disk); the registrations are those of a pipeline that prepares every time."""
+    import os
+    import shutil
+
+    from dazoo.pipeline import Pipeline
+
+    pipeline = load(str(preset_dir))
+    (s0, _), (s1, _) = scans
+    prepared = []
+    original = Pipeline._prepare_new
+
+    def counting(self, image, *args, **kwargs):
+        prepared.append(os.path.basename(str(image)))
+        return original(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "_prepare_new", counting)
+    plain = pipeline.register(s1, s0, refine=0)
+    assert prepared == ["s1.nii.gz", "s0.nii.gz"]
+    copy = tmp_path / "s0.nii.gz"
+    shutil.copy(s0, copy)
+    prepared.clear()
+    with pipeline.reusing_inputs(keep=8):
+        pipeline.register(str(copy), s1, refine=0)
+        again = pipeline.register(s1, str(copy), refine=0)
+        assert prepared == ["s0.nii.gz", "s1.nii.gz"]  # the second pair: both kept
+        np.testing.assert_allclose(again.moved.array, plain.moved.array, atol=1e-5)
+        os.utime(copy, ns=(1, 1))  # changed on disk: prepared anew
+        pipeline.register(s1, str(copy), refine=0)
+        assert prepared == ["s0.nii.gz", "s1.nii.gz", "s0.nii.gz"]
+    pipeline.register(s1, s0, refine=0)  # outside the block: nothing kept
+    assert prepared[-2:] == ["s1.nii.gz", "s0.nii.gz"]
