@@ -120,10 +120,12 @@ def _missing_inputs(inputs: Sequence[str], missing: Sequence[str], verb: str) ->
     ``[(path, error)]``; with no input left at all, the first of them (or "no input") is the
     error."""
     failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
+    if not inputs:  # the first error is the command's (printed once, by main)
+        for _, err in failed[1:]:
+            print(f"dazoo: error: {err}", file=sys.stderr)
+        raise failed[0][1] if failed else DazooInputError(verb, "no input")
     for _, err in failed:
         print(f"dazoo: error: {err}", file=sys.stderr)
-    if not inputs:
-        raise failed[0][1] if failed else DazooInputError(verb, "no input")
     return failed
 
 
@@ -552,6 +554,9 @@ def _register(args: argparse.Namespace) -> int:
     else:
         if not (args.moving and args.fixed):
             raise DazooInputError("register", "needs MOVING and FIXED images (or --pairs CSV)")
+        if args.continue_on_error or args.name_from != "name":
+            raise DazooInputError("register", "--continue-on-error and --name-from go with "
+                                              "--pairs")
         if args.moved_labels and not args.moving_labels:
             raise DazooInputError("--moved-labels", "needs --moving-labels")
         for path in (args.moved, args.moved_labels, args.jacobian):
@@ -574,18 +579,27 @@ def _register(args: argparse.Namespace) -> int:
         if absent and not keep_going:
             raise DazooInputError(absent[0], "no such file")
         if absent:
-            err = DazooInputError(absent[0], "no such file")
-            print(f"dazoo: error: {err}", file=sys.stderr)
-            failed.append((job["moving"], err))
+            failed.append((f"{job['moving']} -> {job['fixed']}",
+                           DazooInputError(absent[0], "no such file")))
         else:
             ready.append(job)
     written_paths = [p for job in jobs for p in list(job["outputs"].values()) + [job["qc"]] if p]
     _check_outputs(written_paths, inputs)
-    if not ready:
+    if not ready:  # the first error is the command's (printed once, by main)
+        for _, err in failed[1:]:
+            print(f"dazoo: error: {err}", file=sys.stderr)
         raise failed[0][1]
+    for _, err in failed:
+        print(f"dazoo: error: {err}", file=sys.stderr)
+    # Scans in more than one pair are kept once prepared (see Pipeline.reusing_inputs).
+    counts = {}
+    for job in ready:
+        for path in {os.path.realpath(job["moving"]), os.path.realpath(job["fixed"])}:
+            counts[path] = counts.get(path, 0) + 1
+    shared = {path for path, count in counts.items() if count > 1}
     pipeline = _load(args.preset)
     done = 0
-    with pipeline.reusing_inputs():  # a scan in several pairs is prepared once
+    with pipeline.reusing_inputs(only=shared):  # a scan in several pairs: prepared once
         for number, job in enumerate(ready, 1):
             try:
                 _register_pair(pipeline, args, job, inputs,
@@ -594,7 +608,7 @@ def _register(args: argparse.Namespace) -> int:
                 if not keep_going:
                     raise
                 print(f"dazoo: error: {err}", file=sys.stderr)
-                failed.append((job["moving"], err))
+                failed.append((f"{job['moving']} -> {job['fixed']}", err))
                 continue
             done += 1
     if args.pairs:
@@ -645,8 +659,10 @@ def _read_pairs(path: str) -> list[dict]:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                    for row in reader]
+            rows = []
+            for row in reader:  # extra fields (a trailing comma) are under the key None
+                rows.append((reader.line_num, {k.strip(): (v or "").strip()
+                                               for k, v in row.items() if k is not None}))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DazooInputError(path, f"cannot be read as CSV ({err})") from None
     if not {"moving", "fixed"} <= set(columns):
@@ -655,7 +671,7 @@ def _read_pairs(path: str) -> list[dict]:
                                     + (", ".join(columns) or "none"))
     base = os.path.dirname(os.path.abspath(path))
     pairs = []
-    for line, row in enumerate(rows, 2):
+    for line, row in rows:
         if not any(row.get(c) for c in PAIR_COLUMNS):
             continue  # a blank line
         if not (row.get("moving") and row.get("fixed")):
@@ -704,6 +720,8 @@ def _pair_jobs(path: str, outputs: dict, qc: str | None, name_from: str) -> list
             if target is None:
                 continue
             real = os.path.realpath(target)
+            if real in seen and seen[real] == f"{job['moving']} -> {job['fixed']}":
+                raise DazooInputError(target, "is asked for as two outputs of one pair")
             if real in seen:
                 raise DazooInputError(
                     target, f"would be written for two pairs ({seen[real]} and "
@@ -1121,7 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show TensorFlow's own log messages (hidden by default)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads dazoo may use: TensorFlow's, and the resampling's "
-                             "and compression's (DAZOO_THREADS; default: all)")
+                             "and compression's (DAZOO_THREADS; default: all cores, at most 16 "
+                             "for the latter)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for add in _VERBS:

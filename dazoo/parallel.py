@@ -16,13 +16,28 @@ import threading
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 __all__ = ["workers", "map_ordered", "slabs", "GzipWriter"]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _LOCK = threading.Lock()
+_INSIDE = threading.local()  # set in the pool's threads: nested calls run serially
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's pool threads do not exist: start afresh."""
+    global _POOL, _POOL_SIZE, _LOCK
+    _POOL, _POOL_SIZE, _LOCK = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _mark_inside() -> None:
+    _INSIDE.active = True
 
 
 def workers() -> int:
@@ -45,19 +60,21 @@ def _pool(size: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_SIZE
     with _LOCK:
         if _POOL is None or _POOL_SIZE != size:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL, _POOL_SIZE = ThreadPoolExecutor(size, thread_name_prefix="dazoo"), size
+            # A pool of another size is left to finish what it runs (not shut down under a
+            # thread that may still use it).
+            _POOL = ThreadPoolExecutor(size, thread_name_prefix="dazoo", initializer=_mark_inside)
+            _POOL_SIZE = size
         return _POOL
 
 
 def map_ordered(function: Callable, items: Iterable) -> list:
     """``[function(item) for item in items]``, the items spread over :func:`workers`
-    threads (in the calling thread when that is 1 or there is one item). Exceptions are
-    raised as by the loop (the first item's first)."""
+    threads (in the calling thread when that is 1, there is one item, or the caller is one
+    of the pool's threads: no nested waits). Exceptions are raised as by the loop (the first
+    item's first)."""
     items = list(items)
     size = workers()
-    if size == 1 or len(items) < 2:
+    if size == 1 or len(items) < 2 or getattr(_INSIDE, "active", False):
         return [function(item) for item in items]
     return list(_pool(size).map(function, items))
 
@@ -95,7 +112,7 @@ class GzipWriter(io.IOBase):
         self._buffer = bytearray()
         self._pending: deque = deque()
         self._size = self._crc = 0
-        self._threads = workers()
+        self._threads = 1 if getattr(_INSIDE, "active", False) else workers()
         self._aborted = False
         self.mode = "wb"
         self.name = os.fspath(path)
@@ -175,9 +192,3 @@ class GzipWriter(io.IOBase):
         while len(self._pending) > keep:
             self._file.write(self._pending.popleft().result())
 
-
-def write_blocks(function: Callable[[int, int], object], ranges: Sequence[tuple[int, int]]
-                 ) -> None:
-    """Runs ``function(start, stop)`` for each range over :func:`workers` threads (for
-    functions that write their own part of a shared output array)."""
-    map_ordered(lambda bounds: function(*bounds), ranges)

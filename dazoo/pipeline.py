@@ -401,14 +401,16 @@ class Pipeline:
                 f"{extraction.seconds:.1f} s)")
 
     @contextlib.contextmanager
-    def reusing_inputs(self, keep: int = 8):
+    def reusing_inputs(self, keep: int = 8, only: Iterable[str] | None = None):
         """Within the block, an image file given again (same path, unchanged on disk) is not
         read, brain-extracted, aligned and checked again: the last ``keep`` prepared files
         are kept (an atlas registered to a cohort, or every pair of a set, prepares each scan
-        once). ``dazoo register --pairs`` runs in it."""
+        once; at 256^3 a kept scan holds ~150-250 MB). ``only``: keep only these files (real
+        paths), e.g. those known to come again. ``dazoo register --pairs`` runs in it."""
         from collections import OrderedDict
 
-        previous, self._kept = self._kept, (OrderedDict(), int(keep))
+        wanted = None if only is None else {os.path.realpath(p) for p in only}
+        previous, self._kept = self._kept, (OrderedDict(), int(keep), wanted)
         try:
             yield self
         finally:
@@ -422,7 +424,8 @@ class Pipeline:
         it, before the networks run. Inside :meth:`reusing_inputs`, a file prepared before
         is taken from there."""
         key = None
-        if self._kept is not None and isinstance(image, (str, os.PathLike)):
+        if (self._kept is not None and isinstance(image, (str, os.PathLike))
+                and (self._kept[2] is None or os.path.realpath(image) in self._kept[2])):
             try:
                 stat = os.stat(image)
                 key = (os.path.realpath(image), stat.st_mtime_ns, stat.st_size, bool(strict),
@@ -430,13 +433,13 @@ class Pipeline:
             except OSError:
                 key = None
         if key is not None and key in self._kept[0]:
-            kept, _ = self._kept
+            kept = self._kept[0]
             kept.move_to_end(key)
             prepared = kept[key]
         else:
             prepared = self._prepare_new(image, strict, skull_strip, grow)
             if key is not None:
-                kept, size = self._kept
+                kept, size, _ = self._kept
                 kept[key] = prepared
                 while len(kept) > size:
                     kept.popitem(last=False)

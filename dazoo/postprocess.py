@@ -32,7 +32,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from dazoo.errors import DazooInputError
-from dazoo.parallel import map_ordered, slabs
+from dazoo.parallel import map_ordered, slabs, workers
 from dazoo.io import Source, Volume, read_image, read_labels
 from dazoo.preprocess import Preprocessed, snap
 
@@ -42,13 +42,25 @@ __all__ = ["labels_to_native", "image_to_native", "displacement_to_world", "warp
 #: Number of native voxels processed at once by the point-wise functions.
 _CHUNK = 2_000_000
 
+#: Slabs of :func:`_affine_transform` (fixed: results do not depend on the thread count).
+_SLABS = 16
+
+
+def _rows(shape) -> int:
+    """Rows per chunk of the point-wise functions: :data:`_CHUNK` voxels over all threads
+    (their results do not depend on where the chunks start)."""
+    return max(1, _CHUNK // (int(shape[1]) * int(shape[2]) * workers()))
+
 
 def _affine_transform(array: np.ndarray, matrix: np.ndarray, output_shape, *, dtype,
                       **options) -> np.ndarray:
     """``scipy.ndimage.affine_transform(array, matrix, output_shape, output=dtype,
-    **options)`` (``matrix``: ``(4, 4)`` output voxel -> input voxel), computed in slabs along
-    the first output axis by :func:`dazoo.parallel.map_ordered`'s threads; one thread: one
-    call, exactly SciPy's."""
+    **options)`` (``matrix``: ``(4, 4)`` output voxel -> input voxel), computed in
+    :data:`_SLABS` slabs along the first output axis by :func:`dazoo.parallel.map_ordered`'s
+    threads. A slab's offset is added before SciPy's sum, so values may differ from one
+    whole-volume call in the last bit (and a nearest-neighbour tie at exactly half a voxel
+    may round the other way); the slabs depend on the shape only, so the result is the same
+    for any number of threads."""
     output_shape = tuple(int(n) for n in output_shape)
     out = np.empty(output_shape, dtype=dtype)
     matrix = np.asarray(matrix, dtype=np.float64)
@@ -61,7 +73,7 @@ def _affine_transform(array: np.ndarray, matrix: np.ndarray, output_shape, *, dt
         ndi.affine_transform(array, shifted, output_shape=(stop - start,) + output_shape[1:],
                              output=out[start:stop], **options)
 
-    map_ordered(part, slabs(output_shape[0]))
+    map_ordered(part, slabs(output_shape[0], _SLABS))
     return out
 
 
@@ -188,7 +200,7 @@ def _argmax_resample(scores: np.ndarray, matrix: np.ndarray, shape) -> np.ndarra
             result[chunk] = pick
         out[start:stop] = result.reshape(stop - start, shape[1], shape[2])
 
-    map_ordered(part, slabs(shape[0], at_most=max(1, _CHUNK // (shape[1] * shape[2]))))
+    map_ordered(part, slabs(shape[0], at_most=_rows(shape)))
     return out
 
 
@@ -401,7 +413,7 @@ def warp_native(
         out[start:stop] = ndi.map_coordinates(source, coords, order=order, cval=cval,
                                               prefilter=False)
 
-    map_ordered(part, slabs(shape[0], at_most=max(1, _CHUNK // (shape[1] * shape[2]))))
+    map_ordered(part, slabs(shape[0], at_most=_rows(shape)))
     return out
 
 

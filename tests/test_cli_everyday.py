@@ -491,3 +491,19 @@ def test_register_pairs_go_on_past_a_missing_image(preset_dir, scans, tmp_path, 
     err = capsys.readouterr().err
     assert "1 registered, 1 failed" in err
     assert os.listdir(tmp_path / "w") == ["s1_to_s0.nii.gz"]
+
+
+def test_register_pairs_csv_quirks_and_single_pair_options(scans, tmp_path, capsys):  # noqa: F811
+    """A trailing comma is an empty extra field, not a traceback; an error names the CSV's
+    real line (blank lines counted); pairs-only options are refused for one pair."""
+    (s0, _), (s1, _) = scans
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("moving,fixed\n" f"{s0},{s1},\n\n" f"{s1},\n")
+    assert main(["register", "--pairs", str(pairs), "--preset", "brain",
+                 "--moved", f"{tmp_path}/{{moving}}_to_{{fixed}}.nii.gz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "line 4: needs both a moving and a fixed" in err
+    assert main(["register", s0, s1, "--continue-on-error",
+                 "--moved", str(tmp_path / "m.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "go with --pairs" in err

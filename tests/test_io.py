@@ -414,3 +414,25 @@ def test_threaded_gzip_images_hold_nibabels_bytes(tmp_path, monkeypatch, ending)
             == gzip.decompress((tmp_path / f"reference{ending}").read_bytes()))
     back = nib.load(tmp_path / f"dazoo{ending}")
     np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(image.dataobj))
+
+
+def test_thread_pool_survives_fork_and_nesting(monkeypatch):
+    """dazoo.parallel's pool: a map inside a map runs serially in the pool's thread (no
+    deadlock), and a forked child (Keras' multiprocessing workers) gets a pool of its own
+    instead of the parent's threads, which do not exist in it."""
+    import multiprocessing
+
+    from dazoo.parallel import map_ordered
+
+    monkeypatch.setenv("DAZOO_THREADS", "2")
+    nested = map_ordered(lambda i: sum(map_ordered(lambda j: i * j, range(4))), range(5))
+    assert nested == [6 * i for i in range(5)]
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply_async(_square_in_threads).get(timeout=60) == [0, 1, 4, 9]
+
+
+def _square_in_threads():
+    from dazoo.parallel import map_ordered
+
+    return map_ordered(lambda x: x * x, range(4))

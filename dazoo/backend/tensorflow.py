@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import keras
 import tensorflow as tf
@@ -53,16 +54,28 @@ def _without_grappler():
     which Adam's normalised steps grew to 0.2-0.3 voxel differences of the brain preset's
     refined displacement from one run to the next); the graph as traced is deterministic,
     as the eager step, and its first call is ~0.7 s cheaper (no optimisation) at the same
-    step time. The option is process-wide: it is restored after each step."""
-    options = tf.config.optimizer.get_experimental_options()
-    if options.get("disable_meta_optimizer"):
-        yield
-        return
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    step time. The option is process-wide: it is restored when the last step running in
+    any thread ends (and left alone where the user had turned Grappler off)."""
+    global _STEPS_RUNNING, _RESTORE
+    with _GRAPPLER_LOCK:
+        if _STEPS_RUNNING == 0:
+            _RESTORE = not tf.config.optimizer.get_experimental_options().get(
+                "disable_meta_optimizer", False)
+            if _RESTORE:
+                tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+        _STEPS_RUNNING += 1
     try:
         yield
     finally:
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+        with _GRAPPLER_LOCK:
+            _STEPS_RUNNING -= 1
+            if _STEPS_RUNNING == 0 and _RESTORE:
+                tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+
+
+_GRAPPLER_LOCK = threading.Lock()
+_STEPS_RUNNING = 0
+_RESTORE = False
 
 
 def no_grad():
