@@ -120,13 +120,19 @@ def _missing_inputs(inputs: Sequence[str], missing: Sequence[str], verb: str) ->
     ``[(path, error)]``; with no input left at all, the first of them (or "no input") is the
     error."""
     failed = [(path, DazooInputError(path, "no such file or folder")) for path in missing]
-    if not inputs:  # the first error is the command's (printed once, by main)
-        for _, err in failed[1:]:
-            print(f"dazoo: error: {err}", file=sys.stderr)
-        raise failed[0][1] if failed else DazooInputError(verb, "no input")
-    for _, err in failed:
-        print(f"dazoo: error: {err}", file=sys.stderr)
+    if not inputs and not failed:
+        raise DazooInputError(verb, "no input")
+    _report_failed(failed, nothing_left=not inputs)
     return failed
+
+
+def _report_failed(failed: Sequence, *, nothing_left: bool) -> None:
+    """Prints each ``(what, error)`` of ``failed`` in one line; with nothing left to do, the
+    first error is raised instead (main prints it: once)."""
+    for _, err in failed[1:] if nothing_left else failed:
+        print(f"dazoo: error: {err}", file=sys.stderr)
+    if nothing_left:
+        raise failed[0][1]
 
 
 def _finish(done: int, verb: str, failed: Sequence, keep_going: bool) -> int:
@@ -585,12 +591,7 @@ def _register(args: argparse.Namespace) -> int:
             ready.append(job)
     written_paths = [p for job in jobs for p in list(job["outputs"].values()) + [job["qc"]] if p]
     _check_outputs(written_paths, inputs)
-    if not ready:  # the first error is the command's (printed once, by main)
-        for _, err in failed[1:]:
-            print(f"dazoo: error: {err}", file=sys.stderr)
-        raise failed[0][1]
-    for _, err in failed:
-        print(f"dazoo: error: {err}", file=sys.stderr)
+    _report_failed(failed, nothing_left=not ready)
     # Scans in more than one pair are kept once prepared (see Pipeline.reusing_inputs).
     counts = {}
     for job in ready:

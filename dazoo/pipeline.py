@@ -424,12 +424,13 @@ class Pipeline:
         it, before the networks run. Inside :meth:`reusing_inputs`, a file prepared before
         is taken from there."""
         key = None
-        if (self._kept is not None and isinstance(image, (str, os.PathLike))
-                and (self._kept[2] is None or os.path.realpath(image) in self._kept[2])):
+        real = (os.path.realpath(image)
+                if self._kept is not None and isinstance(image, (str, os.PathLike)) else None)
+        if real is not None and (self._kept[2] is None or real in self._kept[2]):
             try:
-                stat = os.stat(image)
-                key = (os.path.realpath(image), stat.st_mtime_ns, stat.st_size, bool(strict),
-                       skull_strip, bool(grow))
+                stat = os.stat(real)
+                key = (real, stat.st_mtime_ns, stat.st_size, bool(strict), skull_strip,
+                       bool(grow))
             except OSError:
                 key = None
         if key is not None and key in self._kept[0]:
