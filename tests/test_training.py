@@ -55,7 +55,11 @@ def _recipe(folder: pathlib.Path, **training) -> pathlib.Path:
                   "segmentation": {"features": SMALL}},
         "training": {"steps": 8, "checkpoint_every": 2, "validate_every": 4, **training},
         "augmentation": {"rotation": 5, "gamma": 0.1, "phases": ["segmentation"]},
-        "card": {"license": "CC0-1.0", "notes": ["synthetic test data"]},
+        "card": {"license": "CC0-1.0", "notes": ["synthetic test data"],
+                 # The paper as a recipe may cite it (no DOI): the card cites it once.
+                 "citations": ["Xu Z., Niethammer M. DeepAtlas: Joint Semi-supervised Learning "
+                               "of Image Registration and Segmentation. MICCAI 2019.",
+                               "Someone A. A data set. 2020."]},
     }
     path = folder / "recipe.json"
     path.write_text(json.dumps(recipe))
@@ -337,6 +341,8 @@ def test_export_writes_a_verified_preset_from_the_run_record(trained, exported):
     assert "dazoo.load('path/to/tinypreset')" in card and "dazoo.load('tinypreset')" not in card
     assert meta["version"] == "1" and meta["dazoo_version"] == dazoo.__version__
     assert "Fine-tuning data" not in card  # trained, not fine-tuned
+    assert card.count("DeepAtlas: Joint") == 1 and "10.1007/978-3-030-32245-8_47" in card
+    assert "Someone A. A data set. 2020." in card
     assert exported.file("recipe.json").is_file()
     model = DeepAtlas.from_preset(exported.path)
     weights, _ = _state(run.folder / "best.keras")

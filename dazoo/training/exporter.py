@@ -21,6 +21,12 @@ DEEPATLAS_CITATION = (
     "Segmentation. MICCAI 2019. doi:10.1007/978-3-030-32245-8_47")
 
 
+def _cites_deepatlas(citation: str) -> bool:
+    """Whether a recipe's citation is the DeepAtlas paper (with or without its DOI), which
+    every card already cites first."""
+    return citation.startswith("Xu Z., Niethammer M. DeepAtlas")
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -133,7 +139,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
         **({"refine": dict(c["inference"]["refine"])} if c["inference"].get("refine") else {}),
         "notes": list(card["notes"]),
         "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]
-                                             if x != DEEPATLAS_CITATION],
+                                             if not _cites_deepatlas(x)],
     }
     files = {"recipe.json": folder / "recipe.json"}
     if template_source is not None:
