@@ -154,6 +154,10 @@ def test_knee_v2_card_sections_carry_the_measured_numbers():
     summary["two subjects"]["refined"] = {name: 0.6 for name in names} | {"mean": 0.6}
     (_, text), = module.card_sections({"registration": {"summary": summary}}, "CMD")
     assert "| two subjects | 2 | deformable, refined (segmenter-guided) | " + " | ".join(["0.600"] * 7) in text
+    assert text.startswith("Every ordered pair")
+    (_, text), = module.card_sections(
+        {"registration": {"summary": summary, "of": 72, "every": 3}}, "CMD")
+    assert text.startswith("2 of the 72 ordered pairs of the held-out images (one in 3)")
     assert module.card_sections({}, "CMD") == []
     dess = {"segment_seconds": 2.0, "volumes_ml": {name: 10.0 + k for k, name in enumerate(names)},
             "left_knee_agreement": {name: 0.9 for name in names}, "femur_to_top_edge_mm": 2.5,
