@@ -459,6 +459,18 @@ class Pipeline:
         pre = self.preprocess(volume, grow=grow)
         measured = self.measure(volume, pre)
         warnings = check_input(measured, self.checks) if self.checks is not None else []
+        if grow:
+            from dazoo.preprocess import preprocessor
+
+            full = self.preprocessor.covering_shape(volume, pre.alignment, limit=None)
+            if tuple(full) != tuple(pre.array.shape):
+                mm = self.preprocessor.config.voxel_size
+                size = " x ".join(f"{n * v:.0f}" for n, v in zip(pre.array.shape, mm))
+                wide = " x ".join(f"{n * v:.0f}" for n, v in zip(full, mm))
+                warnings.append(
+                    f"field of view about {wide} mm (model axes), wider than this preset "
+                    f"segments ({size} mm around its centre, the grid grown to the "
+                    f"{preprocessor.GROW_LIMIT:g}x limit): nothing outside that box is labelled")
         if strict and warnings:
             self._refuse(volume, warnings)
         return _Input(original, volume, pre, list(warnings), mask, note, measured)

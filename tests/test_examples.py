@@ -169,3 +169,7 @@ def test_knee_v2_card_sections_carry_the_measured_numbers():
     assert "![" not in text  # no picture in the preset: no link
     (title, text), = module.card_sections({"dess": dess}, "CMD", picture="qc.png")
     assert "![DESS segmentation](qc.png)" in text
+    assert "network alone" not in text
+    dess["left_knee_agreement_network_alone"] = {name: 0.8 for name in names}
+    (title, text), = module.card_sections({"dess": dess}, "CMD")
+    assert "| tibia | 12.00 | 0.900 | 0.800 |" in text and "by construction" in text

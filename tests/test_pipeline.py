@@ -376,13 +376,21 @@ def test_covering_shape_grows_to_the_field_of_view_in_network_steps():
     lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -2.0, 0, 0], [0, 0, 0, 1]])
     noise = np.random.default_rng(0).random((20, 45, 70), np.float32)
     tall = Volume(noise, lia, None)  # S-I 90 mm, A-P 70 mm
-    assert pre.covering_shape(tall) == (16, 40, 48)
+    assert pre.covering_shape(tall, limit=None) == (16, 40, 48)
     small = Volume(np.zeros((10, 10, 10), np.float32), np.eye(4), None)
     assert pre.covering_shape(small) == (16, 16, 32)
-    out = pre.apply(tall, shape="cover")
-    assert out.array.shape == (16, 40, 48)
+    # At most GROW_LIMIT (2x) the grid's voxels: the field of view shrunk evenly to fit
+    # (a 256 mm head on the knee grid needed 6.7x and ran out of 24 GiB).
+    assert pre.covering_shape(tall) == (16, 32, 32)                # 2.0x; 40/48 -> 32/32
+    assert pre.covering_shape(tall, limit=3.0) == (16, 32, 40)     # 2.5x (even: 0.9 of each)
+    head = Volume(np.zeros((128, 128, 128), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), None)
+    assert pre.covering_shape(head) == (16, 16, 32)  # any even growth would pass 2x
+    assert pre.apply(tall, shape="cover").array.shape == (16, 32, 32)
+    wide = Volume(np.random.default_rng(1).random((50, 20, 20), np.float32), np.eye(4), None)
+    out = pre.apply(wide, shape="cover")
+    assert out.array.shape == (32, 16, 32)
     # every native voxel centre lies inside the grown grid (nothing of the scan is cut)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in tall.shape], indexing="ij"), -1)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in wide.shape], indexing="ij"), -1)
     points = grid.reshape(-1, 3) @ out.native_to_model[:3, :3].T + out.native_to_model[:3, 3]
     assert (points >= -0.5).all() and (points <= np.array(out.array.shape) - 0.5).all()
     with pytest.raises(DazooInputError, match="cover"):
@@ -452,6 +460,13 @@ def test_segment_grows_the_grid_when_the_preset_says_so(preset_dir, tmp_path):
     for a, b in zip(grown.segmenter((64, 32, 32)).get_weights(),
                     plain.model.segmentation_net.get_weights()):
         np.testing.assert_array_equal(a, b)
+    assert not any("wider than this preset segments" in w for w in wide.warnings)
+    # 200 mm would need 3.5x the grid's voxels: grown to the 2x limit, and said so.
+    longer = ndi.gaussian_filter(rng.random((100, 30, 30)), 2).astype(np.float32)
+    result = grown.segment((longer, np.diag([2.0, 2.0, 2.0, 1.0])))
+    (shape,) = grown._segmenters
+    assert shape == (64, 32, 32) and result.labels.shape == (100, 30, 30)
+    assert any("wider than this preset segments (128 x 64 x 64 mm" in w for w in result.warnings)
 
 
 def test_reusing_inputs_prepares_each_file_once(preset_dir, scans, tmp_path, monkeypatch):

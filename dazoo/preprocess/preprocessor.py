@@ -87,6 +87,10 @@ class Preprocessed:
         )
 
 
+#: A grown model grid holds at most this many times the preset grid's voxels.
+GROW_LIMIT = 2.0
+
+
 class Preprocessor:
     """Maps native scans onto a model grid, as a :class:`PreprocessConfig` describes.
 
@@ -146,14 +150,17 @@ class Preprocessor:
             parts.append(self._template_digest[1])
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
-    def covering_shape(self, volume: Volume, alignment: np.ndarray | None = None
-                       ) -> tuple[int, ...]:
+    def covering_shape(self, volume: Volume, alignment: np.ndarray | None = None, *,
+                       limit: float | None = GROW_LIMIT) -> tuple[int, ...]:
         """The model grid's shape grown (never shrunk) to hold the input's whole field of
         view, each size a multiple of ``2**config.levels`` (the networks' divisibility):
         ``config.shape`` for an input that fits. The field of view is measured along the
         model axes (``config.orientation``), in ``config.voxel_size`` voxels, through the
         alignment to the template when there is one (``alignment``: :meth:`align`'s, when
-        already computed)."""
+        already computed). ``limit``: at most this many times ``config.shape``'s voxels
+        (memory grows with them: a 256 mm head on the knee grid would need 6.7x and ran a
+        24 GiB machine out of memory), the field of view shrunk evenly until it fits; the
+        grid stays centred, so what lies beyond is not covered. ``None``: no limit."""
         cfg = self.config
         frame = grid_affine(orientation=cfg.orientation, voxel_size=cfg.voxel_size,
                             shape=cfg.shape, centre=np.zeros(3))[:3, :3]
@@ -168,7 +175,16 @@ class Preprocessor:
         extent = voxels.max(0) - voxels.min(0)
         step = 2 ** int(cfg.levels)
         needed = (np.ceil(extent / step - 1e-6) * step).astype(int)
-        return tuple(int(max(a, b)) for a, b in zip(cfg.shape, needed))
+        shape = tuple(int(max(a, b)) for a, b in zip(cfg.shape, needed))
+        if limit is None:
+            return shape
+        budget = max(float(limit), 1.0) * float(np.prod(cfg.shape))
+        for scale in np.linspace(1.0, 0.0, 101):  # the field of view scaled down evenly
+            fits = tuple(int(max(a, np.floor(b * scale / step) * step))
+                         for a, b in zip(cfg.shape, needed))
+            if np.prod(fits, dtype=float) <= budget:
+                return fits
+        return tuple(int(a) for a in cfg.shape)
 
     def model_grid(self, volume: Volume, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """``(4, 4)`` voxel -> world affine of the model grid for this input.

@@ -121,14 +121,20 @@ def card_sections(results: dict, command: str, picture: str | None = None
         plates = ", ".join(f"{plate} {c[f'{plate} volume mL']:.2f} mL, mean thickness "
                            f"{c[f'{plate} thickness mm']:.2f} mm"
                            for plate in ("femoral", "tibial", "patellar"))
-        lines = ["| structure | volume (mL) | mirrored-copy Dice |", "|---|---|---|"] + [
+        alone = d.get("left_knee_agreement_network_alone")
+        lines = ["| structure | volume (mL) | mirrored-copy Dice |"
+                 + (" same, network alone (no flip averaging) |" if alone else ""),
+                 "|---|---|---|" + ("---|" if alone else "")] + [
             f"| {name} | {d['volumes_ml'][name]:.2f} | {d['left_knee_agreement'][name]:.3f} |"
-            for name in NAMES.values()]
+            + (f" {alone[name]:.3f} |" if alone else "") for name in NAMES.values()]
         sections.append(("The real DESS scan", (
             "The real sagittal DESS scan `knee-dess/dess_echo1.nii.gz` (unlabelled: a "
             "plausibility check, not a score), `dazoo segment --preset knee` on its own grid "
             f"in {d['segment_seconds']} s. Volumes, and the scan mirrored left-right (a left "
-            "knee) segmented and mirrored back, Dice against the original's segmentation:\n\n"
+            "knee) segmented and mirrored back, Dice against the original's segmentation"
+            + ((" (with the preset's flip averaging the two agree almost by construction: "
+                "both average the scan with its mirror; the last column is the network "
+                "alone on each)") if alone else "") + ":\n\n"
             + "\n".join(lines) + f"\n\nCartilage: {plates} (the mean distance from the "
             "cartilage touching its bone to the articular surface, `evaluate_folder.py`). The "
             f"femur's labels reach {d['femur_to_top_edge_mm']} mm from the field of view's top "
@@ -264,6 +270,13 @@ def main(argv=None) -> int:
         axis = int(np.argmax(np.abs(affine[0, :3])))
         mirrored = io.Volume(np.flip(image.array, axis).copy(), image.affine, None)
         left = np.flip(pipeline.segment(mirrored).labels.array, axis)
+        network_alone = None
+        if pipeline.default_flip:
+            # Flip averaging makes the mirrored copy agree almost by construction (both
+            # average the scan with its mirror): the network alone is the test of left knees.
+            plain = pipeline.segment(dess, flip=False).labels.array
+            plain_left = np.flip(pipeline.segment(mirrored, flip=False).labels.array, axis)
+            network_alone = per_structure(dice_per_label(plain, plain_left, ids))
         results["dess"] = {
             "segment_seconds": round(seg.seconds, 1),
             "volumes_ml": {NAMES[i]: round(float((labels == i).sum() * voxel_ml), 2) for i in ids},
@@ -271,6 +284,7 @@ def main(argv=None) -> int:
             "femur_to_top_edge_mm": round(bone_reach_mm(labels, affine, 1, "top"), 1),
             "tibia_to_bottom_edge_mm": round(bone_reach_mm(labels, affine, 3, "bottom"), 1),
             "left_knee_agreement": per_structure(dice_per_label(labels, left, ids)),
+            **({"left_knee_agreement_network_alone": network_alone} if network_alone else {}),
             "confidence": (seg.measures or {}).get("confidence"),
             "warnings": list(seg.warnings)}
         title = f"{dess.name}: dazoo segment --preset {pipeline.name}"
