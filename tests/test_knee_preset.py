@@ -2,6 +2,7 @@
 DESS scan (unlabelled, ``../shared/data/knee-dess``; skipped without it) what the issue asks
 of it: output on the scan's own grid, bones whole inside the field of view, cartilage plates
 continuous, volumes of a knee. Thresholds come from anatomy, not from a measured run."""
+import importlib.util
 import pathlib
 
 import numpy as np
@@ -26,14 +27,12 @@ def test_knee_preset_is_version_2_with_oai_zib_ids():
 
 def _reach_mm(mask, affine, end):
     """mm from the mask's most superior ("top") / inferior voxel to that edge of the field of
-    view, along the voxel axis closest to superior-inferior."""
-    axis = int(np.argmax(np.abs(affine[2, :3])))
-    where = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
-    spacing = float(np.linalg.norm(affine[:3, axis]))
-    top_is_high = affine[2, axis] > 0
-    if (end == "top") == top_is_high:
-        return (mask.shape[axis] - 1 - where.max()) * spacing
-    return where.min() * spacing
+    view: examples/knee/evaluate_v2.py's ``bone_reach_mm`` (tested in test_examples.py)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "knee" / "evaluate_v2.py"
+    spec = importlib.util.spec_from_file_location("knee_evaluate_v2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.bone_reach_mm(mask.astype(np.uint8), affine, 1, end)
 
 
 def _largest_pieces_fraction(mask, pieces):
