@@ -985,6 +985,22 @@ def _command_line() -> str:
     return "dazoo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _precision_arg(value):
+    """``--precision``'s value (a name or a JSON object), checked; None when not given."""
+    import json
+
+    from dazoo.training.precision import network_precisions
+
+    if value is None:
+        return None
+    try:
+        precision = json.loads(value) if value.lstrip().startswith("{") else value
+        network_precisions(precision)
+    except ValueError as e:
+        raise DazooInputError("--precision", str(e)) from None
+    return precision
+
+
 def _train(args: argparse.Namespace) -> int:
     tensorflow()  # its start-up quiet (main asked for it)
     from dazoo.training.engine import make_strategy, train
@@ -993,8 +1009,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe is not None or args.output is not None:
             raise DazooInputError("--resume", "give only the run folder: dazoo train --resume RUN/")
-        run = train(None, args.resume, resume=True, strategy=strategy, log=_log)
+        run = train(None, args.resume, resume=True, strategy=strategy,
+                    precision=_precision_arg(args.precision), log=_log)
     else:
+        if args.precision is not None:
+            raise DazooInputError("--precision", "is for --resume; a new run takes the "
+                                  "recipe's (--set precision=...)")
         if args.recipe is None or args.output is None:
             raise DazooInputError("train", "needs RECIPE.json and -o RUN/ (or --resume RUN/)")
         from dazoo.training.recipe import Recipe
@@ -1027,6 +1047,10 @@ def _add_train(sub) -> None:
     p.add_argument("recipe", nargs="?", help="recipe file (JSON)")
     p.add_argument("-o", "--output", metavar="RUN", help="run folder (new)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+    p.add_argument("--precision", metavar="P",
+                   help="with --resume: continue in this precision (float32, mixed_bfloat16 "
+                        "or a JSON object per network), e.g. float32 on a machine that "
+                        "emulates bfloat16; recorded in the run")
     p.add_argument("--data", help="training data (CSV manifest or folder) instead of the "
                                   "recipe's data.train")
     _add_patterns(p)

@@ -292,6 +292,57 @@ def test_a_killed_run_resumes_exactly(trained, tmp_path):
     assert history[-1]["native_seg_dice"] == run.validation[-1]["native_seg_dice"]
 
 
+def test_resume_in_another_precision_keeps_the_state_and_records_the_switch(trained,
+                                                                            tmp_path):
+    """``--precision`` on resume (bfloat16 is emulated, several times slower, on CPUs without
+    AVX512-BF16/AMX): the networks come back with the new dtype policy and the checkpoint's
+    exact weights and optimizer state, the run's recipe.json and run.json say so, and the run
+    trains on."""
+    from dazoo.training import train
+    from dazoo.training.engine import load_checkpoint
+
+    _, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run.folder, copy)
+    weights, optimizers = _state(copy / "checkpoint.keras")
+    switched = load_checkpoint(copy / "checkpoint.keras", "mixed_bfloat16")
+    assert switched.segmentation_net.dtype_policy.name == "mixed_bfloat16"
+    assert switched.registration_net.dtype_policy.name == "float32"  # the recipe's meaning
+    assert switched.segmentation_net.compute_dtype == "bfloat16"
+    for got, expected in zip(switched.get_weights() + [np.asarray(v) for v in
+                                                      switched.reg_optimizer.variables
+                                                      + switched.seg_optimizer.variables],
+                             weights + optimizers):
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+
+    # Two more steps in the new precision.
+    recipe = json.loads((copy / "recipe.json").read_text())
+    recipe["training"]["steps"] = 10
+    (copy / "recipe.json").write_text(json.dumps(recipe))
+    messages = []
+    resumed = train(None, copy, resume=True, precision="mixed_bfloat16", verbose=0,
+                    log=messages.append)
+    assert resumed.steps == 10
+    assert resumed.model.segmentation_net.dtype_policy.name == "mixed_bfloat16"
+    assert json.loads((copy / "recipe.json").read_text())["precision"] == "mixed_bfloat16"
+    record = json.loads((copy / "run.json").read_text())
+    assert [(c["at_step"], c["from"], c["to"]) for c in record["precision_changes"]] == [
+        (8, "float32", "mixed_bfloat16")]
+    assert any('precision "float32" -> "mixed_bfloat16" from step 8' in m for m in messages)
+    later = _state(copy / "checkpoint.keras")[0]
+    assert any(not np.array_equal(a, b) for a, b in zip(later, weights))  # it trained on
+    # Asking for the precision it has already changes and records nothing.
+    train(None, copy, resume=True, precision="mixed_bfloat16", verbose=0, log=lambda m: None)
+    assert len(json.loads((copy / "run.json").read_text())["precision_changes"]) == 1
+
+    result = _cli("train", "--resume", copy, "--precision", "float16")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--precision" in result.stderr and "float16" in result.stderr
+    result = _cli("train", tmp_path / "r.json", "-o", tmp_path / "r", "--precision", "float32")
+    assert result.returncode == 2 and "is for --resume" in result.stderr
+
+
 def test_cli_refuses_bad_runs_in_one_line(trained, tmp_path):
     folder, recipe, run = trained
     result = _cli("train", recipe, "-o", run.folder)

@@ -86,6 +86,67 @@ def _precision_here(recipe: Recipe) -> tuple[Recipe, str | None]:
         f"less exact than float32")
 
 
+def _switch_precision(run, precision) -> Recipe:
+    """The resumed run's recipe with ``precision``; a change is written to its
+    ``recipe.json``, logged and recorded in ``run.json`` (applied by :func:`load_checkpoint`)."""
+    network_precisions(precision)  # checked before anything is written
+    old = run.recipe["precision"]
+    if network_precisions(old) == network_precisions(precision):
+        return run.recipe
+    recipe = run.recipe.with_overrides([f"precision={json.dumps(precision)}"])
+    step = run.record.get("steps_completed")
+    record = dict(run.record)
+    record.setdefault("precision_changes", []).append(
+        {"at_step": step, "from": old, "to": precision, "when": now()})
+    from dazoo import io
+
+    io.write_text_atomic(run.path / "recipe.json", recipe.to_json() + "\n")
+    run.write_record(record)
+    run.recipe = recipe
+    run.say(f"precision {json.dumps(old)} -> {json.dumps(precision)} from step {step} on "
+            f"(recorded in run.json and the run's recipe.json)")
+    return recipe
+
+
+def load_checkpoint(path, precision=None):
+    """A run's ``checkpoint.keras`` (a compiled DeepAtlas with its optimizers' state), with
+    each network's dtype policy set from a recipe ``precision`` when given: the weights are
+    float32 under every policy, so only the arithmetic changes."""
+    import tempfile
+    import zipfile
+
+    import keras
+
+    import dazoo.models  # noqa: F401  (registers dazoo's classes)
+
+    if precision is None:
+        return keras.saving.load_model(path)
+    wanted = network_precisions(precision)
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+        nets = config["config"]
+        changed = False
+        for key, net in (("registration", "registration_net"),
+                         ("segmentation", "segmentation_net")):
+            policy = nets[net]["config"]["dtype"]
+            name = policy["config"]["name"] if isinstance(policy, dict) else policy
+            if name != wanted[key]:
+                nets[net]["config"]["dtype"] = {"module": "keras", "class_name": "DTypePolicy",
+                                                "config": {"name": wanted[key]},
+                                                "registered_name": None}
+                changed = True
+        if not changed:
+            return keras.saving.load_model(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = pathlib.Path(tmp) / "checkpoint.keras"
+            with zipfile.ZipFile(copy, "w") as out:
+                for item in archive.infolist():
+                    data = (json.dumps(config).encode() if item.filename == "config.json"
+                            else archive.read(item.filename))
+                    out.writestr(item, data)
+            return keras.saving.load_model(copy)
+
+
 def _segmentation_config(config: dict, num_classes: int, precision) -> dict:
     return dict(config, num_classes=int(num_classes),
                 dtype=network_precisions(precision)["segmentation"])
@@ -252,7 +313,7 @@ def make_strategy(name: str):
 # ----------------------------------------------------------------------------- train
 def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
           resume: bool = False, callbacks: Sequence = (), verbose: int | None = None,
-          command: str | None = None, strategy=None,
+          command: str | None = None, strategy=None, precision=None,
           log: Callable[[str], None] = _stderr) -> Run:
     """Trains the DeepAtlas a recipe declares into the run folder ``out``.
 
@@ -274,6 +335,13 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
             Under ``multi_worker`` every worker runs this function with the same ``out``: the
             chief writes ``out``, worker ``i`` its own copy in ``out/.worker-i`` (so a shared
             file system is not needed, and each can resume from its own checkpoint).
+        precision: with ``resume`` only: continue in this precision (a recipe
+            ``"precision"`` value) instead of the run's, e.g. ``"float32"`` on a machine that
+            emulates bfloat16 (several times slower there). The weights and optimizer state
+            are float32 under either; the arithmetic of the steps from here on changes, so
+            the run is no longer reproducible from its recipe alone: the switch is written
+            to the run's ``recipe.json`` and recorded in ``run.json``
+            (``precision_changes``).
         log: receives the run's messages (also written to ``RUN/train.log``).
 
     Returns:
@@ -304,9 +372,14 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
     run = RunFolder(out, recipe=None if resume else recipe, resume=resume, strategy=strategy,
                     log=log)
     folder, recipe, say = run.path, run.recipe, run.say
+    if precision is not None:
+        if not resume:
+            raise ValueError("precision= is for resuming a run; a new run takes the recipe's")
+        recipe = _switch_precision(run, precision)
     if resume and _uses_bfloat16(recipe["precision"]) and not native_bfloat16():
         say(f"warning: {folder}: the run trains in mixed_bfloat16, which this machine emulates "
-            f"(no AVX512-BF16/AMX, no GPU): expect steps several times slower than float32")
+            f"(no AVX512-BF16/AMX, no GPU): expect steps several times slower than float32 "
+            f"(--precision float32 continues the run in float32)")
     elif fallback:
         say(fallback)
     try:
@@ -325,7 +398,7 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
             if resume and checkpoint.exists():
                 import dazoo.models  # noqa: F401  (registers dazoo's classes)
 
-                model = keras.saving.load_model(checkpoint)
+                model = load_checkpoint(checkpoint, recipe["precision"])
                 say(f"resumed {folder} at step {steps_done(model)}")
             else:
                 keras.utils.set_random_seed(c["seed"])
