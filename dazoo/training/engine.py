@@ -435,7 +435,8 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
             + f" ({len(labelled)} labelled), "
             f"{len(data.validation)} validation; {data.labels.num_classes} classes; steps "
             f"{done} -> {total}")
-        session = {"started": now(), "from_step": done}
+        session = {"started": now(), "from_step": done, "backend": keras.backend.backend(),
+                   "precision": recipe["precision"]}
         record["sessions"].append(session)
         run.write_record(record)
 
