@@ -187,3 +187,22 @@ def test_reslice_motion_is_where_the_anatomy_went():
     expected = motion[:3, :3] @ centre(labels, affine) + motion[:3, 3]
     np.testing.assert_allclose(centre(resliced, volume.affine), expected, atol=0.5)
     assert np.linalg.norm(motion[:3, 3]) > 50            # the anatomy moved far
+
+
+def test_conv_backends_benchmark_prints_one_line_per_backend_and_the_ratio(capsys):
+    """benchmarks/bench_conv_backends.py on a tiny volume: a timing line per backend (each in
+    its own process), a failing backend reported as a line, and the ratio to the first."""
+    import json
+
+    import bench_conv_backends
+
+    pytest.importorskip("torch")
+    assert bench_conv_backends.main(["--backends", "tensorflow,torch,nonesuch", "--shape",
+                                     "6x6x6", "--channels", "2", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in lines[:3]]
+    assert [r["backend"] for r in rows] == ["tensorflow", "torch", "nonesuch"]
+    assert all(r["seconds_per_pass"] > 0 and r["shape"] == [6, 6, 6] for r in rows[:2])
+    assert "unknown backend" in rows[2]["error"]
+    ratio = rows[1]["seconds_per_pass"] / rows[0]["seconds_per_pass"]
+    assert lines[3] == f"torch: {ratio:.2f}x tensorflow's time"

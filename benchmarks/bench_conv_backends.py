@@ -1,0 +1,113 @@
+"""One 3D convolution's forward + backward pass under each Keras backend, side by side.
+
+The joint training step is mostly 3D convolutions and their gradients, so this says quickly
+which backend trains faster on a CPU. Measured on an AMD EPYC with AVX2 only (2 cores, no
+AVX512), 16 -> 16 channels on 112 x 128 x 112 (the brain v3 grid's first level), float32:
+TensorFlow 3.32 s, torch 0.90 s per pass; the whole brain v3 joint step ~108 s vs ~48 s.
+
+    python benchmarks/bench_conv_backends.py                       # tensorflow and torch
+    python benchmarks/bench_conv_backends.py --shape 80x96x80 --channels 32 --backends torch
+
+Each backend runs in its own process (Keras fixes its backend at import); one JSON line per
+backend, then the ratio to the first. Compare figures from one run only: absolute times on a
+shared machine drift.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+BACKENDS = ("tensorflow", "torch", "jax")
+
+
+def _child(backend: str, shape, channels: int, repeats: int) -> dict:
+    if backend not in BACKENDS:
+        raise SystemExit(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    os.environ["KERAS_BACKEND"] = backend
+    import time
+
+    import keras
+    import numpy as np
+
+    x = np.random.default_rng(0).random((1, *shape, channels), dtype=np.float32)
+    layer = keras.layers.Conv3D(channels, 3, padding="same")
+    if backend == "torch":
+        import torch
+
+        inputs = torch.tensor(x, requires_grad=True)
+        layer(inputs)
+
+        def step():
+            layer(inputs).sum().backward()
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        inputs = tf.constant(x)
+        layer(inputs)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                total = tf.reduce_sum(layer(inputs))
+            return tape.gradient(total, [inputs, *layer.trainable_variables])
+    elif backend == "jax":
+        import jax
+
+        layer.build(x.shape)
+        weights = [v.value for v in layer.trainable_variables]
+
+        def total(w, data):
+            return layer.stateless_call(w, [], data)[0].sum()
+
+        grad = jax.jit(jax.grad(total, argnums=(0, 1)))
+
+        def step():
+            jax.block_until_ready(grad(weights, x))
+    step()  # tracing, allocation
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    seconds = (time.perf_counter() - started) / repeats
+    return {"backend": backend, "shape": list(shape), "channels": channels,
+            "seconds_per_pass": round(seconds, 3)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="tensorflow,torch",
+                        help="comma-separated Keras backends (default: tensorflow,torch)")
+    parser.add_argument("--shape", default="112x128x112", help="volume shape (default: the "
+                        "brain v3 grid)")
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    if args.child:
+        print(json.dumps(_child(args.child, shape, args.channels, args.repeats)))
+        return 0
+    results = []
+    for backend in args.backends.split(","):
+        done = subprocess.run([sys.executable, __file__, "--child", backend, "--shape",
+                               args.shape, "--channels", str(args.channels), "--repeats",
+                               str(args.repeats)], capture_output=True, text=True)
+        if done.returncode:
+            print(json.dumps({"backend": backend, "error": done.stderr.strip()[-300:]}))
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]))
+    if len(results) > 1:
+        first = results[0]
+        for r in results[1:]:
+            print(f"{r['backend']}: {r['seconds_per_pass'] / first['seconds_per_pass']:.2f}x "
+                  f"{first['backend']}'s time")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
