@@ -175,20 +175,10 @@ class Registration:
 
 
 def _infer(net, inputs):
-    """One inference-mode forward pass of ``net``, run eagerly, as NumPy (a dict for a dict
-    output). A single pass is cheaper eagerly than through ``predict_on_batch``, whose first
-    call traces a graph: registration network at 80x96x80 on 2 cores 1.1 s eager against
-    4.0 s (later calls 0.75 vs 0.57 s)."""
-    import keras
+    """One inference pass as NumPy (:func:`dazoo.backend.infer`)."""
+    from dazoo.backend import infer
 
-    if keras.backend.backend() == "torch":
-        import torch
-
-        with torch.no_grad():
-            out = net(inputs, training=False)
-    else:
-        out = net(inputs, training=False)
-    return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), out)
+    return infer(net, inputs)
 
 
 def _mirror_mean(scores: np.ndarray, mirrored: np.ndarray, permutation) -> np.ndarray:

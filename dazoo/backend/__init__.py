@@ -11,6 +11,7 @@ Everything above this package is backend-neutral ``keras.ops`` code; what autogr
 - :func:`value_and_grad` ``(function, compiled, key)``: ``x -> ((loss, aux), dloss/dx)`` for
   test-time refinement (TensorFlow ``GradientTape``, torch autograd, ``jax.grad``);
 - :func:`no_grad`: a context without autograd recording (torch), a no-op elsewhere;
+- :func:`infer` ``(net, inputs)``: one inference pass as NumPy on any backend;
 - :mod:`dazoo.backend.distribute`: the ``tf.distribute`` workarounds (replica counts, global
   batch counts, multi-worker logs).
 
@@ -24,7 +25,7 @@ import keras
 
 from dazoo.backend import distribute
 
-__all__ = ["gradients", "apply", "value_and_grad", "no_grad", "distribute", "name"]
+__all__ = ["gradients", "apply", "value_and_grad", "no_grad", "infer", "distribute", "name"]
 
 _MODULES = {"tensorflow": "dazoo.backend.tensorflow", "torch": "dazoo.backend.torch",
             "jax": "dazoo.backend.jax"}
@@ -73,3 +74,16 @@ def no_grad():
     """``torch.no_grad()`` on the torch backend (no graph kept for a fixed network's pass);
     a no-op elsewhere (TensorFlow records nothing outside a tape, JAX nothing outside grad)."""
     return _module("no_grad").no_grad()
+
+
+def infer(net, inputs):
+    """One inference-mode forward pass of ``net``, run eagerly, as NumPy (a dict for a dict
+    output), on every backend (torch: without autograd, whose tensors NumPy cannot read).
+    A single pass is cheaper eagerly than through ``predict_on_batch``, whose first call
+    traces a graph: registration network at 80x96x80 on 2 cores 1.1 s eager against 4.0 s
+    (later calls 0.75 vs 0.57 s)."""
+    import numpy as np
+
+    with no_grad():
+        out = net(inputs, training=False)
+    return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), out)

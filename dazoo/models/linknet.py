@@ -13,7 +13,19 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-__all__ = ["LinkNet3D", "TorchConvTranspose3D"]
+__all__ = ["LinkNet3D", "TorchConvTranspose3D", "layer_name", "module_path"]
+
+
+def layer_name(path: str) -> str:
+    """The Keras layer name of a PyTorch module path (``down0.block1.double_conv.0`` ->
+    ``down0-block1-double_conv-0``): the torch backend refuses "." in a layer's name (its
+    variables become ``torch.nn.Parameter`` entries)."""
+    return path.replace(".", "-")
+
+
+def module_path(name: str) -> str:
+    """The PyTorch module path of a :func:`layer_name`."""
+    return name.replace("-", ".")
 
 
 @keras.saving.register_keras_serializable(package="dazoo")
@@ -61,15 +73,15 @@ class TorchConvTranspose3D(keras.layers.Layer):
 
 def _conv(x, filters, kernel, stride, padding, name, use_bias=False):
     if padding:
-        x = keras.layers.ZeroPadding3D(padding, name=f"{name}.pad")(x)
+        x = keras.layers.ZeroPadding3D(padding, name=layer_name(f"{name}.pad"))(x)
     return keras.layers.Conv3D(filters, kernel, strides=stride, padding="valid",
-                               use_bias=use_bias, name=name)(x)
+                               use_bias=use_bias, name=layer_name(name))(x)
 
 
 def _norm(x, name):
     # Instance normalisation without scale or shift, eps 1e-5 (PyTorch's InstanceNorm3d).
     return keras.layers.GroupNormalization(groups=-1, center=False, scale=False,
-                                           epsilon=1e-5, name=name)(x)
+                                           epsilon=1e-5, name=layer_name(name))(x)
 
 
 def _relu(x):
@@ -92,7 +104,8 @@ def _block(x, filters, stride, name):
 def _up(x, filters, stride, name):
     width = x.shape[-1] // 4
     y = _relu(_norm(_conv(x, width, 1, 1, 0, f"{name}.conv1.0"), f"{name}.conv1.1"))
-    y = TorchConvTranspose3D(width, 3, stride, 1, stride - 1, name=f"{name}.tp_conv.0")(y)
+    y = TorchConvTranspose3D(width, 3, stride, 1, stride - 1,
+                             name=layer_name(f"{name}.tp_conv.0"))(y)
     y = _relu(_norm(y, f"{name}.tp_conv.1"))
     return _relu(_norm(_conv(y, filters, 1, 1, 0, f"{name}.conv2.0"), f"{name}.conv2.1"))
 
@@ -101,13 +114,14 @@ def LinkNet3D(shape=(None, None, None), *, channels=(16, 32, 64, 128), classes=2
               name="linknet3d") -> keras.Model:
     """deepbet's LinkNet3d as a Keras functional model: ``(batch, D, H, W, 1)`` ->
     class probabilities ``(batch, D, H, W, classes)`` (softmax). Layers are named after the
-    PyTorch modules (``down1.block1.double_conv.0``) so the conversion maps by name.
+    PyTorch modules (``down1-block1-double_conv-0`` for ``down1.block1.double_conv.0``: see
+    :func:`module_path`) so the conversion maps by name.
     Each spatial size must be a multiple of 32."""
     inputs = keras.Input((*shape, 1), name="image")
     c = list(channels)
     x0 = _relu(_norm(_conv(inputs, c[0], 7, 2, 3, "init.0"), "init.1"))
-    x0 = keras.layers.ZeroPadding3D(1, name="init.3.pad")(x0)  # after ReLU: 0 = -inf
-    x0 = keras.layers.MaxPooling3D(3, strides=2, padding="valid", name="init.3")(x0)
+    x0 = keras.layers.ZeroPadding3D(1, name=layer_name("init.3.pad"))(x0)  # after ReLU: 0 = -inf
+    x0 = keras.layers.MaxPooling3D(3, strides=2, padding="valid", name=layer_name("init.3"))(x0)
     skips, x = [], x0
     for stage, (width, stride) in enumerate(zip(c, (1, 2, 2, 2))):
         x = _block(x, width, stride, f"down{stage}.block1")
@@ -119,7 +133,7 @@ def LinkNet3D(shape=(None, None, None), *, channels=(16, 32, 64, 128), classes=2
                                                      (skips[2], skips[1], skips[0], x0))):
         y = keras.layers.Add()([_up(y, width, stride, f"up{stage}"), skip])
     half = c[0] // 2
-    y = TorchConvTranspose3D(half, 3, 2, 1, 1, use_bias=True, name="tp_conv1.0")(y)
+    y = TorchConvTranspose3D(half, 3, 2, 1, 1, use_bias=True, name=layer_name("tp_conv1.0"))(y)
     y = _relu(_norm(y, "tp_conv1.1"))
     y = _relu(_norm(_conv(y, half, 3, 1, 1, "conv.0", use_bias=True), "conv.1"))
     y = TorchConvTranspose3D(classes, 2, 2, 0, 0, use_bias=True, name="tp_conv2")(y)

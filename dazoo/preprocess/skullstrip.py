@@ -166,8 +166,9 @@ class BrainExtractor:
 
     @staticmethod
     def _predict(net, array: np.ndarray) -> np.ndarray:
-        out = net(array[None, ..., None], training=False)
-        return np.asarray(out, np.float32)[0, ..., 1]
+        from dazoo.backend import infer
+
+        return np.asarray(infer(net, array[None, ..., None]), np.float32)[0, ..., 1]
 
     def _small(self, array: np.ndarray):
         small = nearest_exact(array, SMALL)

@@ -43,7 +43,7 @@ def convert(net):
     """A Keras LinkNet3D with the TorchScript network's weights."""
     import keras
 
-    from dazoo.models.linknet import LinkNet3D
+    from dazoo.models.linknet import LinkNet3D, module_path
 
     model = LinkNet3D()
     state = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
@@ -51,12 +51,13 @@ def convert(net):
     for layer in model.layers:
         if not layer.weights:
             continue
-        kernel = state[f"{layer.name}.weight"]
+        path = module_path(layer.name)
+        kernel = state[f"{path}.weight"]
         weights = [np.transpose(kernel, (2, 3, 4, 1, 0))]  # (out|in, in|out, k, k, k) -> Keras
-        used.add(f"{layer.name}.weight")
+        used.add(f"{path}.weight")
         if len(layer.weights) > 1:
-            weights.append(state[f"{layer.name}.bias"])
-            used.add(f"{layer.name}.bias")
+            weights.append(state[f"{path}.bias"])
+            used.add(f"{path}.bias")
         layer.set_weights(weights)
     missing = sorted(set(state) - used)
     if missing:
