@@ -87,6 +87,10 @@ def leaky_relu(x, negative_slope: float = 0.2):
     slope = float(negative_slope)
     if slope <= 0:
         return ops.leaky_relu(x, slope)
+    if keras.backend.backend() == "torch":
+        from dazoo.backend.torch import leaky_relu as torch_leaky_relu
+
+        return torch_leaky_relu(ops.convert_to_tensor(x), slope)
 
     @ops.custom_gradient
     def _leaky_relu(x):

@@ -29,3 +29,30 @@ def value_and_grad(function, *, compiled: bool = True):
 
 def no_grad():
     return torch.no_grad()
+
+
+class _LeakyReLU(torch.autograd.Function):
+    """leaky_relu whose backward pass reads only its output (see :func:`dazoo.ops.leaky_relu`).
+
+    Not through ``keras.ops.custom_gradient``: on torch that keeps the input as well
+    (``save_for_backward(*args)``), and a gradient closure over the output, stored on the
+    context, makes a reference cycle through the autograd graph that Python's collector
+    cannot see, so every activation leaked: the brain v3 training step grew ~1 GB per step.
+    The output is kept through ``save_for_backward``, which breaks that cycle.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slope):
+        y = torch.nn.functional.leaky_relu(x, slope)
+        ctx.slope = slope
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, upstream, upstream * ctx.slope), None
+
+
+def leaky_relu(x, slope: float):
+    return _LeakyReLU.apply(x, slope)
