@@ -1009,8 +1009,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.recipe is not None or args.output is not None:
             raise DazooInputError("--resume", "give only the run folder: dazoo train --resume RUN/")
+        if args.data is not None or args.image is not None or args.labels is not None:
+            raise DazooInputError("--resume", "a resumed run keeps its data")
         run = train(None, args.resume, resume=True, strategy=strategy,
-                    precision=_precision_arg(args.precision), log=_log)
+                    precision=_precision_arg(args.precision), overrides=list(args.set or ()),
+                    log=_log)
     else:
         if args.precision is not None:
             raise DazooInputError("--precision", "is for --resume; a new run takes the "
@@ -1059,7 +1062,8 @@ def _add_train(sub) -> None:
                         "(multi_worker, cluster in TF_CONFIG); batch_size is the global batch")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set training.steps=300 (JSON values; "
-                        "repeatable)")
+                        "repeatable); with --resume only training.checkpoint_every, "
+                        "training.validate_every and training.validation_pairs")
     p.set_defaults(run=_train)
 
 

@@ -336,6 +336,19 @@ def test_resume_in_another_precision_keeps_the_state_and_records_the_switch(trai
     train(None, copy, resume=True, precision="mixed_bfloat16", verbose=0, log=lambda m: None)
     assert len(json.loads((copy / "run.json").read_text())["precision_changes"]) == 1
 
+    # Bookkeeping may change on resume (recorded); the math and the data may not.
+    train(None, copy, resume=True, overrides=["training.checkpoint_every=1",
+                                              "training.validate_every=5"],
+          verbose=0, log=lambda m: None)
+    record = json.loads((copy / "run.json").read_text())
+    assert [(c["at_step"], c["key"], c["from"], c["to"]) for c in record["changes"]] == [
+        (10, "training.checkpoint_every", 2, 1), (10, "training.validate_every", 4, 5)]
+    assert json.loads((copy / "recipe.json").read_text())["training"]["checkpoint_every"] == 1
+    result = _cli("train", "--resume", copy, "--set", "training.steps=20")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "training.steps" in result.stderr and "can change only" in result.stderr
+    result = _cli("train", "--resume", copy, "--data", copy)
+    assert result.returncode == 2 and "keeps its data" in result.stderr
     result = _cli("train", "--resume", copy, "--precision", "float16")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--precision" in result.stderr and "float16" in result.stderr

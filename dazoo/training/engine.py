@@ -86,6 +86,41 @@ def _precision_here(recipe: Recipe) -> tuple[Recipe, str | None]:
         f"less exact than float32")
 
 
+#: Recipe keys a resumed run may change (``dazoo train --resume RUN --set KEY=VALUE``).
+RESUME_KEYS = ("training.checkpoint_every", "training.validate_every",
+               "training.validation_pairs")
+
+
+def _resume_overrides(run, overrides) -> Recipe:
+    """The resumed run's recipe with bookkeeping ``overrides`` (:data:`RESUME_KEYS`),
+    checked like a new recipe, written to its ``recipe.json`` and recorded in ``run.json``."""
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    refused = [k for k in keys if k not in RESUME_KEYS]
+    if refused:
+        raise DazooInputError("--set", f"a resumed run can change only {list(RESUME_KEYS)} "
+                                       f"(its math and batches stay the run's), not {refused}")
+    recipe = run.recipe.with_overrides(list(overrides))
+    step = run.record.get("steps_completed") or 0
+    for key in keys:
+        section, name = key.split(".")
+        old, new = run.recipe[section][name], recipe[section][name]
+        if old == new:
+            continue
+        if name == "checkpoint_every" and step % new:
+            raise DazooInputError("--set", f"{key}={new}: the run is at step {step}, not a "
+                                           f"multiple of it")
+        record = dict(run.record)
+        record.setdefault("changes", []).append(
+            {"at_step": step, "key": key, "from": old, "to": new, "when": now()})
+        run.write_record(record)
+        run.say(f"{key} {old} -> {new} from step {step} on (recorded in run.json)")
+    from dazoo import io
+
+    io.write_text_atomic(run.path / "recipe.json", recipe.to_json() + "\n")
+    run.recipe = recipe
+    return recipe
+
+
 def _switch_precision(run, precision) -> Recipe:
     """The resumed run's recipe with ``precision``; a change is written to its
     ``recipe.json``, logged and recorded in ``run.json`` (applied by :func:`load_checkpoint`)."""
@@ -313,7 +348,7 @@ def make_strategy(name: str):
 # ----------------------------------------------------------------------------- train
 def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
           resume: bool = False, callbacks: Sequence = (), verbose: int | None = None,
-          command: str | None = None, strategy=None, precision=None,
+          command: str | None = None, strategy=None, precision=None, overrides=(),
           log: Callable[[str], None] = _stderr) -> Run:
     """Trains the DeepAtlas a recipe declares into the run folder ``out``.
 
@@ -342,6 +377,11 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
             the run is no longer reproducible from its recipe alone: the switch is written
             to the run's ``recipe.json`` and recorded in ``run.json``
             (``precision_changes``).
+        overrides: with ``resume`` only: ``KEY=VALUE`` changes of the run's bookkeeping
+            that leave its arithmetic and its batches as they were (:data:`RESUME_KEYS`:
+            how often it checkpoints and validates, how many validation pairs), written and
+            recorded like ``precision`` (``run.json``: ``changes``). Batches are drawn by
+            step number, so the same steps see the same batches.
         log: receives the run's messages (also written to ``RUN/train.log``).
 
     Returns:
@@ -372,10 +412,14 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
     run = RunFolder(out, recipe=None if resume else recipe, resume=resume, strategy=strategy,
                     log=log)
     folder, recipe, say = run.path, run.recipe, run.say
-    if precision is not None:
+    if precision is not None or overrides:
         if not resume:
-            raise ValueError("precision= is for resuming a run; a new run takes the recipe's")
-        recipe = _switch_precision(run, precision)
+            raise ValueError("precision= and overrides= are for resuming a run; a new run "
+                             "takes its recipe's")
+        if overrides:
+            recipe = _resume_overrides(run, overrides)
+        if precision is not None:
+            recipe = _switch_precision(run, precision)
     if resume and _uses_bfloat16(recipe["precision"]) and not native_bfloat16():
         say(f"warning: {folder}: the run trains in mixed_bfloat16, which this machine emulates "
             f"(no AVX512-BF16/AMX, no GPU): expect steps several times slower than float32 "
