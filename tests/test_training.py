@@ -356,6 +356,35 @@ def test_resume_in_another_precision_keeps_the_state_and_records_the_switch(trai
     assert result.returncode == 2 and "is for --resume" in result.stderr
 
 
+def test_a_run_resumed_with_another_checkpoint_interval_trains_the_same(trained, tmp_path):
+    """Killed at step 4, resumed with checkpoints every step: the same weights as the
+    uninterrupted run (the batches' draws keep the first interval as their period)."""
+    folder, recipe, run = trained
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, keras
+        from dazoo.training import train
+
+        class Kill(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        train({str(recipe)!r}, {str(killed)!r}, callbacks=[Kill()], verbose=0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == -9, result.stderr[-2000:]
+    result = _cli("train", "--resume", killed, "--set", "training.checkpoint_every=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training.checkpoint_every 2 -> 1 from step 4" in result.stderr
+    assert len((killed / "log.csv").read_text().splitlines()) == 1 + 2 + 4  # 2 + 4 intervals
+    weights, optimizers = _state(killed / "checkpoint.keras")
+    expected_weights, expected_optimizers = _state(run.folder / "checkpoint.keras")
+    for got, expected in zip(weights + optimizers, expected_weights + expected_optimizers):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_cli_refuses_bad_runs_in_one_line(trained, tmp_path):
     folder, recipe, run = trained
     result = _cli("train", recipe, "-o", run.folder)

@@ -91,6 +91,16 @@ RESUME_KEYS = ("training.checkpoint_every", "training.validate_every",
                "training.validation_pairs")
 
 
+def _sampling_period(record, training) -> int:
+    """The steps per epoch that seed each step's draws (:meth:`PairDataset.at_step`): the
+    run's first ``checkpoint_every``, so a resumed run that changed it draws the batches an
+    uninterrupted run would."""
+    for change in (record or {}).get("changes", []):
+        if change["key"] == "training.checkpoint_every":
+            return int(change["from"])
+    return int(training["checkpoint_every"])
+
+
 def _resume_overrides(run, overrides) -> Recipe:
     """The resumed run's recipe with bookkeeping ``overrides`` (:data:`RESUME_KEYS`),
     checked like a new recipe, written to its ``recipe.json`` and recorded in ``run.json``."""
@@ -380,8 +390,8 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         overrides: with ``resume`` only: ``KEY=VALUE`` changes of the run's bookkeeping
             that leave its arithmetic and its batches as they were (:data:`RESUME_KEYS`:
             how often it checkpoints and validates, how many validation pairs), written and
-            recorded like ``precision`` (``run.json``: ``changes``). Batches are drawn by
-            step number, so the same steps see the same batches.
+            recorded like ``precision`` (``run.json``: ``changes``). The batches stay
+            the run's: their draws keep the run's first checkpoint interval as their period.
         log: receives the run's messages (also written to ``RUN/train.log``).
 
     Returns:
@@ -463,7 +473,8 @@ def train(recipe: Recipe | str | os.PathLike | None, out: str | os.PathLike, *,
         dataset = PairDataset.from_subjects(
             data.train + data.label_maps, preprocessor, cache=cache, label_map=data.labels,
             synth=synth, synth_probability=synth_probability,
-            batch_size=t["batch_size"], steps_per_epoch=every, seed=c["seed"],
+            batch_size=t["batch_size"], steps_per_epoch=_sampling_period(run.record, t),
+            seed=c["seed"],
             labelled_fraction=t["labelled_fraction"], map_fraction=t["map_fraction"],
             augment=recipe.augmentation(),
             schedule=model.schedule, augment_phases=c["augmentation"]["phases"],
