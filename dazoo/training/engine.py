@@ -109,26 +109,20 @@ def _resume_overrides(run, overrides) -> Recipe:
     if refused:
         raise DazooInputError("--set", f"a resumed run can change only {list(RESUME_KEYS)} "
                                        f"(its math and batches stay the run's), not {refused}")
-    recipe = run.recipe.with_overrides(list(overrides))
-    step = run.record.get("steps_completed") or 0
+    before = run.recipe
+    recipe = before.with_overrides(list(overrides))
+    step = _steps_completed(run)
     for key in keys:
         section, name = key.split(".")
-        old, new = run.recipe[section][name], recipe[section][name]
+        old, new = before[section][name], recipe[section][name]
         if old == new:
             continue
         if name == "checkpoint_every" and step % new:
             raise DazooInputError("--set", f"{key}={new}: the run is at step {step}, not a "
                                            f"multiple of it")
-        record = dict(run.record)
-        record.setdefault("changes", []).append(
-            {"at_step": step, "key": key, "from": old, "to": new, "when": now()})
-        run.write_record(record)
-        run.say(f"{key} {old} -> {new} from step {step} on (recorded in run.json)")
-    from dazoo import io
-
-    io.write_text_atomic(run.path / "recipe.json", recipe.to_json() + "\n")
-    run.recipe = recipe
-    return recipe
+        _record_change(run, recipe, "changes", {"key": key, "from": old, "to": new},
+                       f"{key} {old} -> {new} from step {step} on (recorded in run.json)")
+    return run.recipe
 
 
 def _switch_precision(run, precision) -> Recipe:
@@ -139,18 +133,28 @@ def _switch_precision(run, precision) -> Recipe:
     if network_precisions(old) == network_precisions(precision):
         return run.recipe
     recipe = run.recipe.with_overrides([f"precision={json.dumps(precision)}"])
-    step = run.record.get("steps_completed")
-    record = dict(run.record)
-    record.setdefault("precision_changes", []).append(
-        {"at_step": step, "from": old, "to": precision, "when": now()})
+    _record_change(run, recipe, "precision_changes", {"from": old, "to": precision},
+                   f"precision {json.dumps(old)} -> {json.dumps(precision)} from step "
+                   f"{_steps_completed(run)} on (recorded in run.json and the run's recipe.json)")
+    return run.recipe
+
+
+def _steps_completed(run) -> int:
+    return run.record.get("steps_completed") or 0
+
+
+def _record_change(run, recipe: Recipe, field: str, change: dict, message: str) -> None:
+    """A resumed run's recipe changed: ``change`` (with the step and time) appended to the
+    list ``field`` of its ``run.json``, the recipe written as its ``recipe.json``, logged."""
     from dazoo import io
 
-    io.write_text_atomic(run.path / "recipe.json", recipe.to_json() + "\n")
+    record = dict(run.record)
+    record.setdefault(field, []).append({"at_step": _steps_completed(run), **change,
+                                         "when": now()})
     run.write_record(record)
+    io.write_text_atomic(run.path / "recipe.json", recipe.to_json() + "\n")
     run.recipe = recipe
-    run.say(f"precision {json.dumps(old)} -> {json.dumps(precision)} from step {step} on "
-            f"(recorded in run.json and the run's recipe.json)")
-    return recipe
+    run.say(message)
 
 
 def load_checkpoint(path, precision=None):
