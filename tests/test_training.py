@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import dazoo
 import keras
@@ -355,6 +356,60 @@ def test_resume_in_another_precision_keeps_the_state_and_records_the_switch(trai
     result = _cli("train", tmp_path / "r.json", "-o", tmp_path / "r", "--precision", "float32")
     assert result.returncode == 2 and "is for --resume" in result.stderr
 
+
+
+_TORCH_RESUME = """
+import json, pathlib, sys
+from dazoo.training import train
+run = pathlib.Path(sys.argv[1])
+recipe = json.loads((run / "recipe.json").read_text())
+recipe["training"]["steps"] = 10
+(run / "recipe.json").write_text(json.dumps(recipe))
+train(None, run, resume=True, verbose=0, log=lambda m: None)
+print("torch trained to", json.loads((run / "run.json").read_text())["steps_completed"])
+"""
+
+
+@pytest.mark.torch
+def test_a_run_resumes_on_another_backend(trained, tmp_path):
+    """A checkpoint written under torch trains on under TensorFlow (and one written under
+    TensorFlow under torch): Keras saves the backend's own optimizer class (under torch one
+    whose update calls torch on the variables; it failed with "expected Tensor ... got
+    ResourceVariable"); it is read as ``keras.optimizers``' with the same state."""
+    pytest.importorskip("torch")
+    from dazoo.training import train
+    from dazoo.training.engine import load_checkpoint
+
+    _, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run.folder, copy)
+    result = subprocess.run([sys.executable, "-c", _TORCH_RESUME, str(copy)],
+                            env={**os.environ, "KERAS_BACKEND": "torch"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch trained to 10" in result.stdout
+    saved = json.loads(zipfile.ZipFile(copy / "checkpoint.keras").read("config.json"))
+    assert "torch" in saved["compile_config"]["reg_optimizer"]["module"]  # what Keras writes
+
+    model = load_checkpoint(copy / "checkpoint.keras")
+    assert "torch" not in type(model.reg_optimizer).__module__
+    weights, optimizers = _state(copy / "checkpoint.keras")  # the file as Keras reads it
+    state = [np.asarray(v) for v in model.reg_optimizer.variables
+             + model.seg_optimizer.variables]
+    assert len(state) == len(optimizers) > 2
+    for got, expected in zip(model.get_weights() + state, weights + optimizers):
+        np.testing.assert_array_equal(got, expected)
+
+    recipe = json.loads((copy / "recipe.json").read_text())
+    recipe["training"]["steps"] = 12
+    (copy / "recipe.json").write_text(json.dumps(recipe))
+    before = model.get_weights()
+    resumed = train(None, copy, resume=True, verbose=0, log=lambda m: None)
+    assert resumed.steps == 12
+    backends = [s.get("backend") for s in json.loads((copy / "run.json").read_text())["sessions"]]
+    assert backends[-2:] == ["torch", "tensorflow"]
+    later = load_checkpoint(copy / "checkpoint.keras").get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(later, before))  # it trained on
 
 def test_a_run_resumed_with_another_checkpoint_interval_trains_the_same(trained, tmp_path):
     """Killed at step 4, resumed with checkpoints every step: the same weights as the

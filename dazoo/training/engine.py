@@ -157,10 +157,15 @@ def _record_change(run, recipe: Recipe, field: str, change: dict, message: str) 
     run.say(message)
 
 
-def load_checkpoint(path, precision=None):
-    """A run's ``checkpoint.keras`` (a compiled DeepAtlas with its optimizers' state), with
-    each network's dtype policy set from a recipe ``precision`` when given: the weights are
-    float32 under every policy, so only the arithmetic changes."""
+def load_checkpoint(path, precision=None, *, compile=True):
+    """A run's ``checkpoint.keras`` (a compiled DeepAtlas with its optimizers' state) under
+    the backend in use, with each network's dtype policy set from a recipe ``precision`` when
+    given: the weights are float32 under every policy, so only the arithmetic changes.
+
+    Keras writes a backend's own optimizer class into the file (under torch
+    ``keras.src.backend.torch.optimizers.torch_adam.Adam``, whose update calls torch on the
+    variables), so a checkpoint saved under one backend would not train under another; those
+    classes are read as the public ``keras.optimizers`` ones, whose variables are the same."""
     import tempfile
     import zipfile
 
@@ -168,24 +173,13 @@ def load_checkpoint(path, precision=None):
 
     import dazoo.models  # noqa: F401  (registers dazoo's classes)
 
-    if precision is None:
-        return keras.saving.load_model(path)
-    wanted = network_precisions(precision)
     with zipfile.ZipFile(path) as archive:
         config = json.loads(archive.read("config.json"))
-        nets = config["config"]
-        changed = False
-        for key, net in (("registration", "registration_net"),
-                         ("segmentation", "segmentation_net")):
-            policy = nets[net]["config"]["dtype"]
-            name = policy["config"]["name"] if isinstance(policy, dict) else policy
-            if name != wanted[key]:
-                nets[net]["config"]["dtype"] = {"module": "keras", "class_name": "DTypePolicy",
-                                                "config": {"name": wanted[key]},
-                                                "registered_name": None}
-                changed = True
+        changed = _portable_optimizers(config)
+        if precision is not None:
+            changed |= _set_precision(config["config"], network_precisions(precision))
         if not changed:
-            return keras.saving.load_model(path)
+            return keras.saving.load_model(path, compile=compile)
         with tempfile.TemporaryDirectory() as tmp:
             copy = pathlib.Path(tmp) / "checkpoint.keras"
             with zipfile.ZipFile(copy, "w") as out:
@@ -193,7 +187,40 @@ def load_checkpoint(path, precision=None):
                     data = (json.dumps(config).encode() if item.filename == "config.json"
                             else archive.read(item.filename))
                     out.writestr(item, data)
-            return keras.saving.load_model(copy)
+            return keras.saving.load_model(copy, compile=compile)
+
+
+def _portable_optimizers(config) -> bool:
+    """Backend-specific optimizer classes in a saved config replaced by ``keras.optimizers``'
+    (in place); whether anything changed."""
+    changed = False
+    if isinstance(config, dict):
+        module = config.get("module")
+        if (isinstance(module, str) and module.startswith("keras.src.backend.")
+                and ".optimizers" in module):
+            config["module"] = "keras.optimizers"
+            config["registered_name"] = None
+            changed = True
+        for value in config.values():
+            changed |= _portable_optimizers(value)
+    elif isinstance(config, list):
+        for value in config:
+            changed |= _portable_optimizers(value)
+    return changed
+
+
+def _set_precision(nets: dict, wanted: dict) -> bool:
+    """Each network's dtype policy in a DeepAtlas config set to ``wanted`` (in place)."""
+    changed = False
+    for key, net in (("registration", "registration_net"), ("segmentation", "segmentation_net")):
+        policy = nets[net]["config"]["dtype"]
+        name = policy["config"]["name"] if isinstance(policy, dict) else policy
+        if name != wanted[key]:
+            nets[net]["config"]["dtype"] = {"module": "keras", "class_name": "DTypePolicy",
+                                            "config": {"name": wanted[key]},
+                                            "registered_name": None}
+            changed = True
+    return changed
 
 
 def _segmentation_config(config: dict, num_classes: int, precision) -> dict:
@@ -270,8 +297,6 @@ def _grown_segmenter(recipe, trained, seg_config: dict, features, same_classes: 
 def _init_networks(model, init: dict, log) -> None:
     """Copies one network's weights from another run (``init.registration_from`` /
     ``init.segmentation_from``: a run folder (its last checkpoint) or a ``.keras`` file)."""
-    import keras
-
     import dazoo.models  # noqa: F401  (registers dazoo's classes)
 
     for network in ("registration", "segmentation"):
@@ -282,7 +307,7 @@ def _init_networks(model, init: dict, log) -> None:
         path = path / "checkpoint.keras" if path.is_dir() else path
         if not path.is_file():
             raise DazooInputError(source, f"no checkpoint to initialise the {network} network")
-        trained = keras.saving.load_model(path, compile=False)
+        trained = load_checkpoint(path, compile=False)
         getattr(model, f"{network}_net").set_weights(
             getattr(trained, f"{network}_net").get_weights())
         log(f"{network} network initialised from {path}")

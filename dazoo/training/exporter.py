@@ -62,11 +62,11 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
     Returns:
         the written :class:`dazoo.presets.Preset` (verified).
     """
-    import keras
 
     import dazoo.models  # noqa: F401  (registers dazoo's classes)
     from dazoo.presets import render_card, save_preset
     from dazoo.training.callbacks import read_validation, steps_done
+    from dazoo.training.engine import load_checkpoint
 
     folder = pathlib.Path(run)
     if checkpoint not in ("best", "last"):
@@ -79,7 +79,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
         raise DazooInputError(folder, "has no checkpoint yet")
     record = json.loads((folder / "run.json").read_text())
     recipe = Recipe.load(folder / "recipe.json")
-    model = keras.saving.load_model(path)
+    model = load_checkpoint(path)
     steps = steps_done(model)
     history = read_validation(folder)
     scores = next((h for h in history if h["step"] == steps), None)
