@@ -206,3 +206,13 @@ def test_conv_backends_benchmark_prints_one_line_per_backend_and_the_ratio(capsy
     assert "unknown backend" in rows[2]["error"]
     ratio = rows[1]["seconds_per_pass"] / rows[0]["seconds_per_pass"]
     assert lines[3] == f"torch: {ratio:.2f}x tensorflow's time"
+
+    # Several precisions: every backend in each, labelled by both.
+    assert bench_conv_backends.main(["--backends", "tensorflow", "--precisions",
+                                     "float32,mixed_bfloat16", "--shape", "6x6x6",
+                                     "--channels", "2", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in lines[:2]]
+    assert [r["precision"] for r in rows] == ["float32", "mixed_bfloat16"]
+    ratio = rows[1]["seconds_per_pass"] / rows[0]["seconds_per_pass"]
+    assert lines[2] == (f"tensorflow mixed_bfloat16: {ratio:.2f}x tensorflow float32's time")
