@@ -195,3 +195,16 @@ def test_evaluate_card_text_lists_what_was_measured():
     report["speed"] = {"cli_segment_seconds": [9.04, 8.8], "cli_register_seconds": [17.26]}
     assert "`dazoo segment` 9.0, 8.8 s" in evaluate.card_text(report, "c")
     assert "cohort" not in text and "ANTs" not in text  # only what the report holds
+    assert "per structure group" not in text and "manual labels" in text
+
+    # A whole-brain table: its size in the header, what is automatic, a row per group.
+    groups = {"cortex": 0.71, "white matter": 0.9, "non-cortical": 0.8412}
+    report["label_count"], report["whole_brain"] = 92, True
+    report["segmentation"]["summary"] = dict(summary, group_dice=groups)
+    report["cohort"] = {"summary": dict(summary, group_dice=dict(groups, cortex=0.6))}
+    text = evaluate.card_text(report, "c")
+    assert "| mean Dice, 92 structures |" in text and "FreeSurfer's automatic aseg" in text
+    assert "| task | cortex | white matter | non-cortical |" in text
+    assert "| segmentation (per subject), flip test-time augmentation (3) | 0.710 | 0.900 | " \
+        "0.841 |" in text
+    assert "no fine-tuning) (3) | 0.600 | 0.900 | 0.841 |" in text

@@ -5,13 +5,23 @@
         --out work_cache/brain/evaluation.json [--ants] [--flip | --no-flip] \
         [--cohort ../shared/data/freesurfer-cohort]
 
+    # brain v3 (whole brain): the label maps relabelled onto its table first
+    python examples/brain/whole_brain_data.py --data ../shared/data -o work_cache/brain_v3/data
+    python examples/brain/evaluate.py --preset work_cache/brain_v3/brain \
+        --data work_cache/brain_v3/data/oasis --out work_cache/brain_v3/evaluation.json \
+        --cohort work_cache/brain_v3/data/freesurfer-cohort \
+        --cohort-labels labels.whole_brain.nii.gz
+
 The validation subjects are the ``data.validation`` of the preset's own ``recipe.json``
 (written by ``dazoo export``; the shipped ``pretrained/brain`` has one too) or, for a preset
 without one, of ``pretrained/brain/recipe.json``; they are found in ``--data`` with that
 recipe's image and label patterns. The label ids scored are the preset's ``labels.json``.
 
-* segmentation Dice per region (62 lateralised DKT31 regions) and left/right merged (31), per
-  validation subject, against the manual labels on the scan's own grid;
+* segmentation Dice per region (the preset's ids: v2's 62 lateralised DKT31 regions, v3's 92
+  whole-brain structures) and left/right merged, per validation subject, against the label
+  maps on the scan's own grid; for a table with structure groups (v3) also the mean per group
+  (cortex, white matter, subcortical grey matter, ventricles and CSF, cerebellum, brainstem,
+  non-cortical);
 * registration Dice over all ordered validation pairs (moving labels carried onto the fixed
   scan's own grid) and folding fraction;
 * with --ants: the same pairs with ANTs (antspyx) affine only and affine + SyN, default
@@ -191,10 +201,16 @@ def registration_title(report: dict) -> str:
 
 def card_text(report: dict, command: str) -> str:
     """The model card's measured section from an evaluation report."""
+    count = report.get("label_count", 62)
+    whole_brain = report.get("whole_brain", False)
+    truth = ("the Mindboggle-101 label maps relabelled onto the preset's table (cortex: manual "
+             "DKT31; every other structure: FreeSurfer's automatic aseg)" if whole_brain
+             else "the manual labels")
     lines = [f"Measured by `{command}`, on the validation subjects "
-             f"({', '.join(report['validation'])}) at their native 1 mm resolution against the "
-             "manual labels; nothing else running on the machine.", "",
-             "| task | mean Dice, 62 regions | mean Dice, 31 merged | seconds | folding |",
+             f"({', '.join(report['validation'])}) at their native 1 mm resolution against "
+             f"{truth}; nothing else running on the machine.", "",
+             f"| task | mean Dice, {count} {'structures' if whole_brain else 'regions'} | "
+             "mean Dice, left/right merged | seconds | folding |",
              "|---|---|---|---|---|"]
     rows = [("segmentation (per subject)" + (", flip test-time augmentation"
                                               if report.get("segmentation", {}).get("flip")
@@ -217,6 +233,17 @@ def card_text(report: dict, command: str) -> str:
                        else "-")
             lines.append(f"| {title} ({s['count']}) | {s['mean_dice']:.3f} | "
                          f"{s['mean_merged_dice']:.3f} | {s['seconds']:.1f} | {folding} |")
+    grouped = [(title, report[key]["summary"]) for title, key in rows
+               if key in report and report[key]["summary"].get("group_dice")]
+    if grouped:
+        groups = list(dict.fromkeys(g for _, s in grouped for g in s["group_dice"]))
+        lines += ["", "Mean Dice per structure group (non-cortical: every structure outside "
+                      "the cortex):", "",
+                  "| task | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+        for title, s in grouped:
+            lines.append(f"| {title} ({s['count']}) | " + " | ".join(
+                f"{s['group_dice'][g]:.3f}" if g in s["group_dice"] else "-" for g in groups)
+                + " |")
     if "speed" in report:
         sp = report["speed"]
 
@@ -252,15 +279,22 @@ def main(argv=None):
                              "(default: the preset's)")
     parser.add_argument("--cohort", metavar="DIR",
                         help="also segment the labelled scans of a FreeSurfer cohort (sub-*/"
-                             "brainmask.mgz, aparc.DKTatlas+aseg.mgz), without fine-tuning: "
+                             "brainmask.mgz and --cohort-labels), without fine-tuning: "
                              "e.g. ../shared/data/freesurfer-cohort")
+    parser.add_argument("--cohort-labels", default="aparc.DKTatlas+aseg.mgz", metavar="NAME",
+                        help="the cohort's label file per subject (default: %(default)s; a "
+                             "whole-brain preset: labels.whole_brain.nii.gz as written by "
+                             "examples/brain/whole_brain_data.py, relabelled onto its table)")
     parser.add_argument("--card", action="store_true",
                         help="write the measured section into the preset's model card")
     args = parser.parse_args(argv)
     subjects = validation_subjects(args.data, args.preset)
     pipeline = load(args.preset)
     ids = label_ids(args.preset)
-    report = {"preset": args.preset, "validation": [s.name for s in subjects]}
+    groups = getattr(pipeline, "label_groups", None) or {}
+    report = {"preset": args.preset, "validation": [s.name for s in subjects],
+              "label_count": len(ids),
+              "whole_brain": any(g != "cortex" for g in groups.values())}
     if "segmentation" not in args.skip:
         per = evaluate_segmentation(pipeline, subjects, flip=args.flip)
         report["segmentation"] = {"summary": summarise(per), "subjects": per,
@@ -269,8 +303,7 @@ def main(argv=None):
     if args.cohort:
         from dazoo.training import load_subjects
 
-        cohort = load_subjects(args.cohort, image="brainmask.mgz",
-                               labels="aparc.DKTatlas+aseg.mgz")
+        cohort = load_subjects(args.cohort, image="brainmask.mgz", labels=args.cohort_labels)
         per = evaluate_segmentation(pipeline, cohort, flip=args.flip)
         report["cohort"] = {"path": args.cohort, "summary": summarise(per), "subjects": per}
         if "registration" not in args.skip:
@@ -329,6 +362,8 @@ def main(argv=None):
                   f"over {s['count']}, {s['seconds']:.1f} s each"
                   + (f", folding {100 * s['folding_fraction']:.4f} %" if "folding_fraction" in s
                      else ""))
+            if s.get("group_dice"):
+                print("    " + ", ".join(f"{g} {v:.3f}" for g, v in s["group_dice"].items()))
     print(f"report: {args.out}")
 
 
