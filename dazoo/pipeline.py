@@ -174,28 +174,12 @@ class Registration:
         return written
 
 
-def _infer(net, inputs):
-    """One inference pass as NumPy (:func:`dazoo.backend.infer`)."""
+def _infer(net, inputs, *, compiled: bool = False):
+    """One inference pass as NumPy (:func:`dazoo.backend.infer`; ``compiled``: through a
+    traced graph on TensorFlow, faster for the segmenters)."""
     from dazoo.backend import infer
 
-    return infer(net, inputs)
-
-
-def _mirror_mean(scores: np.ndarray, mirrored: np.ndarray, permutation) -> np.ndarray:
-    """``0.5 * (scores + mirrored[..., permutation])`` without gathering the last axis
-    element by element (seconds for a 93-class brain): the permutation is copied as runs of
-    consecutive classes (left and right blocks of a label table), each one strided add."""
-    out = np.empty(scores.shape, np.float32)
-    k, permutation = 0, np.asarray(permutation)
-    while k < len(permutation):
-        n = 1
-        while k + n < len(permutation) and permutation[k + n] == permutation[k] + n:
-            n += 1
-        j = int(permutation[k])
-        np.add(scores[..., k:k + n], mirrored[..., j:j + n], out=out[..., k:k + n])
-        k += n
-    out *= 0.5
-    return out
+    return infer(net, inputs, compiled=compiled)
 
 
 def _classes_of(ids: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
@@ -259,6 +243,7 @@ class Pipeline:
 
         self.label_groups = table_groups(classes)  # {id: structure group}, may be empty
         self._segmenters: dict = {}  # grown grids' segmenters (see segmenter())
+        self._mirror = None  # (segmenter, its twin with left/right classes swapped)
         self._kept = None  # prepared inputs kept by reusing_inputs(), or None
 
     @property
@@ -317,6 +302,25 @@ class Pipeline:
             cache.clear()  # one grown network at a time (memory)
             cache[shape] = grown
         return cache[shape]
+
+    def mirror_segmenter(self, shape):
+        """:meth:`segmenter` with its classes' sides swapped: the output channels of its
+        1x1x1 ``logits`` layer reordered by :meth:`flip_permutation` (each channel computed as
+        before; only the softmax sums in another order). Its probabilities of a mirrored
+        image, mirrored back, are the flip augmentation's second pass without reordering the
+        class axis of a probability map afterwards (1.8 s for 93 classes at 112x128x112 on 2
+        cores, against 0.2 s for the mean itself). Kept for the next call."""
+        net = self.segmenter(shape)
+        if self._mirror is None or self._mirror[0] is not net:
+            from dazoo.models import SegmentationNet
+
+            twin = SegmentationNet.from_config(net.get_config())
+            twin.set_weights(net.get_weights())
+            logits = twin.get_layer("logits")
+            permutation = self.flip_permutation()
+            logits.set_weights([w[..., permutation] for w in logits.get_weights()])
+            self._mirror = (net, twin)
+        return self._mirror[1]
 
     def check(self, volume: Volume, pre=None) -> list[str]:
         """The failed sanity checks of an input (:mod:`dazoo.checks`; ``pre``: its
@@ -568,19 +572,21 @@ class Pipeline:
         flip = self.default_flip if flip is None else bool(flip)
         array = np.asarray(array, np.float32)
         net = self.segmenter(array.shape)
-        scores = np.asarray(_infer(net, array[None, ..., None]), np.float32)[0]
+        scores = np.asarray(_infer(net, array[None, ..., None], compiled=True),
+                            np.float32)[0]
         if flip:
             axis = self.flip_axis()
             mirrored = np.ascontiguousarray(np.flip(array, axis))
-            other = np.asarray(_infer(net, mirrored[None, ..., None]), np.float32)[0]
-            other = np.flip(other, axis)
-            permutation = self.flip_permutation()
+            other = np.asarray(_infer(self.mirror_segmenter(array.shape),
+                                      mirrored[None, ..., None], compiled=True), np.float32)[0]
             if details is not None:
                 from dazoo.checks import label_agreement
 
+                # argmax before mirroring back: on the mirrored view it takes 10x longer
                 details["flip_agreement"] = label_agreement(
-                    scores.argmax(-1), permutation.argsort()[other.argmax(-1)])
-            scores = _mirror_mean(scores, other, permutation)
+                    scores.argmax(-1), np.flip(other.argmax(-1), axis))
+            scores = np.add(scores, np.flip(other, axis))
+            scores *= 0.5
         return scores
 
     def refine(self, moving_pre, fixed_pre, *, moving_labels: Volume | None = None,
@@ -606,13 +612,14 @@ class Pipeline:
         resolution = net.int_resolution if net.int_steps > 0 else (2 if net.half_res else 1)
         velocity = np.asarray(out["flow"], np.float32)
         seg = self.model.segmentation_net
-        fixed_probs = np.asarray(_infer(seg, fixed_pre.array[None, ..., None]),
+        fixed_probs = np.asarray(_infer(seg, fixed_pre.array[None, ..., None], compiled=True),
                                  np.float32)
         if labels_volume is not None:
             ids = self.preprocessor.apply_labels(labels_volume, moving_pre)
             moving_classes = _classes_of(ids, self.class_ids)[None]
         else:
-            moving_classes = np.argmax(_infer(seg, moving_pre.array[None, ..., None]),
+            moving_classes = np.argmax(_infer(seg, moving_pre.array[None, ..., None],
+                                              compiled=True),
                                        axis=-1)
         u, history = refine_velocity(velocity, moving_pre.array[None, ..., None],
                                      fixed_pre.array[None, ..., None], moving_classes,

@@ -335,18 +335,31 @@ def test_flip_augmentation_is_mirror_equivariant_with_sides_swapped():
     assert details["flip_agreement"] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mirror_mean_is_the_permuted_mean(seed):
-    """The run-wise mean of the two passes equals the plain fancy-indexed one for any
-    permutation (random ones: runs of every length, and none), on a mirrored view."""
-    from dazoo.pipeline import _mirror_mean
+def test_mirror_segmenter_gives_the_sides_swapped_probabilities():
+    """The flip augmentation's second network: the segmenter's probabilities with the
+    classes reordered by the flip permutation (a table whose twins are not one block apart),
+    built once per segmenter, the segmenter itself untouched."""
+    keras.utils.set_random_seed(2)
+    ids = [0, 2, 4, 16, 41, 43, 1002, 2002]
+    model = DeepAtlas(RegistrationNet(SHAPE, int_steps=3),
+                      SegmentationNet(SHAPE, len(ids), features=((8, 8, 8, 8), (8, 8, 8, 8, 8))))
+    from dazoo.preprocess import Preprocessor
 
-    rng = np.random.default_rng(seed)
-    scores, other = rng.random((2, 5, 4, 3, 9), dtype=np.float32)
-    permutation = [rng.permutation(9), np.arange(9), np.r_[0, 5:9, 1:5]][seed]
-    view = other[::-1]
-    np.testing.assert_array_equal(_mirror_mean(scores, view, permutation),
-                                  0.5 * (scores + view[..., permutation]))
+    pre = Preprocessor({"voxel_size": [2.0, 2.0, 2.0], "shape": list(SHAPE),
+                        "orientation": "RAS", "alignment": "none"})
+    pipeline = Pipeline.from_model(model, pre, [{"class": k, "id": i, "name": str(i)}
+                                                for k, i in enumerate(ids)])
+    permutation = pipeline.flip_permutation()
+    np.testing.assert_array_equal(permutation, [0, 4, 5, 3, 1, 2, 7, 6])
+    image = np.random.default_rng(0).random((1, *SHAPE, 1), dtype=np.float32)
+    before = [np.array(w) for w in model.segmentation_net.get_weights()]
+    twin = pipeline.mirror_segmenter(SHAPE)
+    assert pipeline.mirror_segmenter(SHAPE) is twin and twin is not model.segmentation_net
+    plain = np.asarray(model.segmentation_net(image))
+    np.testing.assert_allclose(np.asarray(twin(image)), plain[..., permutation], atol=1e-6)
+    assert np.abs(plain[..., permutation] - plain).max() > 1e-3  # the order matters
+    for a, b in zip(before, model.segmentation_net.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_segment_flip_option_and_preset_default(preset_dir, scans, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import keras
 import tensorflow as tf
@@ -80,3 +81,16 @@ _RESTORE = False
 
 def no_grad():
     return contextlib.nullcontext()
+
+
+def inference(net):
+    """``net``'s inference pass as one traced graph (kept per network for later calls)."""
+    traced = _TRACED.get(net)
+    if traced is None:
+        traced = tf.function(lambda inputs: net(inputs, training=False), autograph=False,
+                             reduce_retracing=True)
+        _TRACED[net] = traced
+    return traced
+
+
+_TRACED = weakref.WeakKeyDictionary()
