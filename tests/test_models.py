@@ -222,3 +222,34 @@ def test_recompute_refuses_stateful_or_random_layers_in_training(kwargs, message
         net.recomputed(image, training=True, recompute=1)
     np.testing.assert_allclose(np.asarray(net.recomputed(image, training=False, recompute=1)),
                                np.asarray(net(image, training=False)), atol=1e-6)
+
+
+def test_inference_through_a_traced_graph_equals_the_eager_pass():
+    """``dazoo.backend.infer(..., compiled=True)`` (the pipeline's segmenter passes): the same
+    outputs as the eager pass, as NumPy, one traced graph per network reused across calls
+    (a dict output, the registration network's, too)."""
+    from dazoo import backend
+
+    keras.utils.set_random_seed(4)
+    rng = np.random.default_rng(0)
+    seg = SegmentationNet(SHAPE, 5, features=((8, 8), (8, 8, 8)))
+    image = rng.random((1, *SHAPE, 1), dtype=np.float32)
+    eager = backend.infer(seg, image)
+    traced = backend.infer(seg, image, compiled=True)
+    assert isinstance(traced, np.ndarray) and traced.shape == (1, *SHAPE, 5)
+    np.testing.assert_allclose(traced, eager, atol=1e-6)
+    other = rng.random((1, *SHAPE, 1), dtype=np.float32)
+    np.testing.assert_allclose(backend.infer(seg, other, compiled=True),
+                               backend.infer(seg, other), atol=1e-6)
+    if backend.name() == "tensorflow":
+        from dazoo.backend import tensorflow as tf_backend
+
+        function = tf_backend.inference(seg)
+        assert tf_backend.inference(seg) is function
+        assert function.experimental_get_tracing_count() == 1  # both images: one trace
+    reg = RegistrationNet(SHAPE, int_steps=3, features=((8, 8), (8, 8, 8)))
+    pair = [image, other]
+    eager, traced = backend.infer(reg, pair), backend.infer(reg, pair, compiled=True)
+    assert sorted(traced) == sorted(eager)
+    for key in eager:
+        np.testing.assert_allclose(traced[key], eager[key], atol=1e-5)
