@@ -784,3 +784,24 @@ def test_a_given_template_is_the_runs_own_copy_and_exports(trained, tmp_path):
     preset = export(result.folder, tmp_path / "preset", checkpoint="last", log=lambda m: None)
     assert preset.read_json("preprocess.json")["template"] == "template.nii.gz"
     assert (preset.path / "template.nii.gz").is_file() and shared.is_file()
+
+
+def test_validation_records_structure_group_means_for_a_freesurfer_table(trained, tmp_path):
+    """A table with FreeSurfer's names has structure groups (10 is the left thalamus; 20 and
+    30 belong to none): validation records the mean Dice per group (segmentation here: one
+    validation subject makes no registration pair); a table without groups (the tiny
+    recipe's "ten", ...) records none."""
+    from dazoo.training import train
+
+    folder, recipe_path, run = trained
+    assert all("native_seg_group_dice" not in h for h in run.validation)
+    recipe = json.loads(recipe_path.read_text())
+    recipe["labels"]["names"] = {"10": "Left-Thalamus", "20": "twenty", "30": "Left-vessel"}
+    recipe["training"].update(steps=2, checkpoint_every=2, validate_every=2)
+    path = folder / "recipe_named.json"
+    path.write_text(json.dumps(recipe))
+    named = train(path, tmp_path / "run", verbose=0, log=lambda m: None)
+    record = named.validation[-1]
+    assert list(record["native_seg_group_dice"]) == ["subcortical grey matter"]
+    assert 0.0 <= record["native_seg_group_dice"]["subcortical grey matter"] <= 1.0
+    assert "native_reg_dice" not in record and "native_reg_group_dice" not in record

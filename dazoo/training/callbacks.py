@@ -110,7 +110,9 @@ class Validator:
       means over the label table's regions (:func:`dazoo.evaluate.score_labels`; also
       ``*_merged_dice``, left and right merged, and the values per subject / pair)
       with the native labels mapped through the run's :class:`~dazoo.labels.LabelMap` (ids it
-      maps to background count as background). ``native_dice`` is the mean of the two
+      maps to background count as background); for a table with structure groups (the whole
+      brain) also ``native_seg_group_dice`` / ``native_reg_group_dice``, the mean per group
+      (cortex, white matter, ..., non-cortical). ``native_dice`` is the mean of the two
       (or the one the mode trains).
 
     Args:
@@ -162,6 +164,8 @@ class Validator:
             scores["native_seg_merged_dice"] = float(np.mean(
                 [r["mean_merged_dice"] for r in per.values()]))
             scores["native_seg_per_subject"] = {k: r["mean_dice"] for k, r in per.items()}
+            if any("group_dice" in r for r in per.values()):
+                scores["native_seg_group_dice"] = _group_means(per.values())
         if registration and self.pairs:
             results = evaluate_registration(pipeline, cases=self.cases, pairs=self.pairs,
                                             log=None)
@@ -170,12 +174,22 @@ class Validator:
             scores["native_reg_merged_dice"] = float(np.mean(
                 [r["mean_merged_dice"] for r in per.values()]))
             scores["native_reg_per_pair"] = {k: r["mean_dice"] for k, r in per.items()}
+            if any("group_dice" in r for r in per.values()):
+                scores["native_reg_group_dice"] = _group_means(per.values())
             scores["folding_fraction"] = float(np.mean([r["folding_fraction"]
                                                         for r in results]))
         natives = [scores[k] for k in ("native_seg_dice", "native_reg_dice") if k in scores]
         if natives:
             scores["native_dice"] = float(np.mean(natives))
         return scores
+
+
+def _group_means(results) -> dict[str, float]:
+    """The mean over subjects (or pairs) of each structure group's mean Dice (a table with
+    groups: the whole brain's cortex, white matter, ..., non-cortical)."""
+    from dazoo.evaluate import summarise
+
+    return summarise(list(results))["group_dice"]
 
 
 class Validation(keras.callbacks.Callback):
