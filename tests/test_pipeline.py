@@ -296,20 +296,25 @@ def test_mirror_id_swaps_sides():
         assert mirror_id(unsided) == unsided
 
 
+def _random_pipeline(ids, orientation, *, seed):
+    """A pipeline of randomly initialised small networks for the label ``ids`` on SHAPE."""
+    from dazoo.preprocess import Preprocessor
+
+    keras.utils.set_random_seed(seed)
+    model = DeepAtlas(RegistrationNet(SHAPE, int_steps=3),
+                      SegmentationNet(SHAPE, len(ids), features=((8, 8, 8, 8), (8, 8, 8, 8, 8))))
+    pre = Preprocessor({"voxel_size": [2.0, 2.0, 2.0], "shape": list(SHAPE),
+                        "orientation": orientation, "alignment": "none"})
+    return Pipeline.from_model(model, pre, [{"class": k, "id": i, "name": str(i)}
+                                            for k, i in enumerate(ids)])
+
+
 def test_flip_augmentation_is_mirror_equivariant_with_sides_swapped():
     """With ``flip``, segmenting the mirrored image gives the mirrored probabilities with left
     and right classes swapped (exactly, whatever the weights); without it a random network
     does not."""
-    keras.utils.set_random_seed(1)
     ids = [0, 16, 1002, 1035, 2002, 2035]  # background, a midline id, two left/right pairs
-    model = DeepAtlas(RegistrationNet(SHAPE, int_steps=3),
-                      SegmentationNet(SHAPE, len(ids), features=((8, 8, 8, 8), (8, 8, 8, 8, 8))))
-    from dazoo.preprocess import Preprocessor
-
-    pre = Preprocessor({"voxel_size": [2.0, 2.0, 2.0], "shape": list(SHAPE),
-                        "orientation": "LPS", "alignment": "none"})
-    pipeline = Pipeline.from_model(model, pre, [{"class": k, "id": i, "name": str(i)}
-                                                for k, i in enumerate(ids)])
+    pipeline = _random_pipeline(ids, "LPS", seed=1)
     assert pipeline.flip_axis() == 0
     np.testing.assert_array_equal(pipeline.flip_permutation(), [0, 1, 4, 5, 2, 3])
     image = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
@@ -339,16 +344,9 @@ def test_mirror_segmenter_gives_the_sides_swapped_probabilities():
     """The flip augmentation's second network: the segmenter's probabilities with the
     classes reordered by the flip permutation (a table whose twins are not one block apart),
     built once per segmenter, the segmenter itself untouched."""
-    keras.utils.set_random_seed(2)
     ids = [0, 2, 4, 16, 41, 43, 1002, 2002]
-    model = DeepAtlas(RegistrationNet(SHAPE, int_steps=3),
-                      SegmentationNet(SHAPE, len(ids), features=((8, 8, 8, 8), (8, 8, 8, 8, 8))))
-    from dazoo.preprocess import Preprocessor
-
-    pre = Preprocessor({"voxel_size": [2.0, 2.0, 2.0], "shape": list(SHAPE),
-                        "orientation": "RAS", "alignment": "none"})
-    pipeline = Pipeline.from_model(model, pre, [{"class": k, "id": i, "name": str(i)}
-                                                for k, i in enumerate(ids)])
+    pipeline = _random_pipeline(ids, "RAS", seed=2)
+    model = pipeline.model
     permutation = pipeline.flip_permutation()
     np.testing.assert_array_equal(permutation, [0, 4, 5, 3, 1, 2, 7, 6])
     image = np.random.default_rng(0).random((1, *SHAPE, 1), dtype=np.float32)

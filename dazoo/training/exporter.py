@@ -62,7 +62,6 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
     Returns:
         the written :class:`dazoo.presets.Preset` (verified).
     """
-
     import dazoo.models  # noqa: F401  (registers dazoo's classes)
     from dazoo.presets import render_card, save_preset
     from dazoo.training.callbacks import read_validation, steps_done

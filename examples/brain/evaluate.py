@@ -291,10 +291,9 @@ def main(argv=None):
     subjects = validation_subjects(args.data, args.preset)
     pipeline = load(args.preset)
     ids = label_ids(args.preset)
-    groups = getattr(pipeline, "label_groups", None) or {}
     report = {"preset": args.preset, "validation": [s.name for s in subjects],
               "label_count": len(ids),
-              "whole_brain": any(g != "cortex" for g in groups.values())}
+              "whole_brain": any(g != "cortex" for g in pipeline.label_groups.values())}
     if "segmentation" not in args.skip:
         per = evaluate_segmentation(pipeline, subjects, flip=args.flip)
         report["segmentation"] = {"summary": summarise(per), "subjects": per,
