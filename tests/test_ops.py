@@ -188,6 +188,23 @@ def test_rescale_matches_voxelmorph(vxm):
     np.testing.assert_allclose(double, outputs["rescale_double"], atol=1e-5)
 
 
+def test_identity_grid_is_the_voxel_coordinates_and_no_graph_constant():
+    import keras
+
+    grid = np.asarray(keras.ops.convert_to_numpy(dops.identity_grid((3, 4, 5))))
+    assert grid.dtype == np.float32 and grid.shape == (3, 4, 5, 3)
+    np.testing.assert_array_equal(grid, np.stack(np.indices((3, 4, 5)), -1))
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    # traced, the warp's grid must be computed, not stored: a 32^3 grid is 393 kB of
+    # float32, which a constant would serialise into the graph (and slow every trace)
+    spec = tf.TensorSpec((1, 32, 32, 32, 3), tf.float32)
+    graph = tf.function(lambda u: dops.warp(u, u)).get_concrete_function(spec).graph
+    assert graph.as_graph_def().ByteSize() < 100_000
+
+
 def test_warped_label_overlap_equals_the_one_hot_warp():
     rng = np.random.default_rng(5)
     k = 5
