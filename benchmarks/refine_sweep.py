@@ -59,10 +59,9 @@ def main(argv=None):
     else:
         subjects = validation_subjects(args.data, args.preset)
     ids = label_ids(args.preset)
-    # a whole-brain table (v3): also the mean per structure group (its cortex: the 62 DKT
-    # regions, comparable with v2's Dice62)
-    groups = pipeline.label_groups
-    groups = groups if any(g != "cortex" for g in groups.values()) else None
+    # the mean per structure group too, as dazoo.evaluate scores (a whole-brain table's
+    # cortex: the 62 DKT regions, comparable with v2's Dice62)
+    groups = pipeline.label_groups or None
     pairs = list(itertools.permutations(range(len(subjects)), 2))
     pairs = pairs[: args.pairs] if args.pairs else pairs
     options = dict(learning_rate=args.learning_rate, smoothness=args.smoothness,
@@ -102,7 +101,7 @@ def main(argv=None):
                              "loss": history[n]["loss"], "soft_dice": history[n]["dice"],
                              **({"group_dice": scores["group_dice"]} if groups else {})})
                 print(f"{moving.name} -> {fixed.name} {guide:9s} N={n:3d}: Dice "
-                      f"{scores['mean_dice']:.3f}{_groups(rows[-1])}, folding "
+                      f"{scores['mean_dice']:.3f}{_group_text(rows[-1])}, folding "
                       f"{100 * result.folding_fraction:.4f} %, refinement {refine_seconds:.1f} s",
                       flush=True)
     print("\nmean over pairs:")
@@ -116,7 +115,8 @@ def main(argv=None):
                 entry["group_dice"] = {g: float(np.nanmean([r["group_dice"][g] for r in sel]))
                                        for g in sel[0]["group_dice"]}
             summary[f"{guide} N={n}"] = entry
-            print(f"{guide:9s} N={n:3d}: Dice {entry['mean_dice']:.3f}{_groups(entry)}, folding "
+            print(f"{guide:9s} N={n:3d}: Dice {entry['mean_dice']:.3f}{_group_text(entry)}, "
+                  f"folding "
                   f"{100 * entry['folding_fraction']:.4f} %, +{entry['refine_seconds']:.1f} s "
                   f"({len(sel)} pairs)")
     out = pathlib.Path(args.out)
@@ -125,7 +125,7 @@ def main(argv=None):
                                "rows": rows}, indent=1))
 
 
-def _groups(entry: dict) -> str:
+def _group_text(entry: dict) -> str:
     """``" (cortex 0.612, non-cortical 0.701)"``: the row's or summary's group means, if any."""
     groups = entry.get("group_dice")
     if not groups:
