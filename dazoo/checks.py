@@ -150,24 +150,45 @@ def _outside_fraction(volume: Volume, template: Volume, alignment: np.ndarray,
                       margin_mm: float) -> float:
     """Of the template-grid voxels where the aligned image is bright (above 20 % of its robust
     range), the fraction outside the template's foreground dilated by ``margin_mm``."""
+    near = _near_template(template, float(margin_mm))
+    # native voxel coordinates of every template voxel, axis by axis (no (N, 4) index array)
+    matrix = np.linalg.inv(volume.affine) @ np.asarray(alignment, float) @ template.affine
+    grids = np.ogrid[tuple(slice(0, n) for n in near.shape)]
+    native = np.empty((3,) + near.shape)
+    for k in range(3):
+        native[k] = matrix[k, 3] + sum(matrix[k, j] * grids[j] for j in range(3))
+    upper = np.array(volume.shape[:3], float) - 1
+    valid = np.all((native >= 0) & (native <= upper.reshape(3, 1, 1, 1)), axis=0)
+    array = np.asarray(volume.array, np.float32)
+    values = ndi.map_coordinates(array, native[:, valid], order=1).astype(np.float32)
+    if not values.size:
+        return 0.0
+    low, high = np.percentile(values, [0.5, 99.5])
+    bright = values > low + 0.2 * (high - low)
+    if not bright.any():
+        return 0.0
+    return float(np.mean(~near[valid][bright]))
+
+
+#: The template's foreground dilated by a margin, per template and margin (an exact
+#: distance transform of the template grid: computed once per process, not per image).
+_NEAR: dict = {}
+
+
+def _near_template(template: Volume, margin_mm: float) -> np.ndarray:
     t = np.asarray(template.array, np.float32)
+    key = (t.shape, np.asarray(template.affine, float).tobytes(), margin_mm)
+    for cached_key, (source, near) in _NEAR.items():
+        if cached_key == key and np.array_equal(source, t):
+            return near
     spacing = np.sqrt((template.affine[:3, :3] ** 2).sum(axis=0))
     inside_template = t > t.min() + 0.02 * (np.percentile(t, 99.5) - t.min())
     distance = ndi.distance_transform_edt(~inside_template, sampling=spacing)
     near = distance <= margin_mm
-    index = np.argwhere(np.ones(t.shape, bool))
-    world = template.affine[:3, :3] @ index.T + template.affine[:3, 3:4]
-    native = np.linalg.inv(volume.affine) @ (alignment @ np.vstack([world, np.ones((1, len(index)))]))
-    valid = np.all((native[:3] >= 0) & (native[:3] <= np.array(volume.shape[:3])[:, None] - 1),
-                   axis=0)
-    array = np.asarray(volume.array, np.float32)
-    values = np.zeros(len(index), np.float32)
-    values[valid] = ndi.map_coordinates(array, native[:3, valid], order=1)
-    low, high = np.percentile(values[valid], [0.5, 99.5]) if valid.any() else (0.0, 0.0)
-    bright = valid & (values > low + 0.2 * (high - low))
-    if not bright.any():
-        return 0.0
-    return float(np.mean(~near.ravel()[bright]))
+    if len(_NEAR) >= 4:
+        _NEAR.pop(next(iter(_NEAR)))
+    _NEAR[key] = (t.copy(), near)
+    return near
 
 
 def check_input(measured: Mapping[str, Any], checks: InputChecks) -> list[str]:

@@ -54,6 +54,51 @@ def test_outside_fraction_counts_bright_voxels_beyond_the_template():
     assert measure_input(head, template, np.eye(4), outside_margin_mm=8.0)["outside"] == 0.0
 
 
+def _outside_by_points(volume, template, alignment, margin_mm):
+    """The measurement point by point (every template voxel's world position mapped through
+    the alignment into the image): the reference for the vectorised one."""
+    from scipy import ndimage as ndi
+
+    t = template.array
+    inside = t > t.min() + 0.02 * (np.percentile(t, 99.5) - t.min())
+    spacing = np.sqrt((template.affine[:3, :3] ** 2).sum(axis=0))
+    near = ndi.distance_transform_edt(~inside, sampling=spacing) <= margin_mm
+    index = np.argwhere(np.ones(t.shape, bool))
+    world = template.affine[:3, :3] @ index.T + template.affine[:3, 3:4]
+    native = np.linalg.inv(volume.affine) @ (alignment @ np.vstack([world, np.ones((1, len(index)))]))
+    valid = np.all((native[:3] >= 0) & (native[:3] <= np.array(volume.shape)[:, None] - 1), axis=0)
+    values = ndi.map_coordinates(volume.array, native[:3, valid], order=1)
+    low, high = np.percentile(values, [0.5, 99.5])
+    bright = values > low + 0.2 * (high - low)
+    return float(np.mean(~near.ravel()[valid][bright]))
+
+
+def test_outside_fraction_matches_the_point_by_point_reference_and_its_cache():
+    from dazoo.checks import _outside_fraction
+
+    rng = np.random.default_rng(0)
+    shape = (30, 34, 28)
+    t_affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    t_affine[:3, 3] = [-20, -25, -18]
+    template = Volume(_ball(shape, 9).astype(np.float32), t_affine, None)
+    v_affine = np.array([[0, 0, 1.2, -30], [-0.9, 0, 0, 28], [0, 1.0, 0, -22], [0, 0, 0, 1]])
+    head = 50 * _ball((52, 40, 48), 14) + 40 * _ball((52, 40, 48), 19) + rng.random((52, 40, 48))
+    volume = Volume(head.astype(np.float32), v_affine, None)
+    angle = np.deg2rad(8)
+    alignment = np.eye(4)
+    alignment[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    alignment[:3, :3] *= 1.07
+    alignment[:3, 3] = [2.0, -3.0, 1.5]
+    for margin in (3.0, 6.0, 3.0):  # the third: the cached dilation
+        expected = _outside_by_points(volume, template, alignment, margin)
+        assert 0.02 < expected < 0.98
+        assert _outside_fraction(volume, template, alignment, margin) == pytest.approx(expected, abs=1e-9)
+    # a template changed in place is not served from the cache
+    template.array[:] = _ball(shape, 5)
+    assert _outside_fraction(volume, template, alignment, 3.0) == pytest.approx(
+        _outside_by_points(volume, template, alignment, 3.0), abs=1e-9)
+
+
 def test_check_input_flags_each_failure_in_one_line():
     checks = InputChecks(extent_mm=(120, 150, 110), extent_ratio=(0.6, 1.6),
                          min_alignment=0.6, max_outside=0.1, needs="a skull-stripped T1 brain")
