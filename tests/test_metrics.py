@@ -31,6 +31,17 @@ def test_jacobian_of_affine_displacement_is_its_determinant():
     assert metrics.folding_fraction(u) == 0.0
 
 
+def test_jacobian_of_a_random_field_equals_numpys_determinant_of_its_gradient():
+    rng = np.random.default_rng(3)
+    u = rng.normal(scale=0.7, size=(7, 9, 8, 3))
+    spacing = (1.0, 2.0, 0.5)
+    jac = np.stack([np.stack(np.gradient(u[..., c], *spacing), -1) for c in range(3)], -2)
+    expected = np.linalg.det(jac + np.eye(3))
+    assert np.any(expected < 0) and np.any(expected > 0)
+    np.testing.assert_allclose(metrics.jacobian_determinant(u, spacing), expected,
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_folding_fraction_counts_reflected_voxels():
     grid = np.stack(np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij"), -1)
     u = np.zeros_like(grid)
