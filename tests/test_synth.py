@@ -186,6 +186,48 @@ def test_thick_slices_lose_detail_along_their_axis_only():
     np.testing.assert_allclose(_thick_slices(ramp, 0, 3.0)[6:-6], ramp[6:-6], atol=1e-4)
 
 
+def _limb_map(shape=(12, 10, 30)):
+    """A femur rod (1) leaving the map's top labelled plane 27, a tibia rod (3) its bottom
+    one, 2; a patella (5) by the joint; planes 0-1 and 28-29 outside the map's view."""
+    labels = np.zeros(shape, np.int16)
+    labels[4:8, 3:7, 15:28] = 1
+    labels[3:9, 3:8, 2:13] = 3
+    labels[8:10, 6:9, 14:17] = 5
+    return labels
+
+
+def test_extend_repeats_the_labelled_end_planes_of_a_limb():
+    labels = _limb_map()
+    still = dict(rotation=0, scale=0, shear=0, translation=0, nonlinear=0)
+    sample = LabelSynth(**still, extend_axis=2).draw(labels, 0)
+    expected = np.take(labels, np.clip(np.arange(30), 2, 27), axis=2)
+    np.testing.assert_array_equal(sample.labels, expected)
+    assert np.all(sample.labels[4:8, 3:7, 28:] == 1) and np.all(sample.labels[3:9, 3:8, :2] == 3)
+    # off: the planes outside the map's view stay background
+    plain = LabelSynth(**still).draw(labels, 0)
+    np.testing.assert_array_equal(plain.labels, labels)
+
+
+def test_extend_shifts_the_anatomy_along_the_axis_and_fills_the_side_it_leaves():
+    labels = _limb_map()
+    synth = LabelSynth(rotation=0, scale=0, shear=0, translation=0, nonlinear=0,
+                       extend_axis=2, extend=6.0)
+    patella = []
+    for seed in range(12):
+        sample = synth.draw(labels, seed)
+        shift = float(np.mean(sample.coordinates[2] - np.arange(30)[None, None, :],
+                              where=(sample.coordinates[2] > 2) & (sample.coordinates[2] < 27)))
+        assert abs(shift) <= 6.0
+        index = np.clip(np.rint(np.arange(30) + shift), 2, 27).astype(int)
+        np.testing.assert_array_equal(sample.labels, np.take(labels, index, axis=2))
+        # both rods reach the grid's ends whatever the shift
+        assert np.all(sample.labels[5, 4, 28:] == 1) and np.all(sample.labels[5, 4, :2] == 3)
+        planes = np.flatnonzero((sample.labels == 5).any(axis=(0, 1)))
+        patella.append(planes[0])
+    assert min(patella) < 14 - 2 and max(patella) > 14 + 2  # it moves both ways
+    assert all(14 - 6 <= p <= 14 + 6 for p in patella)
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(DazooInputError, match="rotation"):
         LabelSynth(rotation=-1)
@@ -193,6 +235,10 @@ def test_bad_options_are_one_line_errors():
         LabelSynth(mean=(0.8, 0.2))
     with pytest.raises(DazooInputError, match="integer label map"):
         LabelSynth().draw(np.zeros(SHAPE, np.float32))
+    with pytest.raises(DazooInputError, match="extend_axis"):
+        LabelSynth(extend_axis=3)
+    with pytest.raises(DazooInputError, match="needs extend_axis"):
+        LabelSynth(extend=5.0)
 
 
 def test_pair_dataset_synthesises_label_only_subjects_and_replaces_with_probability():

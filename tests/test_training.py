@@ -763,6 +763,41 @@ def test_knee_v2_recipe_parses_and_keeps_validation_subjects_out_of_its_maps():
         assert not {make_validation.subject_of(f) for f in held} & set(subjects)
 
 
+@pytest.mark.parametrize("superior", ["S", "I"])
+def test_knee_validation_extension_continues_the_shafts_in_world_space(superior):
+    """make_validation.extended_map: the superior end plane repeated TOP mm upward and the
+    inferior one BOTTOM mm downward, whichever way the voxel axis runs, each original voxel
+    keeping its world position."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "examples" / "knee"
+    sys.path.insert(0, str(root))
+    try:
+        import make_validation
+    finally:
+        sys.path.remove(str(root))
+    labels = np.zeros((4, 5, 10), np.int16)
+    labels[1:3, 1:4, 6:] = 1   # femur: leaves the top of the map (S end in RAS)
+    labels[1:3, 1:3, :4] = 3   # tibia: leaves the bottom
+    labels[3, 4, 5] = 5
+    affine = np.diag([0.7, 0.5, 0.5, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    if superior == "I":  # the third axis runs inferior: flip it
+        labels = labels[:, :, ::-1].copy()
+        affine[:3, 3] += affine[:3, 2] * 9
+        affine[:3, 2] *= -1
+    out, moved = make_validation.extended_map(labels, affine, 2.0, 1.0)  # 4 and 2 planes
+    assert out.shape == (4, 5, 16)
+    world = lambda a, ijk: (a @ np.append(ijk, 1.0))[:3]  # noqa: E731
+    # the original voxels keep their world positions
+    offset = 2 if superior == "S" else 4
+    np.testing.assert_array_equal(out[:, :, offset:offset + 10], labels)
+    np.testing.assert_allclose(world(moved, [1, 2, offset]), world(affine, [1, 2, 0]))
+    z = np.array([world(moved, [0, 0, k])[2] for k in range(16)])
+    top, bottom = out[:, :, np.argmax(z)], out[:, :, np.argmin(z)]
+    assert z.max() == pytest.approx(30.0 + 4.5 + 2.0) and z.min() == pytest.approx(30.0 - 1.0)
+    assert np.array_equal(top == 1, labels[:, :, 9 if superior == "S" else 0] == 1) and top.any()
+    assert np.array_equal(bottom == 3, labels[:, :, 0 if superior == "S" else 9] == 3)
+
+
 def test_a_given_template_is_the_runs_own_copy_and_exports(trained, tmp_path):
     """preprocess.template given as a path (the paper experiment shares one fold's template
     between runs): the run records its own copy, and the export carries it (the recorded path

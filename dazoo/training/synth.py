@@ -119,6 +119,15 @@ class LabelSynth:
             the image similarity term then compares like with like); their anatomy, pose,
             background tissues, blur, slices, bias, noise and gamma stay independent.
             Used by :class:`~dazoo.training.PairDataset` (``draw(..., tissues=seed)``).
+        extend_axis: optional model-grid axis along which the labelled anatomy runs on
+            beyond the map (a limb: a knee map's femoral and tibial shafts leave its field of
+            view). The map's first and last labelled planes along it are repeated outward
+            (the sampling coordinates clamped to the labelled planes), so the anatomy reaches
+            the grid's ends whatever the draw's scaling and translation. None: off.
+        extend: with ``extend_axis``, the map is also shifted along that axis by up to this
+            many voxels (uniform, either way), the repeated planes filling the side it leaves:
+            the joint lands anywhere in the grid and a shaft runs up to the grid's end, as in
+            a scan whose field of view is taller than the maps' or not centred on the joint.
     """
 
     rotation: float = 15.0
@@ -143,10 +152,12 @@ class LabelSynth:
     noise: float = 0.04
     gamma: float = 0.25
     pair_contrast: float = 0.0
+    extend_axis: int | None = None
+    extend: float = 0.0
 
     def __post_init__(self):
         scalars = ("rotation", "scale", "shear", "translation", "nonlinear", "blur", "bias",
-                   "noise", "gamma", "zero_background")
+                   "noise", "gamma", "zero_background", "extend")
         for name in scalars:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -167,6 +178,12 @@ class LabelSynth:
                 self.pair_contrast, (int, float)) or not 0 <= self.pair_contrast <= 1:
             raise DazooInputError("synth", f"pair_contrast must be in [0, 1], got "
                                            f"{self.pair_contrast!r}")
+        if self.extend_axis is not None and (
+                isinstance(self.extend_axis, bool) or self.extend_axis not in (0, 1, 2)):
+            raise DazooInputError("synth", f"extend_axis must be null or an axis 0, 1 or 2, "
+                                           f"got {self.extend_axis!r}")
+        if self.extend and self.extend_axis is None:
+            raise DazooInputError("synth", "extend needs extend_axis")
         if self.scale >= 1 or self.zero_background > 1:
             raise DazooInputError("synth", "needs scale < 1 and zero_background <= 1")
         if self.nonlinear_spacing < 2 or self.bias_spacing < 2 or self.thickness < 1:
@@ -234,6 +251,8 @@ class LabelSynth:
                                            f"{labels.dtype} {labels.shape}")
         shape = labels.shape
         coords = self.coordinates(shape, rng)
+        if self.extend_axis is not None:
+            coords = self._extended(coords, labels, rng)
         moved = spatial.sample(labels, coords, order=0)
         ids = np.union1d(np.unique(labels), [0])  # 0: also what lies outside the map
         means, stds = self._gaussians(ids, rng, tissues)
@@ -270,6 +289,20 @@ class LabelSynth:
                            ids=ids, means=means, stds=stds, offset=offset, scale=scale,
                            gamma=gamma, axis=axis, thickness=thickness, regions=regions,
                            region_means=region_means, region_stds=region_stds)
+
+    def _extended(self, coords: np.ndarray, labels: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+        """``coords`` shifted along :attr:`extend_axis` by a random ``[-extend, extend]``
+        voxels and clamped there to the map's labelled planes (see the class's arguments)."""
+        axis = int(self.extend_axis)
+        others = tuple(a for a in range(3) if a != axis)
+        planes = np.flatnonzero(np.any(labels != 0, axis=others))
+        shift = float(rng.uniform(-self.extend, self.extend)) if self.extend else 0.0
+        if not len(planes):
+            return coords
+        coords = np.array(coords, np.float32, copy=True)
+        np.clip(coords[axis] + np.float32(shift), planes[0], planes[-1], out=coords[axis])
+        return coords
 
     def __call__(self, labels: np.ndarray, rng: np.random.Generator | int | None = None,
                  *, tissues: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -14,8 +14,14 @@ Writes ``OUT/<name>/image.nii.gz``, ``OUT/<name>/labels.nii.gz`` (lesion ids 7/8
 femur/tibia/patella) and ``OUT/validation.csv`` (name,image,labels), and prints the training
 maps (the others) as JSON for the recipe's ``data.label_maps``.
 
+``--extend TOP BOTTOM`` (mm) also writes, per held-out map, ``OUT/<name>_ext/``: the map with
+its superior and inferior end planes repeated outward by TOP and BOTTOM mm (the femoral and
+tibial shafts continued, as in a DESS scan whose field of view is taller than the maps' 140 mm
+or not centred on the joint) and an image synthesised on it the same way, listed with the
+others in ``OUT/validation_extended.csv`` (``validation.csv`` stays the nine maps alone).
+
     python examples/knee/make_validation.py ../shared/data/oai-knee-labels \
-        -o work_cache/knee_v2/validation
+        -o work_cache/knee_v2/validation [--extend 40 20]
 """
 from __future__ import annotations
 
@@ -56,6 +62,25 @@ def split(files, akoa: int, zib: int, seed: int):
     return [f for f in files if f not in validation], validation
 
 
+def extended_map(labels: np.ndarray, affine: np.ndarray, top_mm: float, bottom_mm: float):
+    """``(labels, affine)`` with the map's superior and inferior end planes repeated outward by
+    ``top_mm`` and ``bottom_mm`` (the voxel axis nearest the world S-I axis; the affine's origin
+    moved so the original voxels keep their world positions)."""
+    import nibabel as nib
+
+    codes = nib.aff2axcodes(affine)
+    axis = next(i for i, c in enumerate(codes) if c in "SI")
+    spacing = float(np.sqrt((np.asarray(affine)[:3, axis] ** 2).sum()))
+    top, bottom = (int(round(mm / spacing)) for mm in (top_mm, bottom_mm))
+    before, after = (bottom, top) if codes[axis] == "S" else (top, bottom)
+    widths = [(0, 0)] * 3
+    widths[axis] = (before, after)
+    out = np.pad(labels, widths, mode="edge")
+    moved = np.array(affine, float, copy=True)
+    moved[:3, 3] -= moved[:3, axis] * before
+    return out, moved
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("maps", help="folder of OAI knee label maps (oai-knee-labels)")
@@ -63,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--akoa", type=int, default=3, help="held-out two-time-point subjects")
     parser.add_argument("--zib", type=int, default=3, help="held-out single subjects")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extend", type=float, nargs=2, metavar=("TOP", "BOTTOM"),
+                        help="also extended copies of the held-out maps (mm superior, inferior)")
     args = parser.parse_args(argv)
     import nibabel as nib
 
@@ -74,28 +101,39 @@ def main(argv=None) -> int:
         return 2
     train, validation = split(files, args.akoa, args.zib, args.seed)
     os.makedirs(args.out, exist_ok=True)
-    rows = []
+    rows, extended = [], []
     for k, path in enumerate(validation):
         name = os.path.basename(path).split(".")[0]
         image = nib.load(path)
         labels = np.asarray(image.dataobj).astype(np.int16)
         for lesion, bone in LESIONS.items():
             labels[labels == lesion] = bone
-        synth = LabelSynth(rotation=0, scale=0, shear=0, translation=0, nonlinear=0,
-                           std=(0.0, 0.06), background=8, background_spacing=24,
-                           blur=1.0, thickness=2.2, bias=0.3, noise=0.03, gamma=0.2,
-                           priors=DESS, prior_probability=1.0 if k % 2 == 0 else 0.0)
-        sample = synth.draw(labels, np.random.default_rng(1000 + args.seed * 100 + k))
-        assert np.array_equal(sample.labels, labels)
-        folder = os.path.join(args.out, name)
-        os.makedirs(folder, exist_ok=True)
-        nib.save(nib.Nifti1Image(sample.image, image.affine),
-                 os.path.join(folder, "image.nii.gz"))
-        nib.save(nib.Nifti1Image(labels, image.affine), os.path.join(folder, "labels.nii.gz"))
-        rows.append((name, os.path.abspath(os.path.join(folder, "image.nii.gz")),
-                     os.path.abspath(os.path.join(folder, "labels.nii.gz"))))
-        print(f"{name}: {'DESS-like' if k % 2 == 0 else 'generic'} contrast, slices "
-              f"{sample.thickness:.2f} voxels along axis {sample.axis}", file=sys.stderr)
+        variants = [(name, labels, image.affine, 1000)]
+        if args.extend:
+            variants.append((name + "_ext", *extended_map(labels, image.affine, *args.extend),
+                             5000))
+        for label, (out_name, out_labels, affine, base) in enumerate(variants):
+            synth = LabelSynth(rotation=0, scale=0, shear=0, translation=0, nonlinear=0,
+                               std=(0.0, 0.06), background=8, background_spacing=24,
+                               blur=1.0, thickness=2.2, bias=0.3, noise=0.03, gamma=0.2,
+                               priors=DESS, prior_probability=1.0 if k % 2 == 0 else 0.0)
+            sample = synth.draw(out_labels, np.random.default_rng(base + args.seed * 100 + k))
+            assert np.array_equal(sample.labels, out_labels)
+            folder = os.path.join(args.out, out_name)
+            os.makedirs(folder, exist_ok=True)
+            nib.save(nib.Nifti1Image(sample.image, affine), os.path.join(folder, "image.nii.gz"))
+            nib.save(nib.Nifti1Image(out_labels, affine), os.path.join(folder, "labels.nii.gz"))
+            row = (out_name, os.path.abspath(os.path.join(folder, "image.nii.gz")),
+                   os.path.abspath(os.path.join(folder, "labels.nii.gz")))
+            (rows if label == 0 else extended).append(row)
+            print(f"{out_name}: {'DESS-like' if k % 2 == 0 else 'generic'} contrast, slices "
+                  f"{sample.thickness:.2f} voxels along axis {sample.axis}, "
+                  f"{out_labels.shape}", file=sys.stderr)
+    if extended:
+        with open(os.path.join(args.out, "validation_extended.csv"), "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["name", "image", "labels"])
+            writer.writerows(rows + extended)
     with open(os.path.join(args.out, "validation.csv"), "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["name", "image", "labels"])
