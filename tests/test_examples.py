@@ -173,3 +173,12 @@ def test_knee_v2_card_sections_carry_the_measured_numbers():
     dess["left_knee_agreement_network_alone"] = {name: 0.8 for name in names}
     (title, text), = module.card_sections({"dess": dess}, "CMD")
     assert "| tibia | 12.00 | 0.900 | 0.800 |" in text and "by construction" in text
+    ext = {"mean": {name: 0.9 for name in names}, "short_mm_max": {"femur top": 39.5,
+                                                                  "tibia bottom": 0.7}}
+    short = {"a_ext": {"femur top": 39.5, "tibia bottom": 0.0},
+             "b_ext": {"femur top": 1.0, "tibia bottom": 0.7}, "a": {"femur top": 9.0,
+                                                                     "tibia bottom": 0.0}}
+    (title, text), = module.card_sections({"segmentation_extended": ext, "short_mm": short},
+                                          "CMD")
+    assert title == "Held-out maps with their shafts continued" and "same 2 held-out" in text
+    assert "1 of 2 (at most 39.5 mm" in text and "| patella | 0.900 |" in text

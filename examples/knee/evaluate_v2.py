@@ -90,6 +90,22 @@ def card_sections(results: dict, command: str, picture: str | None = None
             "no labelled real knee image was available.\n\n"
             "| structure | mean Dice | lowest map | target | reached |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + f"\n\n`{command}`")))
+    ext = results.get("segmentation_extended")
+    if ext:
+        short = results.get("short_mm", {})
+        names = [n for n in short if n.endswith("_ext")]
+        stopped = [n for n in names if short[n]["femur top"] > 3 or short[n]["tibia bottom"] > 3]
+        rows = [f"| {name} | {ext['mean'][name]:.3f} |" for name in NAMES.values()]
+        sections.append(("Held-out maps with their shafts continued", (
+            f"The same {len(names)} held-out maps with their superior and inferior end planes "
+            "repeated outward (`make_validation.py --extend 40 20`: the femoral shaft 40 mm "
+            "longer, the tibial 20 mm: a field of view taller than the maps' 140 mm and the "
+            "joint below its centre, as in the real DESS scan below), one image synthesised on "
+            f"each. Femur or tibia labels stopping more than 3 mm short of the map's: "
+            f"{len(stopped)} of {len(names)} (at most {ext['short_mm_max']['femur top']} mm "
+            f"for the femur's top, {ext['short_mm_max']['tibia bottom']} mm for the tibia's "
+            "bottom).\n\n| structure | mean Dice |\n|---|---|\n" + "\n".join(rows)
+            + f"\n\n`{command}`")))
     reg = results.get("registration")
     if reg and reg.get("summary"):
         lines = ["| pairs | n | stage | " + " | ".join(NAMES.values()) + " | mean |",
