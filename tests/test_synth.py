@@ -228,6 +228,22 @@ def test_extend_shifts_the_anatomy_along_the_axis_and_fills_the_side_it_leaves()
     assert all(14 - 6 <= p <= 14 + 6 for p in patella)
 
 
+def test_end_planes_skip_a_partly_labelled_last_plane():
+    from dazoo.training.synth import end_planes
+
+    labels = _limb_map()
+    assert end_planes(labels, 2) == (2, 27)
+    labels[5, 4, 28] = 1          # a sliver of femur in the plane beyond: not the shaft
+    labels[4:6, 3:5, 1] = 3       # a partial plane below the tibia: 4 of its 30 voxels
+    assert end_planes(labels, 2) == (2, 27)
+    assert end_planes(labels, 2, fraction=0.01) == (1, 28)
+    assert end_planes(np.zeros((3, 3, 3), np.int16), 0) is None
+    # LabelSynth repeats the full planes over the partial ones
+    still = dict(rotation=0, scale=0, shear=0, translation=0, nonlinear=0)
+    sample = LabelSynth(**still, extend_axis=2).draw(labels, 0)
+    assert np.all(sample.labels[4:8, 3:7, 28:] == 1) and np.all(sample.labels[3:9, 3:8, :2] == 3)
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(DazooInputError, match="rotation"):
         LabelSynth(rotation=-1)

@@ -796,6 +796,14 @@ def test_knee_validation_extension_continues_the_shafts_in_world_space(superior)
     assert z.max() == pytest.approx(30.0 + 4.5 + 2.0) and z.min() == pytest.approx(30.0 - 1.0)
     assert np.array_equal(top == 1, labels[:, :, 9 if superior == "S" else 0] == 1) and top.any()
     assert np.array_equal(bottom == 3, labels[:, :, 0 if superior == "S" else 9] == 3)
+    # a partly labelled last plane (a sliver of femur) is not what continues: the full one is
+    sliver = labels.copy()
+    top_plane = 9 if superior == "S" else 0
+    sliver[:, :, top_plane] = 0
+    sliver[1, 1, top_plane] = 1
+    out, moved = make_validation.extended_map(sliver, affine, 2.0, 1.0)
+    z = np.array([world(moved, [0, 0, k])[2] for k in range(16)])
+    np.testing.assert_array_equal(out[:, :, np.argmax(z)] == 1, labels[:, :, top_plane] == 1)
 
 
 def test_a_given_template_is_the_runs_own_copy_and_exports(trained, tmp_path):

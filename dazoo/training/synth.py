@@ -38,7 +38,7 @@ import scipy.ndimage as ndi
 from dazoo import spatial
 from dazoo.errors import DazooInputError
 
-__all__ = ["LabelSynth", "SynthSample", "integrate_svf"]
+__all__ = ["LabelSynth", "SynthSample", "integrate_svf", "end_planes"]
 
 
 @dataclasses.dataclass
@@ -295,13 +295,12 @@ class LabelSynth:
         """``coords`` shifted along :attr:`extend_axis` by a random ``[-extend, extend]``
         voxels and clamped there to the map's labelled planes (see the class's arguments)."""
         axis = int(self.extend_axis)
-        others = tuple(a for a in range(3) if a != axis)
-        planes = np.flatnonzero(np.any(labels != 0, axis=others))
         shift = float(rng.uniform(-self.extend, self.extend)) if self.extend else 0.0
-        if not len(planes):
+        ends = end_planes(labels, axis)
+        if ends is None:
             return coords
         coords = np.array(coords, np.float32, copy=True)
-        np.clip(coords[axis] + np.float32(shift), planes[0], planes[-1], out=coords[axis])
+        np.clip(coords[axis] + np.float32(shift), ends[0], ends[1], out=coords[axis])
         return coords
 
     def __call__(self, labels: np.ndarray, rng: np.random.Generator | int | None = None,
@@ -366,6 +365,27 @@ class LabelSynth:
             np.copyto(best, field, where=larger)
         regions[background] = winner[background]
         return regions, region_means, region_stds
+
+
+def end_planes(labels: np.ndarray, axis: int, *, depth: int | None = None,
+               fraction: float = 0.5) -> tuple[int, int] | None:
+    """The first and last planes along ``axis`` that hold the labelled anatomy's full cross
+    section: from each end, the outermost plane whose labelled voxel count reaches
+    ``fraction`` of the largest count among the ``depth`` outermost labelled planes there
+    (default: 2 % of the axis, at least 3). A map's outermost planes are often labelled only
+    in part (a few hundred femur voxels where the planes inside hold thousands): repeating
+    such a plane outward would continue a sliver, not the shaft. None: nothing labelled."""
+    counts = np.count_nonzero(np.asarray(labels) != 0,
+                              axis=tuple(a for a in range(np.ndim(labels)) if a != axis))
+    planes = np.flatnonzero(counts)
+    if not len(planes):
+        return None
+    depth = max(3, int(round(0.02 * len(counts)))) if depth is None else max(1, int(depth))
+    first = planes[:depth]
+    last = planes[::-1][:depth]
+    low = first[np.argmax(counts[first] >= fraction * counts[first].max())]
+    high = last[np.argmax(counts[last] >= fraction * counts[last].max())]
+    return int(low), int(high)
 
 
 def integrate_svf(velocity: np.ndarray, steps: int = 7) -> np.ndarray:

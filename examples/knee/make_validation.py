@@ -65,17 +65,24 @@ def split(files, akoa: int, zib: int, seed: int):
 def extended_map(labels: np.ndarray, affine: np.ndarray, top_mm: float, bottom_mm: float):
     """``(labels, affine)`` with the map's superior and inferior end planes repeated outward by
     ``top_mm`` and ``bottom_mm`` (the voxel axis nearest the world S-I axis; the affine's origin
-    moved so the original voxels keep their world positions)."""
+    moved so the original voxels keep their world positions). The planes repeated are the
+    outermost ones holding the labelled cross-section in full
+    (:func:`dazoo.training.synth.end_planes`); partly labelled planes beyond them (a sliver of
+    femur in a map's last slice) take their labels too."""
     import nibabel as nib
+
+    from dazoo.training.synth import end_planes
 
     codes = nib.aff2axcodes(affine)
     axis = next(i for i, c in enumerate(codes) if c in "SI")
     spacing = float(np.sqrt((np.asarray(affine)[:3, axis] ** 2).sum()))
     top, bottom = (int(round(mm / spacing)) for mm in (top_mm, bottom_mm))
     before, after = (bottom, top) if codes[axis] == "S" else (top, bottom)
-    widths = [(0, 0)] * 3
-    widths[axis] = (before, after)
-    out = np.pad(labels, widths, mode="edge")
+    # repeat the outermost planes that hold the full cross-section (end_planes: a map's last
+    # planes are often labelled only in part: they are replaced too, not continued)
+    low, high = end_planes(labels, axis) or (0, labels.shape[axis] - 1)
+    source = np.clip(np.arange(-before, labels.shape[axis] + after), low, high)
+    out = np.take(labels, source, axis=axis)
     moved = np.array(affine, float, copy=True)
     moved[:3, 3] -= moved[:3, axis] * before
     return out, moved
