@@ -119,7 +119,8 @@ def _cases(subjects, cases):
 
 def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None = None,
                           flip: bool | None = None,
-                          log: Callable[[str], None] | None = print) -> list[dict]:
+                          log: Callable[[str], None] | None = print,
+                          measure: Callable[[Case, io.Volume], dict] | None = None) -> list[dict]:
     """Segments every labelled subject and scores it on its native grid.
 
     Args:
@@ -129,9 +130,12 @@ def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None
             their preprocessed images).
         flip: left-right test-time augmentation (default: the preset's).
         log: progress lines (None: quiet).
+        measure: optional ``measure(case, labels)`` -> dict of more fields per subject, from
+            the loaded case and the segmentation (a native-grid label :class:`Volume`).
 
     Returns:
-        one dict per subject: ``name``, ``seconds`` and the fields of :func:`score_labels`.
+        one dict per subject: ``name``, ``seconds``, the fields of :func:`score_labels` and
+        those of ``measure``.
     """
     results = []
     cases = _cases(subjects, cases)
@@ -144,7 +148,8 @@ def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None
             labels = pipeline.segment(case.image, flip=flip).labels
         seconds = time.perf_counter() - start
         scores = score_labels(case.truth, labels.array, _ids(pipeline), _groups(pipeline))
-        results.append({"name": case.name, "seconds": seconds, **scores})
+        results.append({"name": case.name, "seconds": seconds, **scores,
+                        **(measure(case, labels) if measure is not None else {})})
         if log is not None:
             log(f"[{number}/{len(cases)}] segment {case.name}: mean Dice "
                 f"{scores['mean_dice']:.3f} (merged {scores['mean_merged_dice']:.3f}), "

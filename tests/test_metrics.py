@@ -49,3 +49,35 @@ def test_folding_fraction_counts_reflected_voxels():
     det = metrics.jacobian_determinant(u)
     assert np.all(det[:3] < 0) and np.all(det[5:] == 1)
     assert 3 / 8 <= metrics.folding_fraction(u) <= 5 / 8
+
+
+def test_evaluate_segmentation_adds_what_measure_returns_per_case():
+    """``measure(case, labels)`` sees each loaded case and its segmentation; its fields join
+    the record beside score_labels' own (a stand-in pipeline returns a known prediction)."""
+    import types
+
+    from dazoo import io
+    from dazoo.evaluate import Case, evaluate_segmentation
+
+    truth = np.zeros((6, 6, 6), np.int16)
+    truth[1:4, 1:4, 1:4] = 1
+    prediction = np.zeros_like(truth)
+    prediction[1:4, 1:4, 2:5] = 1          # 18 of 27 voxels shared: Dice 2/3
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    image = io.Volume(np.ones((6, 6, 6), np.float32), affine, None)
+    pipeline = types.SimpleNamespace(
+        class_ids=[0, 1],
+        segment=lambda img, flip=None: types.SimpleNamespace(
+            labels=io.Volume(prediction, img.affine, None)))
+    seen = []
+
+    def measure(case, labels):
+        seen.append((case.name, labels.affine[0, 0]))
+        return {"voxels": int((labels.array == 1).sum()), "truth_voxels": int(case.truth.sum())}
+
+    (record,) = evaluate_segmentation(pipeline, cases=[Case("a", image, truth)], log=None,
+                                      measure=measure)
+    assert record["dice"][1] == pytest.approx(2 / 3)
+    assert record["voxels"] == 27 and record["truth_voxels"] == 27 and seen == [("a", 2.0)]
+    (plain,) = evaluate_segmentation(pipeline, cases=[Case("a", image, truth)], log=None)
+    assert "voxels" not in plain and plain["dice"] == record["dice"]

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
 
     import dazoo
     from dazoo import io
-    from dazoo.evaluate import Case, score_labels
+    from dazoo.evaluate import Case, evaluate_segmentation, score_labels
     from dazoo.metrics import dice_per_label
     from dazoo.qc import label_overlay
     from dazoo.training.subjects import load_subjects
@@ -210,22 +210,15 @@ def main(argv=None) -> int:
     if args.dess_only:
         subjects, args.pairs = [], 0
     flip = None if args.flip is None else args.flip == "on"
-    per = []
-    for number, case in enumerate(Case.of(s) for s in subjects):
-        case = case.load()
-        t = time.perf_counter()
-        labels = pipeline.segment(case.image, flip=flip).labels
-        record = {"name": case.name, "seconds": time.perf_counter() - t,
-                  **score_labels(case.truth, labels.array, ids)}
-        # how far short of the truth's reach the femur (top) and tibia (bottom) stop, mm
-        record["short_mm"] = {
+    def short_mm(case, labels):
+        """How far short of the truth's reach the femur (top) and tibia (bottom) stop, mm."""
+        return {"short_mm": {
             f"{NAMES[i]} {end}": round(bone_reach_mm(labels.array, labels.affine, i, end)
                                        - bone_reach_mm(case.truth, labels.affine, i, end), 1)
-            for i, end in ((1, "top"), (3, "bottom"))}
-        per.append(record)
-        print(f"[{number + 1}/{len(subjects)}] segment {case.name}: mean Dice "
-              f"{record['mean_dice']:.3f}, short of the truth's reach (mm) "
-              f"{record['short_mm']}, {record['seconds']:.1f} s", flush=True)
+            for i, end in ((1, "top"), (3, "bottom"))}}
+
+    per = evaluate_segmentation(pipeline, subjects, flip=flip, log=print,
+                                measure=short_mm) if subjects else []
     if per:
         results["short_mm"] = {r["name"]: r["short_mm"] for r in per}
         extended = [r for r in per if r["name"].endswith("_ext")]

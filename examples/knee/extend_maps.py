@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import nibabel as nib
 
+    from dazoo import io
     from dazoo.training.recipe import Recipe
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +47,7 @@ def main(argv=None) -> int:
         labels = np.asarray(image.dataobj).astype(np.int16)
         out, affine = extended_map(labels, image.affine, args.mm, args.mm)
         name = os.path.basename(path).split(".")[0] + "_ext.nii.gz"
-        target = os.path.join(args.out, name)
-        tmp = target + ".part.nii.gz"
-        nib.save(nib.Nifti1Image(out, affine), tmp)
-        os.replace(tmp, target)
+        io.write_labels(out, os.path.join(args.out, name), affine=affine)
         print(f"{name}: {labels.shape} -> {out.shape}", file=sys.stderr)
     return 0
 

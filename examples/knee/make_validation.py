@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         if args.extend:
             variants.append((name + "_ext", *extended_map(labels, image.affine, *args.extend),
                              5000))
-        for label, (out_name, out_labels, affine, base) in enumerate(variants):
+        for variant, (out_name, out_labels, affine, base) in enumerate(variants):
             synth = LabelSynth(rotation=0, scale=0, shear=0, translation=0, nonlinear=0,
                                std=(0.0, 0.06), background=8, background_spacing=24,
                                blur=1.0, thickness=2.2, bias=0.3, noise=0.03, gamma=0.2,
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             nib.save(nib.Nifti1Image(out_labels, affine), os.path.join(folder, "labels.nii.gz"))
             row = (out_name, os.path.abspath(os.path.join(folder, "image.nii.gz")),
                    os.path.abspath(os.path.join(folder, "labels.nii.gz")))
-            (rows if label == 0 else extended).append(row)
+            (rows if variant == 0 else extended).append(row)
             print(f"{out_name}: {'DESS-like' if k % 2 == 0 else 'generic'} contrast, slices "
                   f"{sample.thickness:.2f} voxels along axis {sample.axis}, "
                   f"{out_labels.shape}", file=sys.stderr)
