@@ -215,6 +215,10 @@ def _score(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _names(names, limit: int = 12) -> str:
     """A list of subject names for a card line: all of them up to ``limit``, else the first
     few, a count and where the rest is (label maps counted apart)."""
@@ -322,9 +326,9 @@ def render_card(meta: dict) -> str:
         lines.append(f"- Fine-tuned from `{parent['name']}` (version {parent.get('version')}, "
                      f"weights sha256 {str(parent.get('weights_sha256'))[:12]}...).")
     lines += [
-        f"- Data: {data.get('name', '?')}; {len(data.get('train', []))} training subjects "
-        f"({len(data.get('labelled', []))} labelled: {_names(data.get('labelled', []))}"
-        f"; unlabelled: {_names(data.get('unlabelled', []))}); validation: "
+        f"- Data: {data.get('name', '?')}; {_count(len(data.get('train', [])), 'training scan')}"
+        f"; labelled: {_names(data.get('labelled', []))}"
+        f"; unlabelled: {_names(data.get('unlabelled', []))}; validation: "
         f"{_names(data.get('validation', []))}.",
         f"- Mode {training.get('mode')}, seed {training.get('seed')}, precision "
         f"{training.get('precision')}; {training.get('steps_completed')} of "

@@ -485,6 +485,8 @@ def test_export_writes_a_verified_preset_from_the_run_record(trained, exported):
     assert meta["training"]["command"] == "dazoo train recipe.json -o run"
     card = exported.file("README.md").read_text()
     assert f"{best['native_seg_dice']:.3f}" in card and "synthetic test data" in card
+    n = len(meta["data"]["train"])
+    assert f"; {n} training scans; labelled: s0, s1, s2; unlabelled: " in card
     # Not a shipped preset: the card loads it by its folder (its name alone would fail).
     assert "dazoo.load('path/to/tinypreset')" in card and "dazoo.load('tinypreset')" not in card
     assert meta["version"] == "1" and meta["dazoo_version"] == dazoo.__version__
