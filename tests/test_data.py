@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -217,12 +218,24 @@ def test_cache_reuses_memory_and_files(tmp_path, make_affine, phantom, phantom_l
     assert other.key(subjects[1]) != cache.key(subjects[1])
 
 
-def test_cache_key_follows_modification_time(tmp_path, make_affine, phantom, phantom_labels):
-    subjects = _write_subjects(tmp_path, make_affine, phantom, phantom_labels, count=1)
+def test_cache_key_follows_contents_not_modification_time(tmp_path, make_affine, phantom,
+                                                          phantom_labels):
+    import shutil
+
+    subjects = _write_subjects(tmp_path, make_affine, phantom, phantom_labels, count=2)
     cache = data.VolumeCache(_preprocessor())
     before = cache.key(subjects[0])
+    # the same bytes with a new modification time, or copied elsewhere: the same key
     stat = os.stat(subjects[0].image)
     os.utime(subjects[0].image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cache.key(subjects[0]) == before
+    copy = tmp_path / "copy"
+    shutil.copytree(pathlib.Path(subjects[0].image).parent, copy)
+    moved = data.Subject(str(copy / pathlib.Path(subjects[0].image).name),
+                         str(copy / pathlib.Path(subjects[0].labels).name), subjects[0].name)
+    assert cache.key(moved) == before
+    # other contents: another key
+    shutil.copyfile(subjects[1].image, subjects[0].image)
     assert cache.key(subjects[0]) != before
 
 

@@ -32,9 +32,9 @@ class CachedSubject:
 class VolumeCache:
     """Preprocessed volumes, computed once.
 
-    Entries are keyed by the image (and label) file's absolute path, size and modification
-    time and by :meth:`dazoo.preprocess.Preprocessor.fingerprint`, so a changed file or
-    config is recomputed. With ``folder``, entries are also stored as ``<name>-<key>.npz``
+    Entries are keyed by the image (and label) file's size and contents (sha256) and by
+    :meth:`dazoo.preprocess.Preprocessor.fingerprint`, so a changed file or config is
+    recomputed, and a data folder mounted anew (fresh modification times) or moved is not. With ``folder``, entries are also stored as ``<name>-<key>.npz``
     (written atomically) and reused by later runs.
 
     Args:
@@ -98,12 +98,26 @@ class VolumeCache:
         return CachedSubject(pre, labels)
 
 
+#: ``(abspath, size, mtime_ns) -> sha256`` of files already hashed in this process.
+_DIGESTS: dict = {}
+
+
 def _file_identity(path: str) -> str:
+    """A file's size and the sha256 of its contents: a key that survives a copy or a fresh
+    modification time of the same bytes (a data folder mounted anew each session) and
+    changes with the contents. Hashed once per process and (path, size, mtime)."""
     try:
         stat = os.stat(path)
     except OSError:
         raise DazooInputError(path, "no such file") from None
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    seen = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if seen not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[seen] = digest.hexdigest()
+    return f"{stat.st_size}|{_DIGESTS[seen]}"
 
 
 def _safe(name: str) -> str:
