@@ -126,6 +126,34 @@ def test_knee_v2_evaluation_helpers():
     assert module.subject_of("OAI_ZIB-UQ_9001104") == "OAI_ZIB-UQ_9001104"
 
 
+def test_knee_crop_check_keeps_world_positions():
+    """Rows removed at the top or bottom of a scan's S-I axis: the array loses them, the
+    affine shifts so every kept voxel stays where it was in the world (both index directions)."""
+    from dazoo import io
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "knee" / "crop_check.py"
+    spec = importlib.util.spec_from_file_location("knee_crop_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    array = np.arange(4 * 20 * 5, dtype=np.float32).reshape(4, 20, 5)
+    for sign in (1.0, -1.0):  # voxel axis 1 runs superior (+) or inferior (-)
+        affine = np.array([[0, 0, 1.5, 3], [0.3, 0, 0, -7], [0, 0.5 * sign, 0, 11], [0, 0, 0, 1]])
+        volume = io.Volume(array, affine, None)
+        for end in ("top", "bottom"):
+            out = module.cropped(volume, 6, end)
+            assert out.array.shape == (4, 14, 5)
+            world = lambda a, ijk: (a @ np.append(ijk, 1.0))[:3]  # noqa: E731
+            kept = np.flatnonzero(np.isin(array[0, :, 0], out.array[0, :, 0]))
+            assert len(kept) == 14
+            for new_j, old_j in enumerate(kept):
+                np.testing.assert_allclose(world(out.affine, (2, new_j, 1)),
+                                           world(affine, (2, old_j, 1)))
+            z = [world(affine, (0, j, 0))[2] for j in kept]
+            dropped = [world(affine, (0, j, 0))[2] for j in range(20) if j not in kept]
+            # the removed rows are the superior ones for "top", the inferior for "bottom"
+            assert (min(dropped) > max(z)) if end == "top" else (max(dropped) < min(z))
+
+
 def test_knee_v2_card_sections_carry_the_measured_numbers():
     """The card's sections hold the results' numbers, the targets' verdicts, refinement rows
     only when refinement changed something, and no section for a part that was not run."""

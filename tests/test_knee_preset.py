@@ -106,7 +106,7 @@ def test_edge_fraction_of_a_bone_running_out_and_one_stopping_short():
 
 @pytest.mark.xfail(strict=True, reason="issue 25, open: on this scan (160 mm field of view) "
                    "version 3 labels the femoral shaft to 3.1 mm below the top edge (version 2: "
-                   "25 mm), tapering over its top 6 mm like a bone's end instead of running out "
+                   "25 mm), narrowing over its last ~3 mm like a bone's end instead of running out "
                    "of the field of view")
 def test_knee_preset_labels_the_femur_to_the_top_of_the_field_of_view(dess):
     _, result = dess
