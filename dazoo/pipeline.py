@@ -709,7 +709,7 @@ class Pipeline:
         if iterations > 0:
             u, _ = self.refine(moving_pre, fixed_pre,
                                moving_labels=labels_volume if guide == "labels" else None,
-                               iterations=iterations, out=out, **options)
+                               iterations=iterations, out=out, final_loss=False, **options)
         return self.registration_from(u, moving_volume, moving_pre, fixed_affine, fixed_pre,
                                       moving_labels=labels_volume)
 

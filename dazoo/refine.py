@@ -39,11 +39,17 @@ from dazoo.models.objective import image_terms
 __all__ = ["refine_velocity"]
 
 
-def _loss_terms(velocity, moving, fixed, moving_classes, fixed_probs, *, int_steps,
-                int_resolution, ncc, smoothness, anatomy, present, num_classes):
+def _displacement(velocity, *, int_steps, int_resolution):
+    """The model-grid displacement of a velocity: integrated, then upsampled."""
     displacement = dops.integrate_velocity(velocity, steps=int_steps)
     if int_resolution > 1:
         displacement = dops.rescale_displacement(displacement, int_resolution)
+    return displacement
+
+
+def _loss_terms(velocity, moving, fixed, moving_classes, fixed_probs, *, int_steps,
+                int_resolution, ncc, smoothness, anatomy, present, num_classes):
+    displacement = _displacement(velocity, int_steps=int_steps, int_resolution=int_resolution)
     moved = dops.warp(moving, displacement)
     similarity, smooth = image_terms(ncc, Grad("l2"), fixed, moved, velocity)
     similarity, smooth = ops.mean(similarity), ops.mean(smooth)
@@ -86,6 +92,7 @@ def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=No
                     int_steps: int = 7, int_resolution: int = 2, ncc_window: int = 9,
                     smoothness: float = 1.0, anatomy: float = 1.0,
                     snapshots: tuple[int, ...] = (), compiled: bool = True,
+                    final_loss: bool = True,
                     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Refines a registration network's velocity on one pair (see the module docstring).
 
@@ -106,12 +113,15 @@ def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=No
             (NumPy) reached there (to measure several iteration counts in one run).
         compiled: trace the gradient step once (TensorFlow graph: faster steps, a one-time
             tracing cost) or run it eagerly.
+        final_loss: also evaluate the loss after the last update (the history's last entry:
+            an untraced pass as costly as a step); False: only the displacement is computed
+            there (``register`` needs no more).
 
     Returns:
         ``(displacement, history)``: the refined ``(1, D, H, W, 3)`` displacement (model grid
         voxels, float32 NumPy) and per iteration ``{"loss", "ncc", "smoothness", "dice",
         "seconds"}`` (the values before that iteration's update, and the time of its
-        gradient; the last entry: after the last update).
+        gradient; with ``final_loss``, a last entry: after the last update).
     """
     v = ops.convert_to_tensor(np.asarray(velocity, np.float32))
     m = ops.convert_to_tensor(np.asarray(moving, np.float32))
@@ -162,6 +172,10 @@ def refine_velocity(velocity, moving, fixed, moving_classes=None, fixed_probs=No
         second = beta2 * second + (1 - beta2) * grad * grad
         corrected = learning_rate * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
         v = v - corrected * first / (ops.sqrt(second) + eps)
+    if not final_loss:
+        displacement = _displacement(v, int_steps=static["int_steps"],
+                                     int_resolution=static["int_resolution"])
+        return np.asarray(ops.convert_to_numpy(displacement), np.float32), history
     loss, (similarity, smooth, overlap, displacement) = function(v, *data)
     history.append(_record(loss, similarity, smooth, overlap))
     if int(iterations) in snapshots:

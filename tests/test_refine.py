@@ -60,6 +60,21 @@ def test_refinement_recovers_a_known_translation(terms):
         assert history[-1]["dice"] > history[0]["dice"] + 0.05
 
 
+def test_without_the_final_loss_the_displacement_is_the_same():
+    """``final_loss=False`` (what ``register`` asks) skips the loss after the last update,
+    not the update: the same displacement, one history entry fewer."""
+    rng = np.random.default_rng(3)
+    velocity = rng.normal(0, 0.3, (1, 12, 12, 12, 3)).astype(np.float32)
+    fixed, moving = _blobs()[None, ..., None], np.roll(_blobs(), 2, axis=0)[None, ..., None]
+    kwargs = dict(iterations=4, int_steps=4, learning_rate=0.1)
+    u, history = refine_velocity(velocity, moving, fixed, **kwargs)
+    u_fast, history_fast = refine_velocity(velocity, moving, fixed, final_loss=False, **kwargs)
+    np.testing.assert_allclose(u_fast, u, atol=1e-5)
+    assert len(history_fast) == 4 and len(history) == 5
+    assert [h["loss"] for h in history_fast] == pytest.approx([h["loss"] for h in history[:4]])
+    assert np.abs(u_fast).max() > 0.1  # the updates moved it
+
+
 def test_zero_iterations_is_the_network_output():
     velocity = np.random.default_rng(1).normal(0, 0.3, (1, 12, 12, 12, 3)).astype(np.float32)
     image = _blobs()[None, ..., None]
