@@ -196,7 +196,7 @@ def main(argv=None):
             f"--data ../shared/data" + (f" --knees {args.knees}" if args.knees else "")
             + (f" --maps {args.maps}" if args.maps else "") + f" --write; {counts}"
             + f"; mean confidence: knees >= {worst:.3f}, other anatomy <= {best_other:.3f}"
-            + (f"; volume bounds from {len(map_rows)} manual label maps" if map_rows else
+            + (f"; volume bounds from {len(map_rows)} label maps (the recipe's)" if map_rows else
                "; volume bounds from the knees' own segmentations"))
         path = get_preset(args.preset).file("checks.json")
         path.write_text(json.dumps(thresholds, indent=1) + "\n")
