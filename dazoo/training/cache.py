@@ -34,8 +34,9 @@ class VolumeCache:
 
     Entries are keyed by the image (and label) file's size and contents (sha256) and by
     :meth:`dazoo.preprocess.Preprocessor.fingerprint`, so a changed file or config is
-    recomputed, and a data folder mounted anew (fresh modification times) or moved is not. With ``folder``, entries are also stored as ``<name>-<key>.npz``
-    (written atomically) and reused by later runs.
+    recomputed, and a data folder mounted anew (fresh modification times) or moved is not.
+    With ``folder``, entries are also stored as ``<name>-<key>.npz`` (written atomically) and
+    reused by later runs.
 
     Args:
         preprocessor: the :class:`~dazoo.preprocess.Preprocessor` to apply.

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("scan")
     parser.add_argument("--preset", default="knee")
     parser.add_argument("--top", type=int, nargs="*", default=[0], help="rows removed at the top")
-    parser.add_argument("--bottom", type=int, nargs="*", default=[], help="rows removed at the bottom")
+    parser.add_argument("--bottom", type=int, nargs="*", default=[],
+                        help="rows removed at the bottom")
     args = parser.parse_args(argv)
     pipeline = dazoo.load(args.preset)
     image = io.read_image(args.scan)
