@@ -16,6 +16,7 @@ from dazoo.preprocess.alignment import align_affine, alignment_score, mirror_mat
 from dazoo.preprocess.config import PreprocessConfig
 from dazoo.preprocess.geometry import affine_sample, grid_affine, image_centre, resample, snap
 from dazoo.preprocess.intensity import intensity_parameters, normalise_intensity
+from dazoo.presets import sha256
 
 
 @dataclasses.dataclass(eq=False)
@@ -142,11 +143,7 @@ class Preprocessor:
             stat = os.stat(self.template_path)
             identity = (os.path.abspath(self.template_path), stat.st_size, stat.st_mtime_ns)
             if getattr(self, "_template_digest", (None,))[0] != identity:
-                digest = hashlib.sha256()
-                with open(self.template_path, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-                self._template_digest = (identity, digest.hexdigest())
+                self._template_digest = (identity, sha256(self.template_path))
             parts.append(self._template_digest[1])
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -16,6 +16,7 @@ import numpy as np
 from dazoo.errors import DazooInputError
 from dazoo.io import atomic_write
 from dazoo.preprocess import Preprocessed, Preprocessor
+from dazoo.presets import sha256
 from dazoo.training.subjects import Subject, relabelled
 
 __all__ = ["VolumeCache", "CachedSubject"]
@@ -113,11 +114,7 @@ def _file_identity(path: str) -> str:
         raise DazooInputError(path, "no such file") from None
     seen = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     if seen not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[seen] = digest.hexdigest()
+        _DIGESTS[seen] = sha256(path)
     return f"{stat.st_size}|{_DIGESTS[seen]}"
 
 
