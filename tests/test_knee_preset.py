@@ -25,14 +25,19 @@ def test_knee_preset_is_version_3_with_oai_zib_ids():
     assert {c["id"]: c["name"].lower() for c in classes if c["id"]} == OAI_ZIB
 
 
-def _reach_mm(mask, affine, end):
-    """mm from the mask's most superior ("top") / inferior voxel to that edge of the field of
-    view: examples/knee/evaluate_v2.py's ``bone_reach_mm`` (tested in test_examples.py)."""
+def _evaluate_v2():
+    """examples/knee/evaluate_v2.py (its helpers are tested in test_examples.py)."""
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "knee" / "evaluate_v2.py"
     spec = importlib.util.spec_from_file_location("knee_evaluate_v2", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.bone_reach_mm(mask.astype(np.uint8), affine, 1, end)
+    return module
+
+
+def _reach_mm(mask, affine, end):
+    """mm from the mask's most superior ("top") / inferior voxel to that edge of the field of
+    view: examples/knee/evaluate_v2.py's ``bone_reach_mm``."""
+    return _evaluate_v2().bone_reach_mm(mask.astype(np.uint8), affine, 1, end)
 
 
 def _largest_pieces_fraction(mask, pieces):
@@ -79,9 +84,7 @@ def _edge_fraction(mask, affine, end, depth_mm=20.0):
     """The mask's cross-section in the plane 1 mm inside the field of view's ``end`` ("top" or
     "bottom") edge, as a fraction of its cross-section ``depth_mm`` further in: ~1 for a bone
     that runs out of the field of view, 0 for one whose labels stop or taper before it."""
-    axis = int(np.argmax(np.abs(affine[2, :3])))      # the voxel axis closest to S-I
-    up = affine[2, axis] > 0
-    spacing = float(np.linalg.norm(affine[:3, axis]))
+    axis, up, spacing = _evaluate_v2().si_axis(affine)
     n = mask.shape[axis]
     near, far = round(1.0 / spacing), round((1.0 + depth_mm) / spacing)
     if (end == "top") == up:

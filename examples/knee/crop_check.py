@@ -28,8 +28,7 @@ def cropped(volume: io.Volume, rows: int, end: str) -> io.Volume:
     """``volume`` with ``rows`` voxel rows removed at its superior (``"top"``) or inferior end
     along the voxel axis closest to S-I; the affine follows (the same world positions)."""
     affine = volume.affine
-    axis = int(np.argmax(np.abs(affine[2, :3])))
-    up = affine[2, axis] > 0                       # increasing index goes superior
+    axis, up, _ = _evaluate.si_axis(affine)
     n = volume.array.shape[axis]
     start, stop = 0, n
     if (end == "top") == up:
@@ -53,15 +52,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     pipeline = dazoo.load(args.preset)
     image = io.read_image(args.scan)
-    axis = int(np.argmax(np.abs(image.affine[2, :3])))
-    spacing = float(np.linalg.norm(image.affine[:3, axis]))
+    axis, up, spacing = _evaluate.si_axis(image.affine)
     for end, counts in (("top", args.top), ("bottom", args.bottom)):
         for rows in counts:
             volume = cropped(image, rows, end)
             labels = pipeline.segment(volume).labels
             femur = labels.array == 1
             area = femur.sum(axis=tuple(a for a in range(3) if a != axis))
-            if labels.affine[2, axis] > 0:
+            if up:
                 area = area[::-1]                  # from the top edge down
             reach = _evaluate.bone_reach_mm(labels.array, labels.affine, 1, "top")
             print(f"{end} {rows} rows ({rows * spacing:.1f} mm) removed: femur labelled to "

@@ -48,15 +48,20 @@ def subject_of(name: str) -> str:
     return "_".join(parts[:3]) if name.startswith("OAI_AKOA_") and len(parts) > 3 else name
 
 
+def si_axis(affine: np.ndarray) -> tuple[int, bool, float]:
+    """The voxel axis closest to superior-inferior, whether increasing index goes superior,
+    and its spacing (mm)."""
+    axis = int(np.argmax(np.abs(affine[2, :3])))
+    return axis, bool(affine[2, axis] > 0), float(np.linalg.norm(affine[:3, axis]))
+
+
 def bone_reach_mm(labels: np.ndarray, affine: np.ndarray, label: int, end: str) -> float:
     """Distance (mm) from the structure's most superior (``end="top"``) or inferior voxel
     to that edge of the field of view, along the scan's superior-inferior voxel axis."""
-    axis = int(np.argmax(np.abs(affine[2, :3])))      # the voxel axis closest to S-I
-    up = affine[2, axis] > 0                           # increasing index goes superior
+    axis, up, spacing = si_axis(affine)
     where = np.flatnonzero(np.any(labels == label, axis=tuple(a for a in range(3) if a != axis)))
     if not len(where):
         return float("nan")
-    spacing = float(np.linalg.norm(affine[:3, axis]))
     n = labels.shape[axis]
     if (end == "top") == up:
         return (n - 1 - int(where.max())) * spacing
