@@ -255,6 +255,50 @@ def test_bad_options_are_one_line_errors():
         LabelSynth(extend_axis=3)
     with pytest.raises(DazooInputError, match="needs extend_axis"):
         LabelSynth(extend=5.0)
+    with pytest.raises(DazooInputError, match="needs falloff_axis"):
+        LabelSynth(falloff=4.0)
+    with pytest.raises(DazooInputError, match="falloff_axis"):
+        LabelSynth(falloff=4.0, falloff_axis=-1)
+    with pytest.raises(DazooInputError, match="falloff"):
+        LabelSynth(falloff=-2.0, falloff_axis=2)
+
+
+def test_falloff_off_leaves_samples_as_they_were():
+    labels = _limb_map()
+    plain = LabelSynth().draw(labels, 5)
+    same = LabelSynth(falloff=0.0, falloff_axis=2).draw(labels, 5)
+    np.testing.assert_array_equal(plain.image, same.image)
+    assert same.falloff == (0.0, 0.0)
+
+
+def test_falloff_multiplies_the_signal_by_a_raised_cosine_at_the_axis_ends():
+    labels = _limb_map()
+    # nothing drawn after the fall-off (no noise, no gamma): the same seed gives the same
+    # image before it, so the ratio of the raw images is the fall-off's profile
+    quiet = dict(noise=0.0, gamma=0.0, zero_background=0.0, mean=(0.2, 1.0))
+    seen = set()
+    for seed in range(16):
+        off = LabelSynth(**quiet).draw(labels, seed)
+        on = LabelSynth(**quiet, falloff=8.0, falloff_axis=2).draw(labels, seed)
+        np.testing.assert_array_equal(on.labels, off.labels)  # the anatomy is unchanged
+        ratio = (on.image * on.scale + on.offset) / (off.image * off.scale + off.offset)
+        n = labels.shape[2]
+        expected = np.ones(n)
+        for end, (width, floor) in enumerate(zip(on.falloff, on.falloff_floor)):
+            if width == 0:
+                assert floor == 1.0
+                continue
+            assert 1.0 <= width <= 8.0 and 0.0 <= floor <= 0.5
+            depth = np.arange(n) if end == 0 else np.arange(n)[::-1]
+            t = np.minimum(depth / width, 1.0)
+            expected *= floor + (1 - floor) * (1 - np.cos(np.pi * t)) / 2
+            seen.add((end, True))
+        for end in (0, 1):
+            if on.falloff[end] == 0:
+                seen.add((end, False))
+        # constant across each plane of the axis, the profile along it
+        np.testing.assert_allclose(ratio, np.broadcast_to(expected, ratio.shape), rtol=2e-5)
+    assert seen == {(0, True), (0, False), (1, True), (1, False)}  # each end, either way
 
 
 def test_pair_dataset_synthesises_label_only_subjects_and_replaces_with_probability():

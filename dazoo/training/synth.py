@@ -59,6 +59,9 @@ class SynthSample:
             (-1 elsewhere); None without ``background``.
         region_means, region_stds: the Gaussian of each background region (region 0 uses
             the background's ``means``/``stds`` entry).
+        falloff: the signal fall-off at the ``falloff_axis`` ends, ``(width at the first
+            end, width at the last)`` in voxels (0: none there), and ``falloff_floor``: the
+            relative signal left at each end's outermost plane.
     """
 
     image: np.ndarray
@@ -75,6 +78,8 @@ class SynthSample:
     regions: np.ndarray | None = None
     region_means: np.ndarray | None = None
     region_stds: np.ndarray | None = None
+    falloff: tuple[float, float] = (0.0, 0.0)
+    falloff_floor: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,6 +133,15 @@ class LabelSynth:
             many voxels (uniform, either way), the repeated planes filling the side it leaves:
             the joint lands anywhere in the grid and a shaft runs up to the grid's end, as in
             a scan whose field of view is taller than the maps' or not centred on the joint.
+        falloff: maximum width, in voxels, of a signal fall-off at the two ends of
+            ``falloff_axis`` (a surface coil's sensitivity: a knee DESS scan's outermost
+            S-I planes keep 10 % of the signal, which recovers over ~4 mm). Each end, on its
+            own with probability 1/2, multiplies the signal (after the bias field, before
+            the noise, which stays) by a raised-cosine ramp from a floor of 0-50 % at the
+            outermost plane to 1 at a depth drawn from 1..``falloff`` voxels; the labels
+            are unchanged (the anatomy is there, only fainter). 0: off (no random draw is
+            made, so samples stay those of a recipe without it).
+        falloff_axis: the axis of ``falloff`` (0, 1 or 2; with ``falloff`` > 0).
     """
 
     rotation: float = 15.0
@@ -154,10 +168,12 @@ class LabelSynth:
     pair_contrast: float = 0.0
     extend_axis: int | None = None
     extend: float = 0.0
+    falloff: float = 0.0
+    falloff_axis: int | None = None
 
     def __post_init__(self):
         scalars = ("rotation", "scale", "shear", "translation", "nonlinear", "blur", "bias",
-                   "noise", "gamma", "zero_background", "extend")
+                   "noise", "gamma", "zero_background", "extend", "falloff")
         for name in scalars:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -184,6 +200,12 @@ class LabelSynth:
                                            f"got {self.extend_axis!r}")
         if self.extend and self.extend_axis is None:
             raise DazooInputError("synth", "extend needs extend_axis")
+        if self.falloff_axis is not None and (
+                isinstance(self.falloff_axis, bool) or self.falloff_axis not in (0, 1, 2)):
+            raise DazooInputError("synth", f"falloff_axis must be null or an axis 0, 1 or 2, "
+                                           f"got {self.falloff_axis!r}")
+        if self.falloff and self.falloff_axis is None:
+            raise DazooInputError("synth", "falloff needs falloff_axis")
         if self.scale >= 1 or self.zero_background > 1:
             raise DazooInputError("synth", "needs scale < 1 and zero_background <= 1")
         if self.nonlinear_spacing < 2 or self.bias_spacing < 2 or self.thickness < 1:
@@ -275,6 +297,9 @@ class LabelSynth:
             coarse = tuple(int(np.ceil(n / self.bias_spacing)) + 1 for n in shape)
             log_bias = spatial.upsample(rng.normal(0, rng.uniform(0, self.bias), coarse), shape)
             image = image * np.exp(log_bias).astype(np.float32)
+        falloff, floor = (0.0, 0.0), (1.0, 1.0)
+        if self.falloff:
+            image, falloff, floor = self._falloff(image, rng)
         if self.noise:
             spread = max(self.mean[1] - self.mean[0], 1e-3)
             image = image + rng.normal(0, rng.uniform(0, self.noise) * spread,
@@ -288,7 +313,30 @@ class LabelSynth:
         return SynthSample(image=image.astype(np.float32), labels=moved, coordinates=coords,
                            ids=ids, means=means, stds=stds, offset=offset, scale=scale,
                            gamma=gamma, axis=axis, thickness=thickness, regions=regions,
-                           region_means=region_means, region_stds=region_stds)
+                           region_means=region_means, region_stds=region_stds,
+                           falloff=falloff, falloff_floor=floor)
+
+    def _falloff(self, image: np.ndarray, rng: np.random.Generator):
+        """``image`` with a random signal fall-off at the ends of :attr:`falloff_axis`
+        (see the class's arguments); returns it, the widths and the floors."""
+        axis = int(self.falloff_axis)
+        n = image.shape[axis]
+        profile = np.ones(n, np.float32)
+        widths, floors = [0.0, 0.0], [1.0, 1.0]
+        for end in (0, 1):
+            if rng.random() >= 0.5:
+                continue
+            width = float(rng.uniform(1.0, max(float(self.falloff), 1.0)))
+            floor = float(rng.uniform(0.0, 0.5))
+            depth = np.arange(n, dtype=np.float64)  # voxels from this end's outermost plane
+            if end:
+                depth = depth[::-1]
+            ramp = floor + (1 - floor) * 0.5 * (1 - np.cos(np.pi * np.minimum(depth / width, 1)))
+            profile *= ramp.astype(np.float32)
+            widths[end], floors[end] = width, floor
+        shape = [1, 1, 1]
+        shape[axis] = n
+        return image * profile.reshape(shape), tuple(widths), tuple(floors)
 
     def _extended(self, coords: np.ndarray, labels: np.ndarray,
                   rng: np.random.Generator) -> np.ndarray:
