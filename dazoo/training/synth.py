@@ -194,18 +194,13 @@ class LabelSynth:
                 self.pair_contrast, (int, float)) or not 0 <= self.pair_contrast <= 1:
             raise DazooInputError("synth", f"pair_contrast must be in [0, 1], got "
                                            f"{self.pair_contrast!r}")
-        if self.extend_axis is not None and (
-                isinstance(self.extend_axis, bool) or self.extend_axis not in (0, 1, 2)):
-            raise DazooInputError("synth", f"extend_axis must be null or an axis 0, 1 or 2, "
-                                           f"got {self.extend_axis!r}")
-        if self.extend and self.extend_axis is None:
-            raise DazooInputError("synth", "extend needs extend_axis")
-        if self.falloff_axis is not None and (
-                isinstance(self.falloff_axis, bool) or self.falloff_axis not in (0, 1, 2)):
-            raise DazooInputError("synth", f"falloff_axis must be null or an axis 0, 1 or 2, "
-                                           f"got {self.falloff_axis!r}")
-        if self.falloff and self.falloff_axis is None:
-            raise DazooInputError("synth", "falloff needs falloff_axis")
+        for name in ("extend", "falloff"):  # each an amount along its own optional axis
+            axis = getattr(self, f"{name}_axis")
+            if axis is not None and (isinstance(axis, bool) or axis not in (0, 1, 2)):
+                raise DazooInputError("synth", f"{name}_axis must be null or an axis 0, 1 or "
+                                               f"2, got {axis!r}")
+            if getattr(self, name) and axis is None:
+                raise DazooInputError("synth", f"{name} needs {name}_axis")
         if self.scale >= 1 or self.zero_background > 1:
             raise DazooInputError("synth", "needs scale < 1 and zero_background <= 1")
         if self.nonlinear_spacing < 2 or self.bias_spacing < 2 or self.thickness < 1:
