@@ -216,3 +216,53 @@ def test_conv_backends_benchmark_prints_one_line_per_backend_and_the_ratio(capsy
     assert [r["precision"] for r in rows] == ["float32", "mixed_bfloat16"]
     ratio = rows[1]["seconds_per_pass"] / rows[0]["seconds_per_pass"]
     assert lines[2] == (f"tensorflow mixed_bfloat16: {ratio:.2f}x tensorflow float32's time")
+
+
+def test_label_protocol_shares_ratios_and_dice_bound_by_hand(tmp_path, capsys):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    import label_protocol
+
+    # reference maps: 100 labelled voxels, structure 26 of 10 and 12 voxels, cortex 40;
+    # other maps: structure 26 of 5 and 6 (half), cortex 40
+    def volume(n26, n_cortex=40, total=100):
+        a = np.zeros(200, np.int16)
+        a[:n26] = 26
+        a[n26:n26 + n_cortex // 2] = 1003
+        a[n26 + n_cortex // 2:n26 + n_cortex] = 2003
+        a[n26 + n_cortex:total] = 2                       # white matter fills the rest
+        return a.reshape(4, 5, 10)
+
+    for folder, counts in (("ref", (10, 12)), ("other", (5, 6))):
+        (tmp_path / folder).mkdir()
+        for i, n in enumerate(counts):
+            nib.save(nib.Nifti1Image(volume(n), np.eye(4)), str(tmp_path / folder / f"{i}.nii.gz"))
+    table = [{"id": 0, "name": "background"}, {"id": 2, "name": "WM"},
+             {"id": 26, "name": "Left-Accumbens-area"}, {"id": 1003, "name": "ctx-lh-x"},
+             {"id": 2003, "name": "ctx-rh-x"}]
+    (tmp_path / "labels.json").write_text(json.dumps({"classes": table}))
+
+    names = label_protocol.structures(table)
+    assert names == {2: "WM", 26: "Left-Accumbens-area", "cortex": "cortex (all parcels)"}
+    assert label_protocol.shares(volume(10), names) == {2: 500.0, 26: 100.0, "cortex": 400.0}
+    assert label_protocol.dice_bound(0.5) == pytest.approx(2 * 0.5 / 1.5)
+    assert label_protocol.dice_bound(2.0) == pytest.approx(2 * 0.5 / 1.5)
+    assert label_protocol.dice_bound(0.0) == 0.0
+
+    out = tmp_path / "table.md"
+    code = label_protocol.main(["--labels", str(tmp_path / "labels.json"),
+                                "--set", f"ref={tmp_path}/ref/*.nii.gz",
+                                "--set", f"other={tmp_path}/other/*.nii.gz", "--out", str(out)])
+    assert code == 0
+    text = out.read_text()
+    assert capsys.readouterr().out == text
+    # accumbens: reference 100 and 120 per mille (mean 110, sd 10), other 50 and 60 (55):
+    # ratio 0.5, z = (55 - 110) / 10, bound 2/3; cortex 400 both: ratio 1, z 0 (sd 0: nan)
+    assert ("| Left-Accumbens-area | 110.00 ± 10.00 | 55.00 ± 5.00 | 0.50 | -5.5 | 0.67 |"
+            in text)
+    assert "| cortex (all parcels) | 400.00 ± 0.00 | 400.00 ± 0.00 | 1.00 | +nan | 1.00 |" in text
+    assert label_protocol.main(["--labels", str(tmp_path / "labels.json"),
+                                "--set", f"none={tmp_path}/missing/*.nii.gz"]) == 2
