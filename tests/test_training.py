@@ -765,6 +765,20 @@ def test_knee_v2_recipe_parses_and_keeps_validation_subjects_out_of_its_maps():
         assert not {make_validation.subject_of(f) for f in held} & set(subjects)
 
 
+def test_knee_v4_recipe_is_v3_with_the_signal_falloff():
+    """examples/knee/recipe_v4.json: version 3's recipe (same maps, grid, validation) whose
+    synthesis also draws the coil's signal fall-off at the S-I ends, reaching LabelSynth."""
+    root = pathlib.Path(__file__).resolve().parent.parent / "examples" / "knee"
+    v3, v4 = (json.loads((root / f"recipe_v{v}.json").read_text()) for v in (3, 4))
+    assert v4["synth"].pop("falloff") == 5 and v4["synth"].pop("falloff_axis") == 2
+    for key in ("cache",):
+        v3["data"].pop(key), v4["data"].pop(key)
+    v3["card"].pop("version"), v4["card"].pop("version")
+    assert v4 == v3
+    synth, _ = Recipe.load(root / "recipe_v4.json").synth()
+    assert synth.falloff == 5.0 and synth.falloff_axis == 2
+
+
 @pytest.mark.parametrize("superior", ["S", "I"])
 def test_knee_validation_extension_continues_the_shafts_in_world_space(superior):
     """make_validation.extended_map: the superior end plane repeated TOP mm upward and the
