@@ -14,7 +14,8 @@ cancels), its mean and standard deviation over the set's maps, and against the f
   the first set's protocol perfectly cannot score above it against the other set's labels.
 
 Structures are those of a label table (``--labels``, a preset's or run's ``labels.json``);
-the cortex is reported as one structure (ids 1000-2999 together). A set of the network's own
+the cortex is reported as one structure (every id :func:`dazoo.labels.freesurfer_group`
+calls cortex, DKT's 1000-2999 among them). A set of the network's own
 segmentations (``--set predicted=...``) shows which protocol the network follows.
 
     python benchmarks/label_protocol.py --labels pretrained/brain/labels.json \\
@@ -30,18 +31,20 @@ import sys
 
 import numpy as np
 
-CORTEX = "cortex"
+from dazoo.labels import freesurfer_group
+
+CORTEX = "cortex"                           # freesurfer_group's name for the cortical ids
 
 
 def structures(table: list[dict]) -> dict:
     """``{key: name}`` of a label table's classes: the non-cortical ids, and ``"cortex"`` for
-    all cortical parcels (ids 1000-2999) together."""
+    all cortical parcels together."""
     out = {}
     for entry in table:
         label = int(entry["id"])
         if label == 0:
             continue
-        if 1000 <= label < 3000:
+        if freesurfer_group(label) == CORTEX:
             out[CORTEX] = "cortex (all parcels)"
         else:
             out[label] = entry.get("name", str(label))
@@ -50,17 +53,11 @@ def structures(table: list[dict]) -> dict:
 
 def shares(labels: np.ndarray, keys) -> dict:
     """Each structure's share of the labelled voxels, per mille."""
-    labels = np.asarray(labels)
-    total = max(int(np.count_nonzero(labels)), 1)
-    counts = dict(zip(*np.unique(labels, return_counts=True)))
-    out = {}
-    for key in keys:
-        if key == CORTEX:
-            n = int(np.count_nonzero((labels >= 1000) & (labels < 3000)))
-        else:
-            n = int(counts.get(key, 0))
-        out[key] = 1000.0 * n / total
-    return out
+    ids, sizes = np.unique(np.asarray(labels), return_counts=True)
+    counts = {int(i): int(n) for i, n in zip(ids, sizes) if i != 0}
+    counts[CORTEX] = sum(n for i, n in counts.items() if freesurfer_group(i) == CORTEX)
+    total = max(sum(n for i, n in counts.items() if i != CORTEX), 1)
+    return {key: 1000.0 * counts.get(key, 0) / total for key in keys}
 
 
 def dice_bound(ratio: float) -> float:
