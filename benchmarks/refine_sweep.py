@@ -7,12 +7,14 @@ is resampled onto the fixed scan's native 1 mm grid and scored against its manua
 (--moving-labels, atlas-style use) and the segmenter's probabilities of both scans.
 
 ``--cohort DIR`` sweeps the labelled scans of a FreeSurfer cohort instead (``sub-*/
-brainmask.mgz`` scored against FreeSurfer's ``aparc.DKTatlas+aseg.mgz``): another site, where
-the defaults chosen on the validation pairs have to hold.
+brainmask.mgz`` scored against ``--cohort-labels``, by default FreeSurfer's
+``aparc.DKTatlas+aseg.mgz``; for a whole-brain preset ``labels.whole_brain.nii.gz`` as written by
+examples/brain/whole_brain_data.py): another site, where the defaults chosen on the validation
+pairs have to hold.
 
     python benchmarks/refine_sweep.py --preset brain --data ../shared/data/mindboggle-oasis-trt20 \
         --steps 0,10,20,40 [--learning-rate 0.05 --smoothness 1 --anatomy 1] \
-        [--cohort ../shared/data/freesurfer-cohort]
+        [--cohort ../shared/data/freesurfer-cohort [--cohort-labels labels.whole_brain.nii.gz]]
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def main(argv=None):
     parser.add_argument("--cohort", metavar="DIR",
                         help="sweep a FreeSurfer cohort's labelled scans instead of the "
                              "validation subjects")
+    parser.add_argument("--cohort-labels", default="aparc.DKTatlas+aseg.mgz", metavar="NAME",
+                        help="the cohort's label file per subject (default: %(default)s)")
     parser.add_argument("--out", default="work_cache/refine_sweep.json")
     args = parser.parse_args(argv)
 
@@ -54,7 +58,7 @@ def main(argv=None):
         from dazoo.training import load_subjects
 
         subjects = [s for s in load_subjects(args.cohort, image="brainmask.mgz",
-                                             labels="aparc.DKTatlas+aseg.mgz")
+                                             labels=args.cohort_labels)
                     if s.labels is not None]
     else:
         subjects = validation_subjects(args.data, args.preset)
