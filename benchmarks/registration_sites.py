@@ -162,15 +162,15 @@ def _cases(args, which: str, ids):
     from evaluate import validation_subjects
 
     if which in ("validation", "degraded"):
-        subjects = validation_subjects(os.path.join(args.data, "mindboggle-oasis-trt20"),
-                                       args.preset)
+        subjects = validation_subjects(args.oasis or os.path.join(args.data, "mindboggle-oasis-trt20"),
+                                       args.preset, labels=args.oasis_labels)
         files = [(s.name, s.image, s.labels) for s in subjects]
     else:
         root = os.path.join(args.data, "freesurfer-cohort")
         files = [(name, os.path.join(root, name, "brainmask.mgz"),
-                  os.path.join(root, name, "aparc.DKTatlas+aseg.mgz"))
+                  os.path.join(root, name, args.cohort_labels))
                  for name in sorted(os.listdir(root))
-                 if os.path.exists(os.path.join(root, name, "aparc.DKTatlas+aseg.mgz"))]
+                 if os.path.exists(os.path.join(root, name, args.cohort_labels))]
     cases, moved = [], []
     for k, (name, image, labels) in enumerate(files):
         volume = io.read_image(image)
@@ -187,7 +187,9 @@ def _cases(args, which: str, ids):
     return cases, list(itertools.permutations(range(len(cases)), 2))
 
 
-def run_dazoo(pipeline, cases, pairs, method: str, ids) -> list[dict]:
+def run_dazoo(pipeline, cases, pairs, method: str, ids, group: str | None = None) -> list[dict]:
+    """dazoo on each pair; ``group``: ``mean_dice`` is the mean over that structure group of the
+    preset's table (``group_dice``), the mean over every structure kept as ``all_mean_dice``."""
     from dazoo.evaluate import Case, evaluate_registration
 
     items = [Case(name, image=volume, truth=truth) for name, volume, truth in cases]
@@ -196,9 +198,32 @@ def run_dazoo(pipeline, cases, pairs, method: str, ids) -> list[dict]:
     results = evaluate_registration(pipeline, cases=items, pairs=pairs, refine=refine,
                                     refine_options=options, log=None)
     for r in results:
+        if group:
+            r["all_mean_dice"] = r["mean_dice"]
+            r["mean_dice"] = _group_mean(r["dice"], ids)
+            r.pop("mean_merged_dice", None)
         for key in ("dice", "merged_dice"):
             r.pop(key, None)
     return results
+
+
+def _group_mean(per_id: dict, ids) -> float:
+    """Mean Dice over ``ids`` (ids absent from both maps, NaN, left out: as score_labels)."""
+    values = [per_id[i] for i in ids if not np.isnan(per_id[i])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def group_ids(pipeline, group: str | None) -> list[int]:
+    """The preset's label ids (background left out), only those of ``group`` when given."""
+    ids = [int(i) for i in pipeline.class_ids if i != 0]
+    if not group:
+        return ids
+    groups = pipeline.label_groups or {}
+    chosen = [i for i in ids if groups.get(i) == group]
+    if not chosen:
+        raise SystemExit(f"{pipeline.preset}: no structure group {group!r} in its label table "
+                         f"(groups: {sorted(set(groups.values())) or 'none'})")
+    return chosen
 
 
 def run_syn(cases, pairs, ids, done=(), save=None) -> list[dict]:
@@ -278,12 +303,13 @@ def summary_table(results: dict, *, seconds: bool = True) -> str:
 CARD_TITLE = "Registration across sites, beside ANTs SyN"
 
 
-def card_text(results: dict, command: str, regions: int) -> str:
+def card_text(results: dict, command: str, regions: int, group: str | None = None) -> str:
     """The model card's section: what the sets and methods are, the summary table without
     seconds (a benchmark run's timings depend on what else the machine ran), the command;
-    ``regions``: how many label ids the scores average."""
+    ``regions``: how many label ids the scores average (``group``: the table's group they are)."""
+    which = f"{regions} structures of its {group} group" if group else f"{regions} labelled structures"
     return (
-        f"Registration Dice (mean over the preset's {regions} labelled structures, on the fixed "
+        f"Registration Dice (mean over the preset's {which}, on the fixed "
         "scan's native grid) and "
         "folding (% of non-positive Jacobians) on ordered pairs of: the validation subjects "
         "(Mindboggle OASIS-TRT-20, manual labels); the FreeSurfer cohort (another site, "
@@ -307,6 +333,18 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--pairs", type=int, default=0, help="at most N pairs per set (0: all)")
+    parser.add_argument("--oasis", metavar="DIR",
+                        help="the validation subjects' folder (default: DATA/"
+                             "mindboggle-oasis-trt20)")
+    parser.add_argument("--oasis-labels", metavar="NAME",
+                        help="their label file per subject (default: the preset recipe's)")
+    parser.add_argument("--cohort-labels", default="aparc.DKTatlas+aseg.mgz", metavar="NAME",
+                        help="the FreeSurfer cohort's label file per subject (default: "
+                             "%(default)s)")
+    parser.add_argument("--group", metavar="NAME",
+                        help="score one structure group of the preset's table (e.g. cortex: "
+                             "a whole-brain preset's 62 DKT regions, comparable with a "
+                             "cortex-only preset's figures and SyN rows measured for them)")
     parser.add_argument("--alignment", action="store_true",
                         help="only compare the affine pre-alignment of the validation and "
                              "cohort scans with that of their resliced copies "
@@ -325,7 +363,7 @@ def main(argv=None) -> int:
         os.replace(args.out + ".tmp", args.out)
 
     pipeline = load(args.preset)
-    ids = [int(i) for i in pipeline.class_ids if i != 0]
+    ids = group_ids(pipeline, args.group)
     if args.alignment:
         for which in ("validation", "cohort"):
             rows = alignment_travel(pipeline, _cases(args, which, ids)[0])
@@ -349,7 +387,7 @@ def main(argv=None) -> int:
                                save=lambda rows: (results.setdefault(which, {}).update(syn=rows),
                                                   save()))
             else:
-                rows = run_dazoo(pipeline, cases, pairs, method, ids)
+                rows = run_dazoo(pipeline, cases, pairs, method, ids, args.group)
             results.setdefault(which, {})[method] = rows
             save()
             print(f"{which} {method}: mean Dice {np.mean([r['mean_dice'] for r in rows]):.3f} "
@@ -360,7 +398,8 @@ def main(argv=None) -> int:
 
         command = "python benchmarks/registration_sites.py " + shlex.join(
             sys.argv[1:] if argv is None else argv)
-        add_evaluation(pipeline.preset, CARD_TITLE, card_text(results, command, len(ids)))
+        add_evaluation(pipeline.preset, CARD_TITLE,
+                       card_text(results, command, len(ids), group=args.group))
     return 0
 
 

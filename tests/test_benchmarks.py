@@ -97,6 +97,30 @@ def test_registration_sites_summary_by_hand():
     assert "mean over the preset's 62 labelled structures" in card
     assert "| cohort | refined | 2 | 0.550 (0.050) | 0.0500 (0.1000) |" in card
     assert card.endswith("`CMD`")
+    card = registration_sites.card_text(results, "CMD", 62, group="cortex")
+    assert "mean over the preset's 62 structures of its cortex group" in card
+
+
+def test_registration_sites_scores_one_group_of_a_whole_brain_table():
+    import types
+
+    import pytest
+
+    import registration_sites
+    from dazoo.labels import table_groups
+
+    classes = [{"id": 0, "name": "background"}, {"id": 2, "name": "Left-Cerebral-White-Matter"},
+               {"id": 17, "name": "Left-Hippocampus"}, {"id": 1002, "name": "ctx-lh-caudalanteriorcingulate"},
+               {"id": 2002, "name": "ctx-rh-caudalanteriorcingulate"}]
+    pipeline = types.SimpleNamespace(class_ids=[c["id"] for c in classes], preset="p",
+                                     label_groups=table_groups(classes))
+    assert registration_sites.group_ids(pipeline, None) == [2, 17, 1002, 2002]
+    assert registration_sites.group_ids(pipeline, "cortex") == [1002, 2002]
+    with pytest.raises(SystemExit, match="no structure group 'cerebellum'"):
+        registration_sites.group_ids(pipeline, "cerebellum")
+    per_id = {2: 0.9, 17: 0.8, 1002: 0.5, 2002: float("nan")}   # 2002 absent from both maps
+    assert registration_sites._group_mean(per_id, [1002, 2002]) == 0.5
+    assert abs(registration_sites._group_mean(per_id, [2, 17, 1002]) - 0.7333333) < 1e-6
 
 
 def test_resliced_scans_are_coronal_anisotropic_with_a_corner_origin():

@@ -67,14 +67,16 @@ def preset_recipe(preset: str | os.PathLike) -> pathlib.Path:
 
 
 def validation_subjects(data: str | os.PathLike,
-                        preset: str | os.PathLike = "pretrained/brain") -> list[Subject]:
+                        preset: str | os.PathLike = "pretrained/brain",
+                        labels: str | None = None) -> list[Subject]:
     """The recipe's validation subjects (see :func:`preset_recipe`), found in ``data`` with
-    the recipe's image / label patterns (file names only: no image is read)."""
+    the recipe's image / label patterns (file names only: no image is read); ``labels``: another
+    label file name per subject instead of the recipe's."""
     recipe = Recipe.load(preset_recipe(preset))
     spec = recipe["data"]
     if spec["validation"] is None:
         raise SystemExit(f"{recipe.source}: no data.validation")
-    subjects = load_subjects(data, image=spec["image"], labels=spec["labels"])
+    subjects = load_subjects(data, image=spec["image"], labels=labels or spec["labels"])
     _, held = split_subjects(subjects, spec["validation"], source=recipe.source,
                              seed=recipe["seed"])
     unlabelled = [s.name for s in held if s.labels is None]
