@@ -32,6 +32,13 @@ origin and anisotropic voxels without the deformable step.
 
 Results (JSON) keep every pair; the summary table (Markdown) is printed. Rerunning with the
 same ``--out`` reuses the pairs already measured (delete the file to measure again).
+
+A whole-brain preset scored over its cortex (the 62 DKT regions) against the same label files
+as the cortex-only version 2, so that SyN's rows measured for it carry over (copy its results
+JSON to ``--out`` and drop its ``network`` / ``refined`` rows; SyN sees no preset):
+
+    python benchmarks/registration_sites.py --data ../shared/data --preset PRESET \
+        --group cortex --oasis-labels labels.DKT31.manual.nii.gz --out RESULTS.json
 """
 from __future__ import annotations
 
