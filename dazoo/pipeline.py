@@ -585,7 +585,9 @@ class Pipeline:
                 # argmax before mirroring back: on the mirrored view it takes 10x longer
                 details["flip_agreement"] = label_agreement(
                     scores.argmax(-1), np.flip(other.argmax(-1), axis))
-            scores = np.add(scores, np.flip(other, axis))
+            # in place: a new 600 MB map (1.5 mm, 93 classes) costs its first touch, ~1.5 s
+            np.add(scores, np.flip(other, axis), out=scores)
+            del other
             scores *= 0.5
         return scores
 

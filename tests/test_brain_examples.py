@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "brain"
 BRAIN = ROOT / "pretrained" / "brain"
 BRAIN_RECIPE = json.loads((BRAIN / "recipe.json").read_text())
-DATA = (BRAIN / BRAIN_RECIPE["data"]["train"]).resolve()  # the Mindboggle scans, if present
+DATA = ROOT.parent / "shared" / "data" / "mindboggle-oasis-trt20"  # the scans, if present
 VALIDATION = BRAIN_RECIPE["data"]["validation"]
 TRAINING = sorted(["OASIS-TRT-20-3", "OASIS-TRT-20-7", "OASIS-TRT-20-10", "OASIS-TRT-20-11",
                    "OASIS-TRT-20-9"])
@@ -151,7 +151,7 @@ def test_evaluate_validates_on_the_recipes_subjects(fake_data):
         assert s.image == str(fake_data / s.name / spec["image"])
         assert s.labels == str(fake_data / s.name / spec["labels"])
     ids = evaluate.label_ids(BRAIN)
-    assert ids == BRAIN_RECIPE["labels"]["ids"] and len(ids) == 62
+    assert ids == BRAIN_RECIPE["labels"]["ids"] and len(ids) == 92  # v3: the whole brain
 
 
 def test_evaluate_uses_an_exported_presets_own_recipe(fake_data, tmp_path):

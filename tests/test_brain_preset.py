@@ -13,21 +13,27 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found 
 
 
 def test_brain_preset_is_complete_and_verified():
+    from dazoo.labels import BRAIN_GROUPS, DKT31_CORTEX, WHOLE_BRAIN_ASEG
+
     preset = get_preset("brain")
     assert "brain" in [p.name for p in list_presets()]
     preset.verify()  # files present, weights sha256 as in the model card
     meta = preset.metadata
     assert meta["license"] == "CC-BY-NC-SA-3.0"
-    for key in ("data", "training", "evaluation", "citation"):
+    for key in ("data", "training", "validation", "citations", "skull_strip", "refine"):
         assert key in meta
+    # version 3: the whole brain, DKT31's 62 cortical regions + SynthSeg's 30 aseg structures
     classes = preset.read_json("labels.json")["classes"]
     ids = [c["id"] for c in classes]
-    assert len(ids) == 63 and ids[0] == 0 and set(ids[1:]) <= set(range(1002, 2036))
+    assert ids == [0, *sorted({*DKT31_CORTEX, *WHOLE_BRAIN_ASEG})] and len(ids) == 93
+    assert {c["group"] for c in classes[1:]} == set(BRAIN_GROUPS)
+    assert [c["id"] for c in classes if c.get("group") == "cortex"] == sorted(DKT31_CORTEX)
     preprocess = preset.read_json("preprocess.json")
     assert (preset.path / preprocess["template"]).is_file()
-    # The numbers in the card are the ones in its evaluation record.
+    assert preset.file("checks.json").is_file()
+    # The numbers in the card are the ones in its validation record.
     card = preset.file("README.md").read_text()
-    seg = meta["evaluation"]["segmentation"]["summary"]["mean_dice"]
+    seg = meta["validation"]["scores"]["native_seg_dice"]
     assert f"{seg:.3f}" in card
 
 
@@ -38,42 +44,49 @@ def test_brain_model_runs_on_its_grid():
     shape = tuple(pipeline.preprocessor.config.shape)
     image = np.random.default_rng(0).random((1, *shape, 1)).astype(np.float32)
     probabilities = pipeline.model.segmentation_net.predict_on_batch(image)
-    assert probabilities.shape == (1, *shape, 63)
+    assert probabilities.shape == (1, *shape, len(pipeline.class_ids)) == (1, *shape, 93)
     np.testing.assert_allclose(np.asarray(probabilities).sum(-1), 1.0, atol=1e-4)
 
 
 @pytest.mark.data
 @pytest.mark.slow
 @needs_data
-def test_brain_preset_on_a_validation_scan():
-    """Segmentation and registration of held-out Mindboggle scans, at native 1 mm."""
+def test_brain_preset_on_a_validation_scan(tmp_path):
+    """Segmentation and registration of held-out Mindboggle scans, at native 1 mm, against
+    their whole-brain label maps (Mindboggle-101's aparcNMMjt+aseg on the scans' grids, as
+    examples/brain/whole_brain_data.py writes them), matching the card's validation record."""
+    import sys
+
     import dazoo
     from dazoo.training import Subject
     from dazoo.evaluate import evaluate_registration, evaluate_segmentation
 
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples" / "brain"))
+    from whole_brain_data import whole_brain_on
+
     meta = get_preset("brain").metadata
-    names = meta["data"]["split"]["validation"][:2]
-    subjects = [Subject(str(DATA / n / "t1weighted_brain.nii.gz"),
-                        str(DATA / n / "labels.DKT31.manual.nii.gz"), n) for n in names]
+    names = meta["data"]["validation"][:2]
+    subjects = []
+    for n in names:
+        image = DATA / n / "t1weighted_brain.nii.gz"
+        labels = tmp_path / f"{n}.nii.gz"
+        whole_brain_on(str(DATA.parent / "mindboggle101-labels" / f"{n}.aparcNMMjt+aseg.mgz"),
+                       str(image), str(labels))
+        subjects.append(Subject(str(image), str(labels), n))
     pipeline = dazoo.load("brain")
-    seg = evaluate_segmentation(pipeline, subjects[:1], log=lambda _: None)[0]
-    # The card's pair records are the network's own registration (no refinement); the
-    # default register() refines (metadata "refine"), which must do clearly better.
+    # as the validator scored it: no flip; the network's own registration (no refinement)
+    seg = evaluate_segmentation(pipeline, subjects[:1], flip=False, log=lambda _: None)[0]
     reg = evaluate_registration(pipeline, subjects, pairs=[(0, 1)],
                                 refine_options={"iterations": 0}, log=lambda _: None)[0]
     refined = evaluate_registration(pipeline, subjects, pairs=[(0, 1)], log=lambda _: None)[0]
     assert pipeline.default_refine.get("iterations", 0) > 0
-    assert refined["mean_dice"] > reg["mean_dice"] + 0.05
-    assert refined["folding_fraction"] < 0.01
-    # Within 0.02 of what the model card reports as the validation means (a single subject /
-    # pair may differ from the mean: we check against that subject's recorded value).
-    card_seg = {s["name"]: s["mean_dice"]
-                for s in meta["evaluation"]["segmentation"]["subjects"]}[names[0]]
-    card_reg = {(p["moving"], p["fixed"]): p["mean_dice"]
-                for p in meta["evaluation"]["registration"]["pairs"]}[(names[0], names[1])]
-    assert seg["mean_dice"] == pytest.approx(card_seg, abs=0.02)
-    assert reg["mean_dice"] == pytest.approx(card_reg, abs=0.02)
-    assert reg["folding_fraction"] < 0.01
+    assert refined["group_dice"]["cortex"] > reg["group_dice"]["cortex"] + 0.05
+    assert refined["folding_fraction"] < 0.01 and reg["folding_fraction"] < 0.01
+    scores = meta["validation"]["scores"]
+    assert seg["mean_dice"] == pytest.approx(scores["native_seg_per_subject"][names[0]], abs=0.02)
+    assert reg["mean_dice"] == pytest.approx(
+        scores["native_reg_per_pair"][f"{names[0]} -> {names[1]}"], abs=0.02)
+    assert seg["group_dice"]["cortex"] > 0.65 and seg["group_dice"]["white matter"] > 0.85
     assert json.dumps(seg["dice"])  # per-region scores are plain numbers
 
 

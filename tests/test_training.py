@@ -562,6 +562,34 @@ def test_finetune_keeps_the_parent_table_or_learns_the_cohorts(trained, exported
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_finetune_carries_the_parents_brain_extraction_and_input_checks(trained, exported,
+                                                                         tmp_path):
+    """A child of a preset for skull-stripped brains keeps its brain extraction default
+    (metadata "skull_strip") and, its template and grid being the parent's, the parent's input
+    checks (checks.json); a preset trained anew has neither."""
+    import dazoo
+    from dazoo.training import finetune
+
+    parent = tmp_path / "parent"
+    shutil.copytree(exported.path, parent)
+    meta = json.loads((parent / "metadata.json").read_text())
+    meta["skull_strip"] = {"default": "auto", "extractor": "brainmask", "outside_threshold": 0.1}
+    (parent / "metadata.json").write_text(json.dumps(meta))
+    checks = {"extent_mm": [118.0, 150.0, 117.0], "extent_ratio": [0.7, 1.37],
+              "min_alignment": 0.689, "max_outside": 0.018, "outside_margin_mm": 6.0,
+              "scale_range": [0.926, 1.161], "needs": "a test volume", "measured": "by hand"}
+    (parent / "checks.json").write_text(json.dumps(checks))
+    cohort = _cohort(tmp_path / "cohort", count=3, unlabelled=())
+    child = finetune(parent, cohort / "train.csv", tmp_path / "child", steps=2, verbose=0,
+                     log=lambda m: None)
+    assert child.metadata["skull_strip"] == meta["skull_strip"]
+    assert dazoo.load(child.path).skull_strip_default == "auto"
+    assert json.loads(child.file("checks.json").read_text()) == checks
+    assert dazoo.load(child.path).checks is not None
+    assert "skull_strip" not in exported.metadata and not exported.file("checks.json").exists()
+    assert dazoo.load(exported.path).skull_strip_default == "off"
+
+
 def test_finetune_cli_from_a_subject_folder(trained, exported, tmp_path):
     """FreeSurfer-like subject folders with --image/--labels patterns (subfolders named in
     them), a subject without a label file trained as unlabelled, a validation folder."""

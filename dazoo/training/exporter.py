@@ -140,12 +140,45 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
         "citations": [DEEPATLAS_CITATION] + [x for x in card["citations"]
                                              if not _cites_deepatlas(x)],
     }
+    if parent_meta.get("skull_strip"):
+        # the brain extraction settings (dazoo.Pipeline.skull_strip_default): measured with
+        # the extractor preset on the input domain, not with these weights; a child of a
+        # preset for skull-stripped brains is one too
+        metadata["skull_strip"] = dict(parent_meta["skull_strip"])
     files = {"recipe.json": folder / "recipe.json"}
     if template_source is not None:
         files["template.nii.gz"] = template_source
+    checks = _parent_checks(parent, preprocess, template_source)
+    if checks is not None:
+        files["checks.json"] = checks
     name = pathlib.Path(out).name
     metadata_for_card = {"name": name, **metadata}
     preset = save_preset(out, model=_float32(model), preprocess=preprocess, labels=labels,
                          metadata=metadata, files=files, readme=render_card(metadata_for_card))
     log(f"exported {path} (step {steps}) -> {preset.path}")
     return preset
+
+
+def _parent_checks(parent: dict | None, preprocess: dict, template) -> pathlib.Path | None:
+    """The parent preset's ``checks.json`` (input sanity thresholds, measured on the template
+    and the preprocessing) when the run kept both unchanged (fine-tuning), else None: a new
+    template or grid needs them measured anew (benchmarks/sanity_thresholds.py)."""
+    if parent is None:
+        return None
+    from dazoo.presets import get_preset
+
+    try:
+        source = get_preset(parent["path"])
+    except DazooInputError:
+        return None
+    if not source.file("checks.json").is_file():
+        return None
+    theirs = source.read_json("preprocess.json")
+    if {**theirs, "template": None} != {**preprocess, "template": None}:
+        return None
+    if bool(theirs.get("template")) != (template is not None):
+        return None
+    if template is not None and (source.path / theirs["template"]).read_bytes() != \
+            pathlib.Path(template).read_bytes():
+        return None
+    return source.file("checks.json")
