@@ -888,9 +888,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     pipeline = _load(args.preset)
     report = {"preset": pipeline.name, "data": os.path.abspath(args.data),
               "subjects": [s.name for s in subjects]}
+    ids = _scored_ids(pipeline, subjects, args.data)
     if not args.skip_segmentation:
         _log(f"segmentation of {len(subjects)} subjects ({pipeline.name}, {_device()})")
-        per_subject = evaluate_segmentation(pipeline, subjects, log=_log)
+        per_subject = evaluate_segmentation(pipeline, subjects, log=_log, ids=ids)
         report["segmentation"] = {"summary": summarise(per_subject), "subjects": per_subject}
     if args.pairs != 0 and len(subjects) > 1:
         import itertools
@@ -899,7 +900,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.pairs > 0:
             pairs = pairs[: args.pairs]
         _log(f"registration of {len(pairs)} ordered pairs")
-        per_pair = evaluate_registration(pipeline, subjects, pairs=pairs, log=_log)
+        per_pair = evaluate_registration(pipeline, subjects, pairs=pairs, log=_log, ids=ids)
         report["registration"] = {"summary": summarise(per_pair), "pairs": per_pair}
     for task in ("segmentation", "registration"):
         if task in report:
@@ -918,6 +919,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_text_atomic(args.output, json.dumps(report, indent=1))
         _log(f"report: {args.output}")
     return 0
+
+
+def _scored_ids(pipeline, subjects, data) -> list[int]:
+    """The preset's label ids that some subject's label map has: a structure that no map of
+    the data set labels (another protocol: e.g. cortex-only DKT maps against a whole-brain
+    preset) is left out of the scores, with a note, instead of scoring 0 everywhere."""
+    import numpy as np
+
+    from dazoo import io
+
+    table = [int(i) for i in pipeline.class_ids if i != 0]
+    present = set()
+    for subject in subjects:
+        present.update(np.unique(io.read_labels(subject.labels).array).tolist())
+    ids = [i for i in table if i in present]
+    if not ids:
+        raise DazooInputError(data, f"no label map has any of the {pipeline.name} preset's "
+                                    f"{len(table)} label ids")
+    if len(ids) < len(table):
+        missing = [pipeline.label_names.get(i, str(i)) for i in table if i not in present]
+        _note(data, [f"{len(missing)} of the preset's {len(table)} structures are in none of "
+                     f"the label maps, left out of the scores: {', '.join(missing[:5])}"
+                     + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")])
+    return ids
 
 
 def _add_evaluate(sub) -> None:

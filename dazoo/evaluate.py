@@ -120,7 +120,8 @@ def _cases(subjects, cases):
 def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None = None,
                           flip: bool | None = None,
                           log: Callable[[str], None] | None = print,
-                          measure: Callable[[Case, io.Volume], dict] | None = None) -> list[dict]:
+                          measure: Callable[[Case, io.Volume], dict] | None = None,
+                          ids: Sequence[int] | None = None) -> list[dict]:
     """Segments every labelled subject and scores it on its native grid.
 
     Args:
@@ -130,6 +131,7 @@ def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None
             their preprocessed images).
         flip: left-right test-time augmentation (default: the preset's).
         log: progress lines (None: quiet).
+        ids: the label ids to score (default: the preset's table, background left out).
         measure: optional ``measure(case, labels)`` -> dict of more fields per subject, from
             the loaded case and the segmentation (a native-grid label :class:`Volume`).
 
@@ -147,7 +149,7 @@ def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None
         else:
             labels = pipeline.segment(case.image, flip=flip).labels
         seconds = time.perf_counter() - start
-        scores = score_labels(case.truth, labels.array, _ids(pipeline), _groups(pipeline))
+        scores = score_labels(case.truth, labels.array, ids or _ids(pipeline), _groups(pipeline))
         results.append({"name": case.name, "seconds": seconds, **scores,
                         **(measure(case, labels) if measure is not None else {})})
         if log is not None:
@@ -160,7 +162,8 @@ def evaluate_segmentation(pipeline, subjects=(), *, cases: Sequence[Case] | None
 def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None = None,
                           pairs: Sequence[tuple[int, int]] | None = None,
                           refine: int | None = None, refine_options: dict | None = None,
-                          log: Callable[[str], None] | None = print) -> list[dict]:
+                          log: Callable[[str], None] | None = print,
+                          ids: Sequence[int] | None = None) -> list[dict]:
     """Registers ordered pairs of labelled subjects and scores the carried labels.
 
     Args:
@@ -173,6 +176,7 @@ def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None
         refine_options: passed to :meth:`~dazoo.pipeline.Pipeline.register` (e.g.
             ``{"guide": "segmenter"}``: the refinement does not see the moving labels).
         log: progress lines (None: quiet).
+        ids: the label ids to score (default: the preset's table, background left out).
 
     Returns:
         one dict per pair: ``moving``, ``fixed``, ``seconds``, ``folding_fraction`` and the
@@ -194,7 +198,7 @@ def evaluate_registration(pipeline, subjects=(), *, cases: Sequence[Case] | None
             result = pipeline.register(moving.image, fixed.image, moving_labels=labels,
                                        refine=refine, refine_options=refine_options)
         seconds = time.perf_counter() - start
-        scores = score_labels(fixed.truth, result.moved_labels.array, _ids(pipeline),
+        scores = score_labels(fixed.truth, result.moved_labels.array, ids or _ids(pipeline),
                               _groups(pipeline))
         results.append({"moving": moving.name, "fixed": fixed.name, "seconds": seconds,
                         "folding_fraction": result.folding_fraction, **scores})

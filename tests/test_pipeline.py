@@ -255,6 +255,37 @@ def test_cli_evaluate_writes_a_report(preset_dir, scans, tmp_path, capsys):
     assert sorted(int(i) for i in per_label) == IDS[1:]
 
 
+def test_cli_evaluate_leaves_out_structures_no_label_map_has(preset_dir, scans, tmp_path,
+                                                             capsys):
+    """Label maps of another protocol (here: without id 30, e.g. cortex-only DKT maps against
+    a whole-brain preset): that structure is left out of the scores, with a note, rather than
+    scored 0 for every subject; a structure missing from only some maps is still scored."""
+    import json
+
+    from dazoo import io
+
+    folder = tmp_path / "data"
+    for n, (image, labels) in enumerate(scans):
+        (folder / f"s{n}").mkdir(parents=True)
+        os.symlink(image, folder / f"s{n}" / "image.nii.gz")
+        volume = io.read_labels(labels)
+        array = np.where(volume.array == 30, 0, volume.array)
+        if n == 0:
+            array = np.where(array == 20, 0, array)      # 20 missing from one map only
+        io.write_labels((array.astype(np.int16), volume.affine),
+                        folder / f"s{n}" / "labels.nii.gz")
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", str(folder), "--preset", str(preset_dir), "--pairs", "0", "-o",
+                 str(report_path)]) == 0
+    err = capsys.readouterr().err
+    assert "1 of the preset's 3 structures are in none of the label maps, left out of the " \
+        "scores: " in err
+    report = json.loads(report_path.read_text())
+    assert sorted(int(i) for i in report["segmentation"]["summary"]["dice_per_label"]) == [10, 20]
+    for subject in report["segmentation"]["subjects"]:
+        assert sorted(int(i) for i in subject["dice"]) == [10, 20]
+
+
 def test_score_labels_merges_left_and_right():
     from dazoo.evaluate import score_labels
 
