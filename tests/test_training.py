@@ -565,8 +565,9 @@ def test_finetune_keeps_the_parent_table_or_learns_the_cohorts(trained, exported
 def test_finetune_carries_the_parents_brain_extraction_and_input_checks(trained, exported,
                                                                          tmp_path):
     """A child of a preset for skull-stripped brains keeps its brain extraction default
-    (metadata "skull_strip") and, its template and grid being the parent's, the parent's input
-    checks (checks.json); a preset trained anew has neither."""
+    (metadata "skull_strip"), its inference defaults as its metadata has them (a refinement
+    count set after export), and, its template and grid being the parent's, the parent's
+    input checks (checks.json); a preset trained anew has neither."""
     import dazoo
     from dazoo.training import finetune
 
@@ -574,6 +575,7 @@ def test_finetune_carries_the_parents_brain_extraction_and_input_checks(trained,
     shutil.copytree(exported.path, parent)
     meta = json.loads((parent / "metadata.json").read_text())
     meta["skull_strip"] = {"default": "auto", "extractor": "brainmask", "outside_threshold": 0.1}
+    meta["refine"] = {"iterations": 7, "learning_rate": 0.2}  # set after export, not in recipe
     (parent / "metadata.json").write_text(json.dumps(meta))
     checks = {"extent_mm": [118.0, 150.0, 117.0], "extent_ratio": [0.7, 1.37],
               "min_alignment": 0.689, "max_outside": 0.018, "outside_margin_mm": 6.0,
@@ -584,6 +586,7 @@ def test_finetune_carries_the_parents_brain_extraction_and_input_checks(trained,
                      log=lambda m: None)
     assert child.metadata["skull_strip"] == meta["skull_strip"]
     assert dazoo.load(child.path).skull_strip_default == "auto"
+    assert dazoo.load(child.path).default_refine == {"iterations": 7, "learning_rate": 0.2}
     assert json.loads(child.file("checks.json").read_text()) == checks
     assert dazoo.load(child.path).checks is not None
     assert "skull_strip" not in exported.metadata and not exported.file("checks.json").exists()

@@ -653,6 +653,15 @@ def finetune(parent: str | os.PathLike, data: str | os.PathLike, out: str | os.P
         base = json.loads(preset.file("recipe.json").read_text())
     config = {key: base[key] for key in ("model", "losses", "optimizers", "augmentation",
                                          "precision", "inference") if key in base}
+    # The parent's inference defaults are those of its metadata.json (what dazoo.load uses;
+    # e.g. a refinement count chosen after export), not necessarily its recipe's.
+    meta = preset.metadata
+    inference = dict(config.get("inference", {}))
+    for key in ("flip", "grow", "largest_component", "refine"):
+        if key in meta:
+            inference[key] = meta[key]
+    if inference:
+        config["inference"] = inference
     model = dict(config.get("model", {}))
     model.pop("registration", None)
     model.pop("segmentation", None)
