@@ -215,9 +215,11 @@ def run_dazoo(pipeline, cases, pairs, method: str, ids, group: str | None = None
 
 
 def _group_mean(per_id: dict, ids) -> float:
-    """Mean Dice over ``ids`` (ids absent from both maps, NaN, left out: as score_labels)."""
-    values = [per_id[i] for i in ids if not np.isnan(per_id[i])]
-    return float(np.mean(values)) if values else float("nan")
+    """Mean Dice over ``ids`` (ids absent from both maps, NaN, left out: dazoo.evaluate's
+    group_means, as score_labels averages)."""
+    from dazoo.evaluate import group_means
+
+    return group_means(per_id, {i: "scored" for i in ids}).get("scored", float("nan"))
 
 
 def group_ids(pipeline, group: str | None) -> list[int]:

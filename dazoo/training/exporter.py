@@ -85,14 +85,15 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
     c = recipe.config
     card = c["card"]
     parent = record.get("parent")
-    parent_meta = {}
+    parent_preset = None
     if parent is not None:
         from dazoo.presets import get_preset
 
         try:
-            parent_meta = get_preset(parent["path"]).metadata
+            parent_preset = get_preset(parent["path"])
         except DazooInputError:
-            parent_meta = {}
+            parent_preset = None
+    parent_meta = parent_preset.metadata if parent_preset is not None else {}
     tasks = [task for task in (SEGMENTATION, REGISTRATION) if task in model.schedule.networks]
     preprocess = json.loads((folder / "preprocess.json").read_text())
     template_source = None  # the preset gets its own copy (a run's record may name another)
@@ -148,7 +149,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
     files = {"recipe.json": folder / "recipe.json"}
     if template_source is not None:
         files["template.nii.gz"] = template_source
-    checks = _parent_checks(parent, preprocess, template_source)
+    checks = _parent_checks(parent_preset, preprocess, template_source)
     if checks is not None:
         files["checks.json"] = checks
     name = pathlib.Path(out).name
@@ -159,19 +160,12 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = 
     return preset
 
 
-def _parent_checks(parent: dict | None, preprocess: dict, template) -> pathlib.Path | None:
-    """The parent preset's ``checks.json`` (input sanity thresholds, measured on the template
-    and the preprocessing) when the run kept both unchanged (fine-tuning), else None: a new
-    template or grid needs them measured anew (benchmarks/sanity_thresholds.py)."""
-    if parent is None:
-        return None
-    from dazoo.presets import get_preset
-
-    try:
-        source = get_preset(parent["path"])
-    except DazooInputError:
-        return None
-    if not source.file("checks.json").is_file():
+def _parent_checks(source, preprocess: dict, template) -> pathlib.Path | None:
+    """The parent preset's (``source``, a Preset or None) ``checks.json`` (input sanity
+    thresholds, measured on the template and the preprocessing) when the run kept both
+    unchanged (fine-tuning), else None: a new template or grid needs them measured anew
+    (benchmarks/sanity_thresholds.py)."""
+    if source is None or not source.file("checks.json").is_file():
         return None
     theirs = source.read_json("preprocess.json")
     if {**theirs, "template": None} != {**preprocess, "template": None}:
